@@ -1,0 +1,219 @@
+"""Reading checkpoints safely: find the file, load without executing code, detect the version,
+and check every key and shape before any weight is prepared."""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from . import v4, v5_2, v6, v7
+
+VERSION_MODULES = {"4": v4, "5.2": v5_2, "6": v6, "7": v7}
+_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+TIME_STATE = "att.time_state"
+
+
+@dataclass(frozen=True)
+class Dims:
+    n_layer: int
+    n_embd: int
+    vocab_size: int
+    n_head: int
+    head_size: int
+    ffn_dim: int
+    maa_dim: int = 0  # v6 ddlerp LoRA rank
+    decay_dim: int = 0  # v6 decay LoRA rank
+    w_dim: int = 0  # v7 LoRA ranks
+    a_dim: int = 0
+    v_dim: int = 0
+    g_dim: int = 0
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """The checkpoint file, accepting a path with or without the .pth suffix."""
+    p = Path(os.path.expanduser(str(path).strip()))
+    if p.is_file():
+        return p
+    with_suffix = p.with_name(p.name + ".pth")
+    if p.suffix != ".pth" and with_suffix.is_file():
+        return with_suffix
+    if p.is_dir():
+        raise ModelLoadError(f"{p}: is a directory, not a checkpoint file (.pth)")
+    raise ModelLoadError(f"{p}: no such file" + ("" if p.suffix == ".pth" else f" (nor {with_suffix.name})"))
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """torch.load with weights_only (no code runs), memory-mapped when the format allows."""
+    try:
+        try:
+            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except Exception as error:  # torch raises many types for corrupt or foreign files
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from error
+    if not isinstance(data, dict):
+        raise ModelLoadError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
+    if "_strategy" in data:
+        raise ModelLoadError(
+            f"{path}: was pre-converted by ChatRWKV for strategy {data['_strategy']!r}; "
+            "load the original .pth instead (rwkv-chat converts at load time)"
+        )
+    for key, value in data.items():
+        if not isinstance(value, torch.Tensor):
+            raise ModelLoadError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    return data
+
+
+def split_blocks(sd: dict[str, torch.Tensor]) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
+    blocks: dict[int, dict[str, torch.Tensor]] = {}
+    other = {}
+    for key, value in sd.items():
+        m = _BLOCK_KEY.match(key)
+        if m:
+            blocks.setdefault(int(m[1]), {})[m[2]] = value
+        else:
+            other[key] = value
+    return blocks, other
+
+
+def detect_version(sd: dict[str, torch.Tensor], path: Path) -> str:
+    """From the key names alone (exact suffixes; a loose substring match misdetects)."""
+    blocks, other = split_blocks(sd)
+    if not blocks or "emb.weight" not in other:
+        if blocks and all(set(b) == {TIME_STATE} for b in blocks.values()):
+            raise ModelLoadError(f"{path}: is a tuned state file, not a model; pass it with --state / load_state()")
+        raise ModelLoadError(f"{path}: not an RWKV checkpoint (no 'emb.weight' / 'blocks.N.*' keys)")
+    first = blocks.get(0, {})
+    if "att.r_k" in first:
+        return "7"
+    if "att.time_maa_x" in first:
+        return "6"
+    if "att.ln_x.weight" in first:
+        decay = first.get("att.time_decay")
+        if decay is not None and decay.dim() == 2 and decay.shape[1] > 1 and "att.gate.weight" in first:
+            return "5.2"
+        raise ModelLoadError(
+            f"{path}: is an RWKV-5.0/5.1 checkpoint (pre-world); only v4, v5.2, v6 and v7 world models are supported"
+        )
+    if "att.time_first" in first and "att.time_decay" in first:
+        return "4"
+    raise ModelLoadError(f"{path}: unknown RWKV layout (block 0 has {sorted(first)[:6]}...)")
+
+
+def _shape(sd, key, path) -> tuple[int, ...]:
+    if key not in sd:
+        raise ModelLoadError(f"{path}: missing key {key!r}")
+    return tuple(sd[key].shape)
+
+
+def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
+    blocks, _ = split_blocks(sd)
+    indices = sorted(blocks)
+    if indices != list(range(len(indices))):
+        missing = sorted(set(range(indices[-1] + 1)) - set(indices))
+        raise ModelLoadError(f"{path}: layers {missing[:5]} are missing (found blocks up to {indices[-1]})")
+    emb = _shape(sd, "emb.weight", path)
+    if len(emb) != 2:
+        raise ModelLoadError(f"{path}: 'emb.weight' has shape {list(emb)}, expected [vocab, n_embd]")
+    vocab, C = emb
+    ffn_dim = _shape(sd, "blocks.0.ffn.key.weight", path)[0]
+    extra = {}
+    if version == "4":
+        n_head, head_size = 1, C
+    elif version == "5.2":
+        n_head, head_size = _shape(sd, "blocks.0.att.time_decay", path)
+    elif version == "6":
+        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", path)[:2]
+        extra["maa_dim"] = _shape(sd, "blocks.0.att.time_maa_w1", path)[-1] // 5
+        extra["decay_dim"] = _shape(sd, "blocks.0.att.time_decay_w1", path)[-1]
+    else:
+        n_head, head_size = _shape(sd, "blocks.0.att.r_k", path)[:2]
+        for name in "wag":
+            extra[f"{name}_dim"] = _shape(sd, f"blocks.0.att.{name}1", path)[-1]
+        v1 = "blocks.1.att.v1" if len(indices) > 1 else "blocks.0.att.v1"
+        extra["v_dim"] = _shape(sd, v1, path)[-1] if v1 in sd else 0
+    if n_head * head_size != C:
+        raise ModelLoadError(f"{path}: {n_head} heads x {head_size} != n_embd {C}")
+    return Dims(len(indices), C, vocab, n_head, head_size, ffn_dim, **extra)
+
+
+def _squeezed(shape) -> tuple[int, ...]:
+    return tuple(s for s in shape if s != 1)
+
+
+def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) -> None:
+    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there)."""
+    C, V = dims.n_embd, dims.vocab_size
+    expected = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
+                "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
+    module = VERSION_MODULES[version]
+    per_layer = module.layer_shapes(dims) | {f"ln{i}.{p}": (C,) for i in (1, 2) for p in ("weight", "bias")}
+    for layer in range(dims.n_layer):
+        optional = module.optional_in_layer(layer) if hasattr(module, "optional_in_layer") else set()
+        for suffix, shape in per_layer.items():
+            if suffix in optional and f"blocks.{layer}.{suffix}" not in sd:
+                continue
+            expected[f"blocks.{layer}.{suffix}"] = shape
+    for key, shape in expected.items():
+        actual = _shape(sd, key, path)
+        if _squeezed(actual) != _squeezed(shape):
+            raise ModelLoadError(f"{path}: {key!r} has shape {list(actual)}, expected {list(shape)}")
+        if not sd[key].is_floating_point():
+            raise ModelLoadError(f"{path}: {key!r} is {sd[key].dtype}, expected a floating-point tensor")
+
+
+def check_finite(key: str, tensor: torch.Tensor, path: Path) -> None:
+    if not bool(torch.isfinite(tensor).all()):
+        raise ModelLoadError(f"{path}: {key!r} contains NaN or infinite values")
+
+
+def time_state_tensors(sd: dict[str, torch.Tensor], dims: Dims, path: Path, version: str) -> list[torch.Tensor] | None:
+    """The tuned-state entries of a state file or of a checkpoint with a merged state, validated."""
+    blocks, other = split_blocks(sd)
+    found = {i: b[TIME_STATE] for i, b in blocks.items() if TIME_STATE in b}
+    if not found:
+        return None
+    if version == "4":
+        raise ModelLoadError(f"{path}: tuned states exist for v5.2, v6 and v7 only; this model is v4")
+    H, N = dims.n_head, dims.head_size
+    if sorted(found) != list(range(dims.n_layer)):
+        raise ModelLoadError(
+            f"{path}: has time_state for {len(found)} layer(s) (blocks {sorted(found)[:4]}...), "
+            f"the model has {dims.n_layer} layers"
+        )
+    states = []
+    for i in range(dims.n_layer):
+        t = found[i]
+        if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape[0] * t.shape[1] != dims.n_embd:
+            raise ModelLoadError(
+                f"{path}: blocks.{i}.att.time_state has shape {list(t.shape)}; this model needs "
+                f"[{H}, {N}, {N}] (n_embd {dims.n_embd})"
+            )
+        if tuple(t.shape) != (H, N, N):
+            raise ModelLoadError(
+                f"{path}: blocks.{i}.att.time_state is [{t.shape[0]} heads x {t.shape[1]}], the model has "
+                f"{H} heads of {N}"
+            )
+        check_finite(f"blocks.{i}.att.time_state", t, path)
+        states.append(t.float())
+    return states
+
+
+def fingerprint(path: Path) -> str:
+    """A quick content fingerprint: size plus sampled chunks (whole-file hashing of GBs is too slow)."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    chunk = 1 << 20
+    with open(path, "rb") as f:
+        for offset in sorted({0, max(0, size // 2 - chunk // 2), max(0, size - chunk)}):
+            f.seek(offset)
+            digest.update(f.read(chunk))
+    return digest.hexdigest()[:16]

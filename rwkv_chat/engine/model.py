@@ -1,0 +1,193 @@
+"""The RWKV model: load a checkpoint under a strategy, run tokens through it."""
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from ..errors import ModelLoadError
+from . import loader
+from .common import layer_norm, pair
+from .placement import rescale_every, resolve_device
+from .quant import make_linear
+from .state import ModelShape, RWKVState
+from .strategy import LayerPlan, parse_strategy, plan_layers
+
+ProgressCallback = Callable[[int, int, str], None]
+_LARGE_FILE = 256 << 20
+
+
+class RWKV:
+    """An RWKV v4 / v5.2 / v6 / v7 world model placed according to a ChatRWKV strategy string.
+
+    >>> model = RWKV("RWKV-x070-World-0.1B.pth", strategy="cpu fp32")
+    >>> logits, state = model.forward([510, 33], None)
+    """
+
+    def __init__(self, model_path: str | os.PathLike, strategy: str = "cpu fp32", *,
+                 progress: ProgressCallback | str | None = "auto"):
+        segments = parse_strategy(strategy)  # bad strategy: fail before touching the file
+        self.strategy = " -> ".join(s.text for s in segments)
+        self.path = loader.resolve_path(model_path)
+        if sys.platform != "emscripten":
+            torch.set_flush_denormal(True)  # decays drive fp32 states into denormals: 60x slower on CPU
+
+        sd = loader.read_tensors(self.path)
+        self.version = loader.detect_version(sd, self.path)
+        dims = loader.read_dims(sd, self.version, self.path)
+        loader.validate(sd, self.version, dims, self.path)
+        self.dims = dims
+        self.n_layer, self.n_embd, self.vocab_size = dims.n_layer, dims.n_embd, dims.vocab_size
+        self.n_head, self.head_size = dims.n_head, dims.head_size
+        self.shape = ModelShape(self.version, self.n_layer, self.n_embd, self.n_head, self.head_size, self.vocab_size)
+        self.fingerprint = loader.fingerprint(self.path)
+
+        self.plan: list[LayerPlan] = plan_layers(segments, self.n_layer)
+        segment_of = {}
+        for seg in segments:
+            segment_of.setdefault(seg.device, seg.text)
+        self.devices = [resolve_device(p, segment_of[p.device]) for p in self.plan]
+        self.rescale = rescale_every(self.strategy, self.version)
+        self._module = loader.VERSION_MODULES[self.version]
+        merged = loader.time_state_tensors(sd, dims, self.path, self.version)
+        self._load_weights(sd, self._progress(progress))
+        self._initial_wkv = merged
+
+    # ------------------------------------------------------------------ loading
+    def _progress(self, progress) -> ProgressCallback | None:
+        if progress != "auto":
+            return progress
+        if not (sys.stderr.isatty() and self.path.stat().st_size > _LARGE_FILE):
+            return None
+        from rich.progress import Progress  # only for big files on a terminal
+
+        bar = Progress(transient=True)
+        task = bar.add_task(f"Loading {self.path.name}", total=self.n_layer + 1)
+        bar.start()
+
+        def update(done, total, what):
+            bar.update(task, completed=done, description=f"Loading {self.path.name}: {what}")
+            if done >= total:
+                bar.stop()
+
+        return update
+
+    def _load_weights(self, sd: dict[str, torch.Tensor], progress: ProgressCallback | None) -> None:
+        path = self.path
+        for key, tensor in sd.items():
+            loader.check_finite(key, tensor, path)
+        first = self.plan[0]
+        emb = layer_norm(sd["emb.weight"].float(), (sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float()))
+        self.emb = emb.to(first.dtype).contiguous()  # stays in host memory; rows move per call
+        self.layers = []
+        total = self.n_layer + 1
+        for i in range(self.n_layer):
+            plan, device = self.plan[i], self.devices[i]
+            get = lambda name, i=i: sd[f"blocks.{i}.{name}"]
+            scale = 1.0 / 2 ** (i // self.rescale) if self.rescale else 1.0
+            kwargs = {} if self.version == "4" else {"n_head": self.n_head}
+            if self.version == "7":
+                kwargs["layer"] = i
+            self.layers.append(self._module.prepare_layer(get, plan, device, scale, **kwargs))
+            if progress:
+                progress(i + 1, total, f"layer {i + 1}/{self.n_layer}")
+        head_plan, head_device = self.plan[-1], self.devices[-1]
+        self.ln_out = pair(lambda n: sd[n], "ln_out", head_plan.dtype, head_device)
+        self.head = make_linear(sd["head.weight"], head_plan, head_device)
+        if progress:
+            progress(total, total, "head")
+
+    # ------------------------------------------------------------------ states
+    def zero_state(self) -> RWKVState:
+        layers = [self._module.zero_state(self.shape, self.plan[i], self.devices[i]) for i in range(self.n_layer)]
+        return RWKVState(self.shape, layers)
+
+    def initial_state(self) -> RWKVState:
+        """The merged tuned state when the checkpoint carries one, else zeros."""
+        state = self.zero_state()
+        if self._initial_wkv is not None:
+            self._install_wkv(state, self._initial_wkv)
+        return state
+
+    def load_state(self, path: str | os.PathLike) -> RWKVState:
+        """A tuned state file (RWKV-PEFT state tuning) as a fresh starting state for this model."""
+        file = Path(os.path.expanduser(str(path)))
+        if not file.is_file():
+            raise ModelLoadError(f"{file}: no such state file")
+        sd = loader.read_tensors(file)
+        wkv = loader.time_state_tensors(sd, self.dims, file, self.version)
+        extra = [k for k in sd if not k.endswith(".att.time_state")]
+        if wkv is None or extra:
+            raise ModelLoadError(
+                f"{file}: not a tuned state file (expects only blocks.N.att.time_state entries"
+                + (f", found {extra[:3]}" if extra else "") + ")"
+            )
+        state = self.zero_state()
+        self._install_wkv(state, wkv)
+        return state
+
+    def _install_wkv(self, state: RWKVState, wkv: list[torch.Tensor]) -> None:
+        for i, tensor in enumerate(wkv):
+            if self.version in ("5.2", "6"):
+                tensor = tensor.transpose(1, 2)  # files store [h][v][k]; v5/v6 compute in [h][k][v]
+            state.layers[i][1] = tensor.contiguous().to(self.devices[i])
+
+    def state_from_tensors(self, tensors: dict[str, torch.Tensor], tokens: int = 0) -> RWKVState:
+        return RWKVState.from_tensors(self.shape, tensors, self.zero_state(), tokens)
+
+    # ------------------------------------------------------------------ running
+    @torch.inference_mode()
+    def forward(self, tokens: list[int], state: RWKVState | None = None, full_output: bool = False):
+        """Feed tokens; return (float32 CPU logits of the last token, or [T, vocab] with full_output,
+        and the new state). The state passed in is left unchanged."""
+        ids = self._check_tokens(tokens)
+        if state is None:
+            state = self.initial_state()
+        else:
+            state.check_compatible(self.shape)
+        x = self.emb[ids]
+        v_first = None
+        new_layers = []
+        for i, (w, layer_state) in enumerate(zip(self.layers, state.layers)):
+            plan, device = self.plan[i], self.devices[i]
+            x = x.to(device=device, dtype=plan.dtype)
+            if v_first is not None:
+                v_first = v_first.to(device=device, dtype=plan.dtype)
+            x, layer_state, v_first = self._module.block(x, w, layer_state, v_first)
+            new_layers.append(layer_state)
+            if self.rescale and (i + 1) % self.rescale == 0:
+                x = x / 2
+        if not full_output:
+            x = x[-1:]
+        x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
+        logits = self.head(layer_norm(x, self.ln_out)).float().cpu()
+        new_state = RWKVState(self.shape, new_layers, logits[-1].clone(), state.tokens + len(ids))
+        return (logits if full_output else logits[0]), new_state
+
+    def _check_tokens(self, tokens) -> torch.Tensor:
+        if isinstance(tokens, int):
+            tokens = [tokens]
+        ids = torch.as_tensor(list(tokens), dtype=torch.long)
+        if ids.dim() != 1 or ids.numel() == 0:
+            raise ValueError("forward() needs a non-empty list of token ids")
+        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
+        return ids
+
+    def describe_plan(self) -> list[str]:
+        """One line per run of layers sharing a placement, e.g. '0-9: cuda fp16i8'."""
+        lines, start = [], 0
+        for i in range(1, len(self.plan) + 1):
+            if i == len(self.plan) or self.plan[i] != self.plan[start]:
+                last = i - 1
+                what = "head" if start == self.n_layer else (f"layers {start}-{min(last, self.n_layer - 1)}"
+                                                           + (" + head" if last == self.n_layer else ""))
+                lines.append(f"{what}: {self.plan[start].describe()}")
+                start = i
+        return lines
+
+    def __repr__(self) -> str:
+        return f"RWKV({str(self.path)!r}, strategy={self.strategy!r}) # {self.shape.describe()}"

@@ -1,0 +1,65 @@
+"""Where each layer lives: device checks, environment switches, the fp16 rescale rule."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from ..errors import DeviceUnavailableError, StrategyError
+from .strategy import LayerPlan
+
+
+def env_flag(name: str) -> bool:
+    """RWKV_JIT_ON / RWKV_CUDA_ON / RWKV_DML_ON: '1' means on; unset or anything else means off."""
+    return os.environ.get(name, "").strip() == "1"
+
+
+def rescale_every(strategy_text: str, version: str) -> int:
+    """How often (in layers) x is halved to keep fp16 from overflowing; 0 = never.
+
+    v4-v6 only (v7 needs none). Default 6 when any segment runs fp16; RWKV_RESCALE_LAYER overrides.
+    """
+    if version == "7":
+        return 0
+    value = os.environ.get("RWKV_RESCALE_LAYER", "").strip()
+    if value:
+        if not value.isdigit():
+            raise StrategyError(f"RWKV_RESCALE_LAYER={value!r} is not a whole number >= 0")
+        return int(value)
+    return 6 if "fp16" in strategy_text else 0
+
+
+def resolve_device(plan: LayerPlan, segment_text: str):
+    """The torch device for a plan entry, or DeviceUnavailableError naming the segment."""
+    name = plan.device
+    if name == "cpu":
+        return torch.device("cpu")
+    if name.startswith("cuda"):
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"strategy segment {segment_text!r} needs CUDA, but this torch build "
+                f"({torch.__version__}) sees no CUDA device; use 'cpu fp32' or 'cpu bf16'"
+            )
+        if index >= torch.cuda.device_count():
+            raise DeviceUnavailableError(
+                f"strategy segment {segment_text!r} needs cuda:{index}, "
+                f"but only {torch.cuda.device_count()} CUDA device(s) are present"
+            )
+        return torch.device("cuda", index)
+    if name == "mps":
+        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+            raise DeviceUnavailableError(
+                f"strategy segment {segment_text!r} needs Apple MPS, which this machine/torch build lacks"
+            )
+        return torch.device("mps")
+    if name == "dml":
+        try:
+            import torch_directml  # type: ignore[import-not-found]
+        except ImportError:
+            raise DeviceUnavailableError(
+                f"strategy segment {segment_text!r} needs DirectML: pip install 'rwkv-chat[directml]' "
+                "(torch-directml, which pins torch 2.4.1) and set RWKV_DML_ON=1"
+            ) from None
+        return torch_directml.device()
+    raise StrategyError(f"unknown device {name!r} in strategy segment {segment_text!r}")

@@ -1,0 +1,126 @@
+"""ChatRWKV strategy strings: parse them and assign every layer a device and dtypes.
+
+Grammar: segments `DEVICE DTYPE[i8] [*N[+]]` joined by `->`.
+There are n_layer + 1 slots; the last one holds ln_out and the head.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import StrategyError
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_SEGMENT = re.compile(
+    r"^(?P<device>cpu|cuda(?::\d+)?|mps|dml)\s+(?P<dtype>fp32|fp16|bf16)(?P<quant>i\d+)?"
+    r"(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$"
+)
+
+
+@dataclass(frozen=True)
+class Segment:
+    device: str  # "cpu", "cuda", "cuda:1", "mps", "dml"
+    dtype: torch.dtype  # activation dtype (and weight dtype unless int8)
+    int8: bool
+    count: int | None  # slots asked for with *N, None when absent
+    stream: bool  # *N+ : keep N slots resident, stream the rest through this device
+    text: str
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    device: str
+    dtype: torch.dtype
+    int8: bool
+    stream: bool
+
+    def describe(self) -> str:
+        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        return f"{self.device} {name}{'i8' if self.int8 else ''}{' (streamed)' if self.stream else ''}"
+
+
+def parse_strategy(text: str) -> list[Segment]:
+    if not isinstance(text, str) or not text.strip():
+        raise StrategyError(f"strategy {text!r} is empty; try 'cpu fp32' or 'cuda fp16'")
+    segments = []
+    for raw in text.split("->"):
+        part = " ".join(raw.split())
+        match = _SEGMENT.match(part)
+        if match is None:
+            raise StrategyError(f"strategy {text!r}: cannot read segment {part!r}; {_explain(part)}")
+        quant = match["quant"]
+        if quant not in (None, "i8"):
+            raise StrategyError(
+                f"strategy {text!r}: segment {part!r} asks for {quant} weights, which are not supported; use i8"
+            )
+        count = match["count"]
+        segments.append(
+            Segment(
+                device=match["device"],
+                dtype=DTYPES[match["dtype"]],
+                int8=quant == "i8",
+                count=None if count is None else int(count),
+                stream=match["stream"] is not None,
+                text=part,
+            )
+        )
+    if sum(s.stream for s in segments) > 1:
+        raise StrategyError(f"strategy {text!r}: only one segment may stream layers (*N+)")
+    return segments
+
+
+def _explain(part: str) -> str:
+    words = part.split()
+    if not words:
+        return "a segment is empty (check the '->' separators)"
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|dml", words[0]):
+        return f"unknown device {words[0]!r} (expected cpu, cuda, cuda:N, mps or dml)"
+    if len(words) < 2:
+        return "the dtype is missing (expected fp32, fp16 or bf16, optionally with i8)"
+    if not re.fullmatch(r"(fp32|fp16|bf16)(i\d+)?", words[1]):
+        return f"unknown dtype {words[1]!r} (expected fp32, fp16 or bf16, optionally with i8)"
+    if len(words) > 3 or not re.fullmatch(r"\*\d+\+?", words[2]):
+        return f"unexpected {' '.join(words[2:])!r} (expected '*N' or '*N+' with N a whole number)"
+    return "expected 'DEVICE DTYPE [*N[+]]'"
+
+
+def plan_layers(segments: list[Segment], n_layer: int) -> list[LayerPlan]:
+    """Assign the n_layer + 1 slots to segments with ChatRWKV's allocation rules."""
+    total = n_layer + 1
+    sizes = [0] * len(segments)
+    stream_index = next((i for i, s in enumerate(segments) if s.stream), None)
+    allocated = 0
+    free_segments = 0
+    for i, seg in enumerate(segments):
+        if seg.count is None:
+            free_segments += 1
+            continue
+        sizes[i] = seg.count
+        allocated += seg.count
+        if allocated >= total:  # clamp; later segments get nothing
+            sizes[i] -= allocated - total
+            allocated = total
+            break
+    streamed = 0
+    if stream_index is None:
+        for i, seg in enumerate(segments):
+            if seg.count is None and free_segments and allocated < total:
+                sizes[i] = (total - allocated) // free_segments
+                allocated += sizes[i]
+                free_segments -= 1
+        sizes[-1] += total - allocated
+    else:
+        streamed = total - allocated
+        sizes[stream_index] += streamed
+
+    plan: list[LayerPlan] = []
+    for i, (seg, size) in enumerate(zip(segments, sizes)):
+        first_streamed = size - streamed if i == stream_index else size
+        for j in range(size):
+            plan.append(LayerPlan(seg.device, seg.dtype, seg.int8, stream=j >= first_streamed))
+    # The head slot stays resident: streaming applies to the blocks only.
+    last = plan[-1]
+    plan[-1] = LayerPlan(last.device, last.dtype, last.int8, stream=False)
+    return plan

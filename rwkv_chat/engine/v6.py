@@ -1,0 +1,85 @@
+"""RWKV-6 "Finch": v5.2's state with data-dependent token shift (ddlerp) and decay."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from . import v5_2
+from .common import layer_norm, pair, shifted, vector
+from .quant import make_linear
+
+
+def layer_shapes(d) -> dict[str, tuple]:
+    C, F_, H, N, D, Dd = d.n_embd, d.ffn_dim, d.n_head, d.head_size, d.maa_dim, d.decay_dim
+    shapes = {f"att.time_maa_{n}": (C,) for n in "xwkvrg"}
+    shapes |= {"att.time_maa_w1": (C, 5 * D), "att.time_maa_w2": (5, D, C), "att.time_decay": (C,),
+               "att.time_decay_w1": (C, Dd), "att.time_decay_w2": (Dd, C), "att.time_faaaa": (H, N),
+               "att.ln_x.weight": (C,), "att.ln_x.bias": (C,)}
+    shapes |= {f"att.{n}.weight": (C, C) for n in ("key", "value", "receptance", "gate", "output")}
+    shapes |= {"ffn.time_maa_k": (C,), "ffn.time_maa_r": (C,), "ffn.key.weight": (F_, C),
+               "ffn.value.weight": (C, F_), "ffn.receptance.weight": (C, C)}
+    return shapes
+
+
+def prepare_layer(get, plan, device, output_scale: float, n_head: int) -> SimpleNamespace:
+    dt = plan.dtype
+    lin = lambda name, scale=1.0: make_linear(get(name), plan, device, scale)
+    vec = lambda name: vector(get(name), dt, device)
+    dense = lambda name: get(name).to(dtype=dt, device=device).contiguous()
+    maa_w2 = get("att.time_maa_w2")
+    return SimpleNamespace(
+        n_head=n_head,
+        ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
+        maa_x=vec("att.time_maa_x"),
+        maa=torch.stack([vec(f"att.time_maa_{n}") for n in "wkvrg"]),  # [5, C]
+        maa_w1=dense("att.time_maa_w1"),  # [C, 5*D]
+        maa_w2=maa_w2.reshape(5, -1, maa_w2.shape[-1]).to(dtype=dt, device=device),  # [5, D, C]
+        decay_base=get("att.time_decay").float().reshape(n_head, -1, 1).to(device),  # [H, K, 1]
+        decay_w1=dense("att.time_decay_w1"), decay_w2=dense("att.time_decay_w2"),
+        bonus=get("att.time_faaaa").float().reshape(n_head, -1, 1).to(device),
+        ln_x=pair(get, "att.ln_x", torch.float32, device),
+        key=lin("att.key.weight"), value=lin("att.value.weight"), receptance=lin("att.receptance.weight"),
+        gate=lin("att.gate.weight"), output=lin("att.output.weight", output_scale),
+        ffn_maa_k=vec("ffn.time_maa_k"), ffn_maa_r=vec("ffn.time_maa_r"),
+        ffn_key=lin("ffn.key.weight"), ffn_value=lin("ffn.value.weight", output_scale),
+        ffn_receptance=lin("ffn.receptance.weight"),
+    )
+
+
+zero_state = v5_2.zero_state
+
+
+def time_mix(x, w, att_x, state):
+    T, C = x.shape
+    H = w.n_head
+    delta = shifted(x, att_x) - x
+    # ddlerp: five low-rank, data-dependent offsets to the static mixing coefficients
+    lora = torch.tanh((x + delta * w.maa_x) @ w.maa_w1).view(T, 5, -1).transpose(0, 1)  # [5, T, D]
+    offsets = torch.bmm(lora, w.maa_w2)  # [5, T, C]
+    xw, xk, xv, xr, xg = (x + delta * (w.maa[i] + offsets[i]) for i in range(5))
+
+    r = w.receptance(xr).float().view(T, H, -1)
+    k = w.key(xk).float().view(T, H, -1)
+    v = w.value(xv).float().view(T, H, -1)
+    g = F.silu(w.gate(xg))
+    log_decay = w.decay_base + (torch.tanh(xw @ w.decay_w1) @ w.decay_w2).float().view(T, H, -1, 1)
+    decay = torch.exp(-torch.exp(log_decay))  # [T, H, K, 1]
+    out, state = v5_2.wkv(r, k, v, decay, w.bonus, state)
+    return v5_2.attention_output(out, g, x, w), x[-1], state
+
+
+def channel_mix(x, w, ffn_x):
+    delta = shifted(x, ffn_x) - x
+    r = torch.sigmoid(w.ffn_receptance(x + delta * w.ffn_maa_r))
+    k = torch.relu(w.ffn_key(x + delta * w.ffn_maa_k)) ** 2
+    return r * w.ffn_value(k), x[-1]
+
+
+def block(x, w, state, v_first):
+    att_x, wkv_state, ffn_x = state
+    out, att_x, wkv_state = time_mix(layer_norm(x, w.ln1), w, att_x, wkv_state)
+    x = x + out
+    out, ffn_x = channel_mix(layer_norm(x, w.ln2), w, ffn_x)
+    return x + out, [att_x, wkv_state, ffn_x], v_first

@@ -1,0 +1,109 @@
+"""RWKV-7 "Goose": the generalised delta rule, S <- S diag(w) + S (-kk)(kk*a)^T + v k^T."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import torch
+
+from .common import head_group_norm, layer_norm, pair, shifted, vector
+from .quant import make_linear
+
+_DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
+
+
+def layer_shapes(d) -> dict[str, tuple]:
+    C, F_, H, N = d.n_embd, d.ffn_dim, d.n_head, d.head_size
+    shapes = {f"att.x_{n}": (C,) for n in "rwkvag"}
+    for name, rank in (("w", d.w_dim), ("a", d.a_dim), ("v", d.v_dim)):
+        shapes |= {f"att.{name}0": (C,), f"att.{name}1": (C, rank), f"att.{name}2": (rank, C)}
+    shapes |= {"att.g1": (C, d.g_dim), "att.g2": (d.g_dim, C), "att.k_k": (C,), "att.k_a": (C,),
+               "att.r_k": (H, N), "att.ln_x.weight": (C,), "att.ln_x.bias": (C,)}
+    shapes |= {f"att.{n}.weight": (C, C) for n in ("key", "value", "receptance", "output")}
+    shapes |= {"ffn.x_k": (C,), "ffn.key.weight": (F_, C), "ffn.value.weight": (C, F_)}
+    return shapes
+
+
+def optional_in_layer(layer: int) -> set[str]:
+    return {"att.v0", "att.v1", "att.v2"} if layer == 0 else set()
+
+
+def prepare_layer(get, plan, device, output_scale: float, n_head: int, layer: int) -> SimpleNamespace:
+    dt = plan.dtype
+    lin = lambda name, scale=1.0: make_linear(get(name), plan, device, scale)
+    vec = lambda name: vector(get(name), dt, device)
+    dense = lambda name: get(name).to(dtype=dt, device=device).contiguous()
+    w = SimpleNamespace(
+        n_head=n_head, first_layer=layer == 0,
+        ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
+        mix=torch.stack([vec(f"att.x_{n}") for n in "rwkvag"]),  # [6, C]
+        w0=vector(get("att.w0"), torch.float32, device), w1=dense("att.w1"), w2=dense("att.w2"),
+        a0=vec("att.a0"), a1=dense("att.a1"), a2=dense("att.a2"),
+        g1=dense("att.g1"), g2=dense("att.g2"),
+        k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=vec("att.r_k"),
+        ln_x=pair(get, "att.ln_x", dt, device),
+        key=lin("att.key.weight"), value=lin("att.value.weight"), receptance=lin("att.receptance.weight"),
+        output=lin("att.output.weight", output_scale),
+        ffn_x_k=vec("ffn.x_k"), ffn_key=lin("ffn.key.weight"), ffn_value=lin("ffn.value.weight", output_scale),
+    )
+    if layer > 0:
+        w.v0, w.v1, w.v2 = vec("att.v0"), dense("att.v1"), dense("att.v2")
+    return w
+
+
+def zero_state(shape, plan, device) -> list[torch.Tensor]:
+    C, H, N = shape.n_embd, shape.n_head, shape.head_size
+    return [torch.zeros(C, dtype=plan.dtype, device=device),
+            torch.zeros(H, N, N, dtype=torch.float32, device=device),
+            torch.zeros(C, dtype=plan.dtype, device=device)]
+
+
+def wkv(r, decay, k, v, kk, a, state):
+    """Per token: S <- S diag(w) + (S (-kk)) (kk*a)^T + v k^T ; out = S r.  All [T,H,N] fp32; S [H,V,K]."""
+    out = torch.empty_like(r)
+    for t in range(r.shape[0]):
+        removal = (state @ -kk[t].unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)
+        state = state * decay[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) @ k[t].unsqueeze(-2)
+        out[t] = (state @ r[t].unsqueeze(-1)).squeeze(-1)
+    return out, state
+
+
+def time_mix(x, w, att_x, state, v_first):
+    T, C = x.shape
+    H = w.n_head
+    delta = shifted(x, att_x) - x
+    xr, xw, xk, xv, xa, xg = (x + delta * w.mix[i] for i in range(6))
+
+    r = w.receptance(xr)
+    k = w.key(xk)
+    v = w.value(xv)
+    a = torch.sigmoid(w.a0 + (xa @ w.a1) @ w.a2)  # in-context learning rate
+    g = torch.sigmoid(xg @ w.g1) @ w.g2
+    decay = torch.exp(-_DECAY_SCALE * torch.sigmoid(w.w0 + (torch.tanh(xw @ w.w1) @ w.w2).float()))
+
+    kk = torch.nn.functional.normalize((k * w.k_k).view(T, H, -1), dim=-1)  # removal key, unit length per head
+    k = k * (1 + (a - 1) * w.k_a)
+    if w.first_layer:
+        v_first = v
+    else:  # value residual: blend in layer 0's values
+        v = v + (v_first - v) * torch.sigmoid(w.v0 + (xv @ w.v1) @ w.v2)
+
+    f32 = lambda t: t.float().view(T, H, -1)
+    out, state = wkv(f32(r), decay.view(T, H, -1), f32(k), f32(v), kk.float(), f32(a), state)
+
+    out = head_group_norm(out.view(T, C).to(x.dtype), H, w.ln_x)
+    bonus = (r * k * w.r_k).view(T, H, -1).sum(dim=-1, keepdim=True) * v.view(T, H, -1)
+    return w.output((out + bonus.view(T, C)) * g), x[-1], state, v_first
+
+
+def channel_mix(x, w, ffn_x):
+    k = x + (shifted(x, ffn_x) - x) * w.ffn_x_k
+    return w.ffn_value(torch.relu(w.ffn_key(k)) ** 2), x[-1]
+
+
+def block(x, w, state, v_first):
+    att_x, wkv_state, ffn_x = state
+    out, att_x, wkv_state, v_first = time_mix(layer_norm(x, w.ln1), w, att_x, wkv_state, v_first)
+    x = x + out
+    out, ffn_x = channel_mix(layer_norm(x, w.ln2), w, ffn_x)
+    return x + out, [att_x, wkv_state, ffn_x], v_first
