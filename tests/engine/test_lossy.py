@@ -1,0 +1,76 @@
+"""Lossy strategies (bf16, fp16, int8, layer splits, streaming) against our own fp32 logits."""
+import pytest
+import torch
+
+from rwkv_chat import RWKV
+from rwkv_chat.engine.quant import StreamedLinear
+
+from .conftest import VERSIONS
+
+BF16 = dict(cosine=0.99, top1=0.85)
+INT8 = dict(cosine=0.98, top1=0.70)
+STRATEGIES = {
+    "cpu bf16": BF16,
+    "cpu fp16": BF16,
+    "cpu fp32i8": INT8,
+    "cpu bf16i8": INT8,
+    "cpu fp32 *1 -> cpu bf16": BF16,  # layer split across dtypes
+    "cpu bf16i8 *2 -> cpu fp32": INT8,
+    "cpu bf16 *1+": BF16,  # streamed layers
+    "cpu fp32i8 *1+ -> cpu fp32": INT8,
+}
+
+
+@pytest.fixture(scope="module")
+def fp32_reference(engine_models, token_sequence):
+    return {v: RWKV(engine_models[v, "three_heads"], "cpu fp32").forward(token_sequence, full_output=True)[0]
+            for v in VERSIONS}
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lossy_strategy_stays_close_to_fp32(version, strategy, engine_models, token_sequence, fp32_reference):
+    model = RWKV(engine_models[version, "three_heads"], strategy)
+    logits, _ = model.forward(token_sequence, full_output=True)
+    reference = fp32_reference[version]
+    cosine = torch.nn.functional.cosine_similarity(logits, reference, dim=-1).mean().item()
+    top1 = (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+    bounds = STRATEGIES[strategy]
+    assert cosine >= bounds["cosine"], f"cosine {cosine:.4f}"
+    assert top1 >= bounds["top1"], f"top-1 agreement {top1:.2f}"
+    assert not torch.equal(logits, reference) or strategy.startswith("cpu fp32 *"), "lossy path did not run"
+
+
+def test_plan_reports_dtypes_and_streaming(engine_models):
+    model = RWKV(engine_models["7", "three_heads"], "cpu fp32i8 *1+ -> cpu fp32")
+    assert [p.describe() for p in model.plan] == ["cpu fp32i8", "cpu fp32i8 (streamed)", "cpu fp32i8 (streamed)", "cpu fp32i8"]
+    assert model.describe_plan() == ["layers 0-0: cpu fp32i8", "layers 1-2: cpu fp32i8 (streamed)", "head: cpu fp32i8"]
+
+
+def test_streamed_layers_copy_weights_each_call(engine_models):
+    model = RWKV(engine_models["6", "three_heads"], "cpu bf16 *1+")
+    streamed = model.layers[2].key
+    resident = model.layers[0].key
+    assert isinstance(streamed, StreamedLinear) and not isinstance(resident, StreamedLinear)
+    model.forward([1, 2, 3])
+    model.forward([4])
+    assert streamed.copies == 2
+
+
+@pytest.mark.parametrize("version", ["4", "5.2", "6"])
+def test_fp16_rescale_is_exact_in_fp32(version, engine_models, token_sequence, fp32_reference, monkeypatch):
+    """Halving x every layer and scaling the output projections to match leaves the logits
+    unchanged (layer norm is scale-invariant), which checks the rescale bookkeeping."""
+    monkeypatch.setenv("RWKV_RESCALE_LAYER", "1")
+    model = RWKV(engine_models[version, "three_heads"], "cpu fp32")
+    assert model.rescale == 1
+    logits, _ = model.forward(token_sequence, full_output=True)
+    reference = fp32_reference[version]
+    assert float((logits - reference).abs().max() / reference.abs().max()) <= 1e-3
+
+
+def test_rescale_defaults(engine_models, monkeypatch):
+    monkeypatch.delenv("RWKV_RESCALE_LAYER", raising=False)
+    assert RWKV(engine_models["6", "two_heads"], "cpu fp16").rescale == 6
+    assert RWKV(engine_models["6", "two_heads"], "cpu fp32").rescale == 0
+    assert RWKV(engine_models["7", "two_heads"], "cpu fp16").rescale == 0  # v7 needs none
