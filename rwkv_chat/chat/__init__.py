@@ -1,0 +1,20 @@
+"""Chat on top of the pipeline: sessions, snapshots, tuned state files, user folders.
+
+Importing this package loads torch but never textual.
+"""
+from .session import ChatReply, ChatSession, Message, clean_user_message
+from .snapshot import SnapshotInfo, list_snapshots
+from .state_files import StateFileInfo, list_state_files, read_state_file_info, save_state_file
+
+__all__ = [
+    "ChatReply",
+    "ChatSession",
+    "Message",
+    "SnapshotInfo",
+    "StateFileInfo",
+    "clean_user_message",
+    "list_snapshots",
+    "list_state_files",
+    "read_state_file_info",
+    "save_state_file",
+]
