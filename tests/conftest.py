@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from rwkv_chat.testing.checkpoints import VERSIONS, make_checkpoint, make_state_file, merge_state, save_checkpoint
+from rwkv_chat.testing.checkpoints import (
+    VERSIONS,
+    make_checkpoint,
+    make_state_file,
+    merge_state,
+    save_checkpoint,
+)
 
 TINY_LAYERS = 2
 TINY_EMBD = 128  # head size 64 -> 2 heads
@@ -88,7 +94,7 @@ def make_state_path(tmp_path_factory):
     folder = tmp_path_factory.mktemp("states")
     built: dict[tuple, Path] = {}
 
-    def make(version: str, n_layer: int = TINY_LAYERS, n_embd: int = TINY_EMBD, head_size: int = 64, seed: int = 1) -> Path:
+    def make(version, n_layer=TINY_LAYERS, n_embd=TINY_EMBD, head_size=64, seed=1) -> Path:
         key = (version, n_layer, n_embd, head_size, seed)
         if key not in built:
             state = make_state_file(version, n_layer, n_embd, head_size, seed=seed)

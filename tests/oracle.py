@@ -12,7 +12,9 @@ back with weights_only=True). In the subprocess:
   with `RWKV_V7_ON=0` (v4/v5.2/v6) and one with `RWKV_V7_ON=1` (v7), so a single subprocess
   can serve every version. A file is sent to the v7 copy when it has a `blocks.0.att.r_k` key;
 * `RWKV_RESCALE_LAYER` is passed through from the caller's environment (the oracle defaults
-  it to 6 when the strategy mentions fp16, else 0).
+  it to 6 when the strategy mentions fp16, else 0);
+* one torch thread by default, and the oracle loader's explicit gc.collect() calls skipped:
+  both only save time (tiny models load ~20x faster on a busy 2-core machine).
 
 Paths: the v7 class always appends ".pth" to the name it is given and the v4-v6 class appends
 it when missing. Here `model_path` may be the file itself (any name: a file not ending in
@@ -28,6 +30,18 @@ Any dict with those keys works as a state file, including a checkpoint with a me
 A checkpoint with a merged state and no `state_file`: the v5.2/v6 oracle starts from the
 merged state by itself; the v7 oracle silently ignores it (starts from zeros).
 
+Other oracle behaviours worth knowing (rwkv 0.8.32):
+  - v4-v6 layer-norm the embedding in the FILE's dtype before converting to the strategy's: a
+    bf16 file run as "cpu fp32" differs from the same weights stored fp32 by ~0.015 in the
+    logits (v7 converts first: no difference). Compare engines on float32 files.
+  - v4-v6 detect v5.2 (and set n_head) only at an `att.time_decay` key met after `ln_x`; in the
+    official key order a ONE-layer v5.2 file reads as v5.1 and fails at its first forward.
+  - v4-v6 squeeze every `.time_*` tensor: a merged time_state of a ONE-head model loses its
+    head axis and the first forward fails; merged states also pass through the strategy's
+    activation dtype first (fp16 rounding with an fp16 strategy).
+  - forward() mutates and returns the state list it was given; a one-token batch takes the
+    single-token path and ignores full_output.
+
 Logits come back as float32 CPU tensors: [vocab] per batch, or [T, vocab] with full_output
 (also for a one-token batch, where the oracle itself returns [vocab]; it is reshaped to [1, vocab]).
 """
@@ -40,6 +54,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+import torch
 
 ORACLE_TIMEOUT_S = 900
 _LOGITS_KEYS = {"model_path", "strategy", "token_batches", "state_file", "full_output"}
@@ -59,7 +75,7 @@ def oracle_logits(
     *,
     jit: bool = True,
     threads: int = 1,
-) -> list["torch.Tensor"]:
+) -> list[torch.Tensor]:
     """Feed each batch of `token_batches` in turn (one `model.forward(batch, state,
     full_output=...)` call each, carrying the state) and return the float32 logits of each call."""
     request = dict(
@@ -69,7 +85,7 @@ def oracle_logits(
     return oracle_run([request], jit=jit, threads=threads)[0]
 
 
-def oracle_logits_many(requests: list[dict], *, jit: bool = True, threads: int = 1) -> list[list["torch.Tensor"]]:
+def oracle_logits_many(requests: list[dict], *, jit: bool = True, threads: int = 1) -> list[list[torch.Tensor]]:
     """Several `oracle_logits` requests in ONE subprocess (saves the interpreter and oracle
     start-up, a few seconds each). Each request is a dict with `model_path`, `strategy`,
     `token_batches` and optionally `state_file`, `full_output`. Returns one list of logits per
@@ -91,8 +107,6 @@ def oracle_run(requests: list[dict], *, jit: bool = True, threads: int = 1) -> l
     `jit` sets RWKV_JIT_ON for v4-v6 (v7 always scripts). `threads` is torch's thread count in
     the subprocess: 1 by default, far faster for the tiny test models on a busy machine (idle
     OpenMP threads spin on shared cores); raise it for big models."""
-    import torch
-
     normalized = [_normalize_request(request) for request in requests]
     if not normalized:
         return []
@@ -107,7 +121,9 @@ def oracle_run(requests: list[dict], *, jit: bool = True, threads: int = 1) -> l
         torch.save(normalized, request_path)
         command = [sys.executable, os.path.abspath(__file__), str(request_path), str(result_path), str(int(threads))]
         try:
-            process = subprocess.run(command, env=env, capture_output=True, text=True, timeout=ORACLE_TIMEOUT_S)
+            process = subprocess.run(
+                command, env=env, capture_output=True, text=True, timeout=ORACLE_TIMEOUT_S, check=False
+            )
         except subprocess.TimeoutExpired as error:
             raise OracleError(f"oracle subprocess ran over {ORACLE_TIMEOUT_S} s") from error
         if process.returncode != 0 or not result_path.exists():
@@ -170,8 +186,6 @@ def _load_oracle_module(v7: bool):
 def _has_key(path: str, key: str) -> bool:
     """Whether the checkpoint at `path` has `key`, read from the pickle inside a torch.save zip
     file (unpickling a whole dict costs more than the oracle's own load of a tiny model)."""
-    import torch
-
     try:
         with zipfile.ZipFile(path) as archive:
             pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
@@ -189,8 +203,6 @@ class _OracleSession:
     def model(self, path: str, strategy: str):
         key = (path, strategy)
         if key not in self.models:
-            import torch
-
             file_path = self.pth_path(path)
             is_v7 = _has_key(file_path, "blocks.0.att.r_k")
             if is_v7 not in self.modules:
@@ -220,7 +232,8 @@ class _OracleSession:
         if not os.path.exists(path) and os.path.isfile(path + ".pth"):
             return path + ".pth"
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no checkpoint at {path} (nor {path}.pth)")
+            also_tried = "" if path.endswith(".pth") else f" (nor {path}.pth)"
+            raise FileNotFoundError(f"no checkpoint at {path}{also_tried}")
         if self.link_folder is None:
             self.link_folder = tempfile.mkdtemp(prefix="rwkv-oracle-links-")
         link = os.path.join(self.link_folder, f"model{len(os.listdir(self.link_folder))}.pth")
@@ -230,8 +243,6 @@ class _OracleSession:
     @staticmethod
     def initial_state(model, is_v7: bool, state_file: str):
         """The oracle's state list with the tuned state's wkv matrices (see the module doc)."""
-        import torch
-
         tuned = torch.load(state_file, map_location="cpu", weights_only=True)
         if is_v7:
             state = model.generate_zero_state()
@@ -269,8 +280,6 @@ class _OracleSession:
         )
 
     def run(self, request: dict):
-        import torch
-
         if request["info"]:
             return self.info(request)
         model, is_v7 = self.model(request["model_path"], request["strategy"])
@@ -288,8 +297,6 @@ class _OracleSession:
 
 
 def _child_main(request_path: str, result_path: str, threads: str) -> None:
-    import torch
-
     torch.set_num_threads(max(1, int(threads)))
     torch.set_flush_denormal(True)
     requests = torch.load(request_path, weights_only=True)

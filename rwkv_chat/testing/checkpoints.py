@@ -331,7 +331,8 @@ def merge_state(checkpoint: dict[str, torch.Tensor], state_file: dict[str, torch
         )
     for key, tensor in state_file.items():
         if tuple(tensor.shape) != (n_head, head_size, head_size):
-            raise ValueError(f"{key} has shape {tuple(tensor.shape)}, the checkpoint needs {(n_head, head_size, head_size)}")
+            needed = (n_head, head_size, head_size)
+            raise ValueError(f"{key} has shape {tuple(tensor.shape)}, the checkpoint needs {needed}")
     merged = dict(checkpoint)
     merged.update(state_file)
     return merged
@@ -393,7 +394,8 @@ def main(argv: list[str] | None = None) -> None:
             save_checkpoint(args.state_out, state)
     save_checkpoint(args.output, checkpoint)
     n_params = sum(t.numel() for t in checkpoint.values())
-    print(f"wrote {args.output}: RWKV v{args.version}, {args.layers}x{args.embd}, {n_params / 1e6:.1f}M parameters, {args.dtype}")
+    shape = f"{args.layers}x{args.embd}, {n_params / 1e6:.1f}M parameters, {args.dtype}"
+    print(f"wrote {args.output}: RWKV v{args.version}, {shape}")
 
 
 if __name__ == "__main__":
