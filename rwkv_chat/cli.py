@@ -1,0 +1,462 @@
+"""The `rwkv-chat` command: with no subcommand it opens the chat; `generate` and `info` serve scripts.
+
+torch and textual are imported inside the commands, so `rwkv-chat --help` answers at once.
+Add a subcommand with `@cli.command()`; `model_options` gives it --model/--strategy/--demo,
+and `load_model` loads with a progress bar. Errors rwkv-chat raises on purpose
+(`RWKVChatError`) become one line on stderr and exit status 2; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import enum
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import ModelLoadError, RWKVChatError
+
+DEBUG_KEY = "rwkv_chat.debug"
+SNAPSHOT_SUFFIX = ".rwkvchat"
+DEMO_STATUS = "Tiny demo model (it knows nothing). For real answers: rwkv-chat --model PATH.pth"
+
+
+class ExitCode(enum.IntEnum):
+    OK = 0
+    FAILED = 1  # an unexpected error (a bug): the traceback is printed
+    BAD_INPUT = 2  # a file, strategy, device or option that cannot be used (click uses 2 for usage errors too)
+    INTERRUPTED = 130  # Ctrl+C
+
+
+class RWKVChatGroup(click.Group):
+    """A click group that turns RWKVChatError into one clean line and exit status 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except RWKVChatError as error:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            click.echo(f"Error: {error}", err=True)
+            ctx.exit(ExitCode.BAD_INPUT)
+        except KeyboardInterrupt:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            click.echo("Interrupted.", err=True)
+            ctx.exit(ExitCode.INTERRUPTED)
+
+
+def _set_debug(ctx: click.Context, _param, value: bool) -> None:
+    if value:
+        ctx.meta[DEBUG_KEY] = True
+
+
+debug_option = click.option(
+    "--debug", is_flag=True, expose_value=False, is_eager=True, callback=_set_debug,
+    help="Show full tracebacks instead of one-line errors.",
+)
+config_option = click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path),
+    help="Config file to read instead of config.toml in the user config dir.",
+)
+
+
+def model_options(command):
+    """--model, --strategy and --demo, shared by every command that loads a model."""
+    options = [
+        click.option("--model", "-m", "model_path", type=click.Path(path_type=Path), envvar="RWKV_CHAT_MODEL",
+                     help="RWKV checkpoint (.pth; the suffix may be left out). Default: [model] path in the "
+                          "config file, else the built-in demo model. Env: RWKV_CHAT_MODEL."),
+        click.option("--strategy", "-s", envvar="RWKV_CHAT_STRATEGY",
+                     help="Where and how to run the layers, e.g. 'cpu fp32', 'cuda fp16', "
+                          "'cuda fp16i8 *10 -> cpu fp32'. Default: cuda fp16 when CUDA is present, else "
+                          "cpu fp32. Env: RWKV_CHAT_STRATEGY."),
+        click.option("--demo", is_flag=True, help="Use the built-in tiny demo model (ignores --model)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers (heavy imports inside)
+
+
+@functools.cache
+def default_strategy() -> str:
+    import torch
+
+    return "cuda fp16" if torch.cuda.is_available() else "cpu fp32"
+
+
+def demo_model() -> tuple[Path, str]:
+    """(path, note) of the built-in demo model, or ModelLoadError telling the user to pass --model."""
+    try:
+        from .training.demo import DEMO_MODEL_NOTE, demo_model_path
+
+        return Path(demo_model_path()), DEMO_MODEL_NOTE
+    except (ImportError, OSError, RWKVChatError) as error:
+        raise ModelLoadError(
+            f"no model given and the built-in demo model is not available ({error}); "
+            "pass --model PATH to an RWKV .pth checkpoint"
+        ) from error
+
+
+def choose_model(model_path: Path | None, demo: bool, config) -> tuple[Path, str | None]:
+    """(checkpoint path, demo note or None): --demo, else --model, else the config's, else the demo."""
+    if not demo:
+        path = model_path or config.model
+        if path is not None:
+            return path, None
+    return demo_model()
+
+
+def load_model(path: Path, strategy: str):
+    """RWKV(path, strategy) with a rich progress bar on stderr (shown only on a terminal)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from . import RWKV
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        return RWKV(path, strategy, progress=None)
+    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        task = progress.add_task(f"Reading and checking {Path(path).name} (strategy {strategy})", total=None)
+
+        def update(done: int, total: int, what: str) -> None:
+            progress.update(task, completed=done, total=total, description=f"Loading {Path(path).name}: {what}")
+
+        return RWKV(path, strategy, progress=update)
+
+
+def sampling_overrides(**values) -> dict[str, Any]:
+    """The sampling flags that were given (None means not given)."""
+    return {name: value for name, value in values.items() if value is not None}
+
+
+# ---------------------------------------------------------------------------------------------
+# The root group: `rwkv-chat` opens the chat
+
+
+@click.group(cls=RWKVChatGroup, invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"]})
+@model_options
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Start from a tuned state file (RWKV-PEFT state tuning).")
+@click.option("--snapshot", "snapshot_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Resume a saved conversation (.rwkvchat). Without --model, its own model is used.")
+@config_option
+@click.version_option(__version__, "--version", "-V", prog_name="rwkv-chat")
+@debug_option
+@click.pass_context
+def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_path, config_path) -> None:
+    """Chat with a local RWKV model (v4, v5.2, v6, v7) in the terminal.
+
+    With no command, opens the chat. Enter sends, Ctrl+J adds a new line, Esc stops a reply,
+    F1 lists every key. Keys, default model and sampling values can be set in config.toml in
+    the user config dir (see --config).
+
+    \b
+    Examples:
+      rwkv-chat                                   # the tiny built-in demo model
+      rwkv-chat -m ~/models/RWKV-x070-World-1.5B-v3.pth
+      rwkv-chat -m model.pth -s "cuda fp16i8 *12 -> cpu fp32"
+      rwkv-chat -m model.pth --state states/chinese-chat.pth
+      rwkv-chat --snapshot ~/.local/share/rwkv-chat/snapshots/2024-05-01_12-00-00.rwkvchat
+      rwkv-chat generate -m model.pth "The capital of France is"
+      rwkv-chat info model.pth
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    run_chat(model_path=model_path, strategy=strategy, demo=demo, state_path=state_path,
+             snapshot_path=snapshot_path, config_path=config_path)
+
+
+def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_path) -> None:
+    from .chat.config import load_config
+
+    if state_path is not None and snapshot_path is not None:
+        raise click.UsageError("--state and --snapshot cannot be combined (a snapshot remembers its own state file)")
+    config = load_config(config_path)
+    if snapshot_path is not None and model_path is None and not demo:
+        model_path = snapshot_model_path(snapshot_path)
+    path, demo_note = choose_model(model_path, demo, config)
+    strategy = strategy or config.strategy or default_strategy()
+    model = load_model(path, strategy)
+    session = make_session(model, config, state_path=state_path, snapshot_path=snapshot_path)
+
+    from .tui.app import make_app
+
+    demo = demo_note is not None
+    app = make_app(session, config=config, demo_note=DEMO_STATUS if demo else None,
+                   model_label="demo model" if demo else None, welcome=demo_note)
+    app.run()
+
+
+def snapshot_model_path(snapshot_path: Path) -> Path:
+    """The model a snapshot was saved with; ModelLoadError when that file is gone."""
+    from .chat.snapshot import read_snapshot_data
+    from .engine.state import ModelShape
+
+    model = read_snapshot_data(snapshot_path)["model"]
+    path = Path(model.get("path") or "")
+    if not model.get("path") or not path.is_file():
+        shape = ModelShape.from_dict(model["shape"]).describe()
+        raise ModelLoadError(
+            f"{snapshot_path}: was saved with {model.get('path') or 'an unknown model'}, which is not there any "
+            f"more; pass --model PATH to a model of the same shape ({shape})"
+        )
+    return path
+
+
+def make_session(model, config, *, state_path: Path | None = None, snapshot_path: Path | None = None):
+    """A ChatSession for `model` with the config's names and sampling, started from a state file
+    or a snapshot when given."""
+    from . import Pipeline
+    from .chat.session import ChatSession
+    from .sampling import SamplingSettings
+
+    pipeline = Pipeline(model)
+    if snapshot_path is not None:
+        return ChatSession.open(pipeline, snapshot_path)
+    return ChatSession(pipeline, SamplingSettings.from_dict(config.sampling), user=config.user,
+                       assistant=config.assistant, preamble=config.preamble, state_file=state_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# generate
+
+
+def sampling_options(command):
+    options = [
+        click.option("--temperature", "-t", type=float, help="Temperature; 0 picks the likeliest token. Default 1.0."),
+        click.option("--top-p", type=float, help="Keep the likeliest tokens up to this probability mass. Default 0.3."),
+        click.option("--top-k", type=int, help="Keep at most this many tokens; 0 turns it off. Default 0."),
+        click.option("--presence", type=float, help="Presence penalty for tokens already generated. Default 0.5."),
+        click.option("--frequency", type=float, help="Frequency penalty per earlier occurrence. Default 0.5."),
+        click.option("--penalty-decay", type=float, help="Per-token decay of the repetition counts. Default 0.996."),
+        click.option("--max-tokens", "-n", type=int, help="Stop after this many tokens. Default 256."),
+        click.option("--seed", type=int, help="Seed for reproducible output."),
+        click.option("--stop", multiple=True, help="Stop at this text (repeatable); it is not printed."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@cli.command()
+@model_options
+@click.argument("prompt", required=False)
+@click.option("--state", "state_path", type=click.Path(dir_okay=False, path_type=Path),
+              help="Start from a tuned state file.")
+@sampling_options
+@click.option("--chat", "chat_format", is_flag=True,
+              help="Wrap the prompt as 'User: PROMPT\\n\\nAssistant:' and stop at the end of the reply.")
+@click.option("--stats", is_flag=True, help="Print token counts and speed to stderr at the end.")
+@config_option
+@debug_option
+def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats, config_path, stop, **sampling) -> None:
+    """Continue PROMPT with the model and stream the text to stdout.
+
+    PROMPT is read from stdin when it is '-' or left out. Sampling defaults are the chat
+    defaults (and the config file's [sampling] values); the flags override them.
+
+    \b
+    Examples:
+      rwkv-chat generate -m model.pth "The capital of France is"
+      rwkv-chat generate -m model.pth --temperature 0 -n 50 "def fib(n):"
+      rwkv-chat generate -m model.pth --chat "Write a haiku about rain."
+      echo "Once upon a time" | rwkv-chat generate -m model.pth --seed 1 --stats
+      rwkv-chat generate -m model.pth --state states/poet.pth "Roses"
+    """
+    from .chat.config import load_config
+    from .sampling import SamplingSettings
+
+    if prompt is None or prompt == "-":
+        if sys.stdin.isatty() and prompt is None:
+            raise click.UsageError("give a PROMPT argument, or pipe the prompt on stdin")
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise click.UsageError("the prompt is empty")
+    if chat_format:
+        prompt = f"User: {prompt.strip()}\n\nAssistant:"
+        stop = (*stop, "\n\n")
+
+    config = load_config(config_path)
+    try:
+        settings = SamplingSettings.from_dict({**config.sampling, **sampling_overrides(**sampling)})
+        if stop:
+            settings = settings.replace(stop=tuple(stop))
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+
+    path, _note = choose_model(model_path, demo, config)
+    model = load_model(path, strategy or config.strategy or default_strategy())
+    state = model.load_state(state_path) if state_path else None
+
+    from . import Pipeline
+
+    generation = Pipeline(model).stream(prompt, state=state, settings=settings)
+    started = not chat_format  # a chat reply starts after "Assistant:": drop its leading space
+    for piece in generation:
+        if not started:
+            piece = piece.lstrip()
+            started = bool(piece)
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    if stats:
+        s = generation.stats
+        first = "-" if s.time_to_first_token is None else f"{s.time_to_first_token:.2f}s"
+        click.echo(
+            f"{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated in {s.seconds:.2f}s "
+            f"({s.tokens_per_second:.1f} tok/s, first token after {first}), finish: {generation.finish_reason}",
+            err=True,
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file.")
+@debug_option
+def info(paths, as_json) -> None:
+    """Describe checkpoints, tuned state files and saved conversations without loading a model.
+
+    For a model: version, layers, width, heads, vocabulary, parameters, dtype. For a state
+    file: layers, heads and width it fits. For a snapshot (.rwkvchat): model, date, messages.
+
+    \b
+    Examples:
+      rwkv-chat info ~/models/RWKV-x070-World-1.5B-v3.pth
+      rwkv-chat info states/*.pth
+      rwkv-chat info --json conversation.rwkvchat
+    """
+    for index, path in enumerate(paths):
+        facts = describe_file(path)
+        if as_json:
+            click.echo(json.dumps(facts, default=str))
+            continue
+        if index:
+            click.echo()
+        width = max(len(key) for key in facts)
+        for key, value in facts.items():
+            click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+def describe_file(path: Path) -> dict[str, Any]:
+    """Facts about a checkpoint, tuned state file or snapshot, read without building a model."""
+    from .engine import loader
+
+    if path.suffix == SNAPSHOT_SUFFIX or _is_safetensors(path):
+        return describe_snapshot(path)
+    path = loader.resolve_path(path)
+    sd = loader.read_tensors(path)  # mmap, weights_only: no code runs, nothing is copied
+    blocks, other = loader.split_blocks(sd)
+    if blocks and not other and all(set(b) == {loader.TIME_STATE} for b in blocks.values()):
+        return describe_state_file(path, sd)
+    version = loader.detect_version(sd, path)
+    dims = loader.read_dims(sd, version, path)
+    has_state = any(loader.TIME_STATE in b for b in blocks.values())
+    return {
+        "file": str(path),
+        "kind": "RWKV model" + (" (with a merged tuned state)" if has_state else ""),
+        "version": version,
+        "layers": dims.n_layer,
+        "width": dims.n_embd,
+        "heads": f"{dims.n_head} x {dims.head_size}" if version != "4" else "- (v4 has no heads)",
+        "ffn": dims.ffn_dim,
+        "vocab": dims.vocab_size,
+        "parameters": _count(sum(t.numel() for t in sd.values())),
+        "dtype": _dtypes(sd),
+        "size": _size(path),
+    }
+
+
+def describe_state_file(path: Path, sd) -> dict[str, Any]:
+    from .chat.state_files import read_state_file_info
+
+    state = read_state_file_info(path)  # validates the layout
+    return {
+        "file": str(path),
+        "kind": "tuned state file",
+        "layers": state.n_layer,
+        "width": state.n_embd,
+        "heads": f"{state.n_head} x {state.head_size}",
+        "fits": f"RWKV v5.2/v6/v7 models of {state.n_layer} layers x {state.n_embd}",
+        "parameters": _count(sum(t.numel() for t in sd.values())),
+        "dtype": _dtypes(sd),
+        "size": _size(path),
+    }
+
+
+def describe_snapshot(path: Path) -> dict[str, Any]:
+    from .chat.snapshot import read_snapshot_data
+    from .engine.state import ModelShape
+
+    data = read_snapshot_data(path)  # the JSON part only; the states are not read
+    model = data["model"]
+    messages = data["messages"]
+    first = next((m.get("text", "") for m in messages if m.get("role") == "user"), "")
+    return {
+        "file": str(path),
+        "kind": "saved conversation (snapshot)",
+        "saved at": str(data.get("saved_at", "?"))[:19].replace("T", " "),
+        "model": f"{model.get('name', '?')} ({model.get('path', '?')})",
+        "shape": ModelShape.from_dict(model["shape"]).describe(),
+        "fingerprint": model.get("fingerprint", "?"),
+        "state file": data.get("state_file") or "-",
+        "messages": len(messages),
+        "first message": " ".join(first.split())[:80] or "-",
+        "tokens": data["tokens"],
+        "size": _size(path),
+    }
+
+
+def _is_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length and then '{'."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit} ({n:,})"
+    return f"{n:,}"
+
+
+def _size(path: Path) -> str:
+    size = path.stat().st_size
+    for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} bytes"
+
+
+def _dtypes(sd) -> str:
+    counts: dict[str, int] = {}
+    for tensor in sd.values():
+        name = str(tensor.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + tensor.numel()
+    return ", ".join(sorted(counts, key=counts.get, reverse=True))
+
+
+def main() -> None:
+    """Console-script entry point."""
+    cli(prog_name="rwkv-chat")
+
+
+if __name__ == "__main__":
+    main()

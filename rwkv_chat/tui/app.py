@@ -1,0 +1,105 @@
+"""The Textual app. `make_app(session, ...)` is the one way the CLI and the tests build it."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from textual.app import App, SystemCommand
+from textual.binding import Binding
+
+from ..chat.config import DEFAULT_KEYS, Config, default_config_path
+from .screens.chat import ChatScreen
+from .widgets.state_files import StateChoice
+
+
+class ChatApp(App):
+    """Chat with one ChatSession. The screen does the work; the app holds the config, the keymap,
+    the theme and the commands of the command palette."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "rwkv-chat"
+    BINDINGS = [Binding(DEFAULT_KEYS["quit"], "quit", "Quit", id="quit", priority=True)]
+
+    def __init__(self, session, *, config: Config, model_label: str, demo_note: str | None,
+                 welcome: str | None, state_choices: Callable[[], list[StateChoice]],
+                 state_folders: list[Path]) -> None:
+        super().__init__()
+        self.session = session
+        self.config = config
+        self.keys = dict(config.keys)
+        self.config_path = config.source or default_config_path()
+        self._screen_args = {"model_label": model_label, "demo_note": demo_note, "welcome": welcome,
+                             "state_choices": state_choices, "state_folders": state_folders}
+
+    def get_default_screen(self) -> ChatScreen:
+        return ChatScreen(self.session, **self._screen_args)
+
+    def on_mount(self) -> None:
+        # only the remapped ids: Textual's keymap treats a binding "remapped" to its own key as a clash
+        self.set_keymap({key_id: keys for key_id, keys in self.keys.items() if keys != DEFAULT_KEYS.get(key_id)})
+        if self.config.theme in self.available_themes:
+            self.theme = self.config.theme
+        else:
+            self.notify(f"Unknown theme {self.config.theme!r}; using {self.theme}.", severity="warning")
+
+    def get_system_commands(self, screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        chat = self.screen_stack[0]
+        if not isinstance(chat, ChatScreen):
+            return
+        commands = [
+            ("New conversation", "Start over from the starting state", chat.action_new_conversation),
+            ("Save snapshot", "Save this conversation", chat.action_save_snapshot),
+            ("Open snapshot", "Open a saved conversation", chat.action_open_snapshot),
+            ("Regenerate", "Generate the last reply again", chat.action_regenerate),
+            ("Continue", "Generate more of the last reply", chat.action_continue_reply),
+            ("Edit last message", "Change the last message and send it again", chat.action_edit_last),
+            ("Toggle side panes", "Show or hide the settings and state-file panes", chat.action_toggle_panes),
+        ]
+        for title, help_text, callback in commands:
+            yield SystemCommand(title, help_text, callback)
+        for choice in chat.state_choices():
+            if choice.fits:
+                yield SystemCommand(f"Load state file: {choice.info.name}",
+                                    f"New conversation from {choice.info.path}",
+                                    lambda path=choice.info.path: chat.load_state_file(path))
+
+    async def action_quit(self) -> None:
+        """Quit, ending a running reply first (the worker stops after the current token)."""
+        self.session.stop()
+        self.exit()
+
+    def on_unmount(self) -> None:
+        self.session.stop()
+
+
+def default_state_choices(shape, folders: list[Path] | None = None) -> Callable[[], list[StateChoice]]:
+    """A function listing the tuned state files (bundled and the user's) against `shape`."""
+    from ..chat.state_files import list_state_files
+
+    def choices() -> list[StateChoice]:
+        return [StateChoice.of(info, shape) for info in list_state_files(folders)]
+
+    return choices
+
+
+def make_app(session, *, config: Config | None = None, demo_note: str | None = None,
+             model_label: str | None = None, welcome: str | None = None,
+             state_folders: list[Path] | None = None) -> ChatApp:
+    """The chat app for `session` (a ChatSession). `demo_note` is shown under the status line
+    (the CLI uses it to mark the built-in demo model), `welcome` in an empty conversation,
+    `model_label` instead of the checkpoint's file name; `state_folders` replaces the default
+    state-file folders (tests)."""
+    from ..chat import locations
+
+    model = session.pipeline.model
+    folders = list(state_folders) if state_folders is not None else locations.state_dirs()
+    return ChatApp(
+        session,
+        config=config or Config(),
+        model_label=model_label or Path(model.path).name,
+        demo_note=demo_note,
+        welcome=welcome,
+        state_choices=default_state_choices(model.shape, state_folders),
+        state_folders=folders,
+    )

@@ -1,0 +1,356 @@
+"""The main screen: conversation, message box, settings and state-file panes, status line.
+
+The screen owns the ChatSession calls. A reply runs in a thread worker; its text reaches the
+screen as `ReplyText` messages, batched (at most ~10 a second), so typing never lags.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from textual import on, work
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from ...chat import locations
+from ...chat import snapshot as snapshots
+from ...chat.config import DEFAULT_KEYS, DESCRIPTIONS
+from ...errors import RWKVChatError
+from ..streaming import PieceBatcher
+from ..widgets.conversation import Conversation
+from ..widgets.prompt import PromptInput
+from ..widgets.settings import SettingsPane
+from ..widgets.state_files import StateChoice, StateFilesPane
+from ..widgets.status import StatusInfo, StatusLine
+from .help import HelpScreen, key_label
+from .snapshots import SnapshotDialog
+
+NARROW_WIDTH = 100  # below this the side panes are hidden until toggled
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A message as the conversation pane draws it (a copy, safe to hand across threads)."""
+
+    role: str
+    text: str
+    stats: object | None = None
+
+    @classmethod
+    def of(cls, message) -> Shown:
+        return cls(message.role, message.text, getattr(message, "stats", None))
+
+
+def _binding(binding_id: str, action: str, label: str, show: bool = True) -> Binding:
+    # priority: the screen's keys win over the focused widget's (TextArea binds F6 and F7 itself)
+    return Binding(DEFAULT_KEYS[binding_id], action, label, id=binding_id, show=show,
+                   tooltip=DESCRIPTIONS[binding_id], priority=True)
+
+
+class ChatScreen(Screen):
+    """Chat with `session`. Every key is a binding with an id, so the config's [keys] remap it."""
+
+    BINDINGS = [
+        _binding("help", "help", "Help"),
+        _binding("stop", "stop", "Stop"),
+        _binding("regenerate", "regenerate", "Regen"),
+        _binding("continue", "continue_reply", "Continue"),
+        _binding("edit_last", "edit_last", "Edit last", show=False),
+        _binding("new", "new_conversation", "New"),
+        _binding("save", "save_snapshot", "Save"),
+        _binding("open", "open_snapshot", "Open"),
+        _binding("temperature_down", "nudge('temperature', -0.1)", "Temp-", show=False),
+        _binding("temperature_up", "nudge('temperature', 0.1)", "Temp+", show=False),
+        _binding("top_p_down", "nudge('top_p', -0.05)", "Top-p-", show=False),
+        _binding("top_p_up", "nudge('top_p', 0.05)", "Top-p+", show=False),
+        _binding("toggle_panes", "toggle_panes", "Panes"),
+        _binding("state_files", "focus_pane('states')", "States", show=False),
+        _binding("settings", "focus_pane('settings')", "Settings", show=False),
+    ]
+
+    @dataclass
+    class ReplyStarted(Message):
+        messages: list[Shown]
+
+    @dataclass
+    class ReplyText(Message):
+        text: str
+
+    @dataclass
+    class ReplyEnded(Message):
+        error: BaseException | None = None
+
+    def __init__(self, session, *, model_label: str, state_choices: Callable[[], list[StateChoice]],
+                 state_folders: list[Path], demo_note: str | None = None, welcome: str | None = None) -> None:
+        super().__init__(id="chat-screen")
+        self.session = session
+        self.model_label = model_label
+        self.state_choices = state_choices
+        self.state_folders = state_folders
+        self.demo_note = demo_note
+        self.welcome = welcome
+        self.editing = False  # the message box holds an edit of the last user message
+        self.replying = False  # a reply worker is running
+
+    # ------------------------------------------------------------------ layout
+    def compose(self):
+        session = self.session
+        with Horizontal(id="main"):
+            with Vertical(id="chat"):
+                placeholder = (f"{self.welcome}\n\n" if self.welcome else "") + (
+                    f"Type a message below and press {self.key_of('send')}; {self.key_of('help')} lists every key.")
+                yield Conversation(user_label=session.user, assistant_label=session.assistant,
+                                   placeholder=placeholder, id="conversation")
+                prompt = PromptInput(id="prompt")
+                prompt.border_title = "Message"
+                yield prompt
+            with Vertical(id="side"):
+                yield SettingsPane(session.settings, id="settings")
+                yield StateFilesPane(self.state_choices(), active=session.state_file,
+                                     folders=self.state_folders, id="states")
+        yield StatusLine(id="status")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.conversation.show([Shown.of(m) for m in self.session.messages])
+        self.refresh_status()
+        self.query_one(PromptInput).focus()
+
+    def on_resize(self, event) -> None:
+        self.set_class(event.size.width < NARROW_WIDTH, "-narrow")
+
+    @property
+    def conversation(self) -> Conversation:
+        return self.query_one(Conversation)
+
+    @property
+    def prompt(self) -> PromptInput:
+        return self.query_one(PromptInput)
+
+    def key_of(self, binding_id: str) -> str:
+        return key_label(self.app.keys.get(binding_id, DEFAULT_KEYS[binding_id]))
+
+    def refresh_status(self) -> None:
+        session = self.session
+        stats = next((m.stats for m in reversed(session.messages)
+                      if m.role == "assistant" and getattr(m, "stats", None)), None)
+        model = session.pipeline.model
+        self.query_one(StatusLine).info = StatusInfo(
+            model=self.model_label,
+            version=model.version,
+            strategy=model.strategy,
+            tokens=session.state.tokens if session.state is not None else 0,
+            tokens_per_second=stats.tokens_per_second if stats else None,
+            time_to_first_token=stats.time_to_first_token if stats else None,
+            state_file=Path(session.state_file).stem if session.state_file else None,
+            busy=self.replying,
+            note=self.demo_note,
+        )
+
+    def show_conversation(self) -> None:
+        self.conversation.show([Shown.of(m) for m in self.session.messages])
+        self.refresh_status()
+
+    # ------------------------------------------------------------------ replies
+    def start_reply(self, start: Callable[[], Iterable[str]], preview: list[Shown]) -> None:
+        """Show `preview` (the conversation as it will look, the last entry being the reply to
+        stream into) and run `start()` plus the iteration of what it returns in a thread."""
+        self.replying = True
+        self.conversation.show(preview, streaming=True)
+        self.refresh_status()
+        self.run_reply(start)
+
+    @work(thread=True, exclusive=True, group="reply", exit_on_error=False)
+    def run_reply(self, start: Callable[[], Iterable[str]]) -> None:
+        batcher = PieceBatcher(lambda text: self.post_message(self.ReplyText(text)))
+        error = None
+        try:
+            generation = start()
+            # copy the messages here, before iterating, so the screen never sees text twice
+            self.post_message(self.ReplyStarted([Shown.of(m) for m in self.session.messages]))
+            for piece in generation:
+                batcher.add(piece)
+        except Exception as problem:  # shown as a notification; the session keeps what it had
+            error = problem
+        finally:
+            batcher.flush()
+            self.post_message(self.ReplyEnded(error))
+
+    @on(ReplyStarted)
+    def _reply_started(self, event: ReplyStarted) -> None:
+        messages = event.messages
+        if not messages or messages[-1].role != "assistant":
+            messages = [*messages, Shown("assistant", "")]
+        self.conversation.show(messages, streaming=True)
+
+    @on(ReplyText)
+    def _reply_text(self, event: ReplyText) -> None:
+        self.conversation.append_to_reply(event.text)
+
+    @on(ReplyEnded)
+    def _reply_ended(self, event: ReplyEnded) -> None:
+        self.replying = False
+        if event.error is not None:
+            self.notify(str(event.error), title="Reply failed", severity="error")
+        self.show_conversation()
+
+    def busy_notice(self) -> bool:
+        """True (after telling the user) when a reply is running."""
+        if self.replying or self.session.busy:
+            self.notify(f"A reply is being generated; press {self.key_of('stop')} to stop it first.",
+                        severity="warning")
+            return True
+        return False
+
+    def last_index(self, role: str) -> int | None:
+        return next((i for i in range(len(self.session.messages) - 1, -1, -1)
+                     if self.session.messages[i].role == role), None)
+
+    @on(PromptInput.Submitted)
+    def _submitted(self, event: PromptInput.Submitted) -> None:
+        if self.busy_notice():
+            return
+        text = event.text
+        shown = [Shown.of(m) for m in self.session.messages]
+        if self.editing:
+            cut = self.last_index("user")
+            self.editing = False
+            self.prompt.border_title = "Message"
+            self.start_reply(lambda: self.session.edit_last(text),
+                             [*shown[:cut], Shown("user", text), Shown("assistant", "")])
+        else:
+            self.start_reply(lambda: self.session.send(text), [*shown, Shown("user", text), Shown("assistant", "")])
+        self.prompt.clear()
+
+    # ------------------------------------------------------------------ actions
+    def action_stop(self) -> None:
+        if self.replying or self.session.busy:
+            self.session.stop()
+        elif self.editing:
+            self.editing = False
+            self.prompt.clear()
+            self.prompt.border_title = "Message"
+
+    def action_regenerate(self) -> None:
+        if self.busy_notice():
+            return
+        if self.last_index("assistant") is None:
+            self.notify("There is no reply to regenerate yet.")
+            return
+        shown = [Shown.of(m) for m in self.session.messages]
+        cut = self.last_index("assistant")
+        self.start_reply(self.session.regenerate, [*shown[:cut], Shown("assistant", "")])
+
+    def action_continue_reply(self) -> None:
+        if self.busy_notice():
+            return
+        if not self.session.messages or self.session.messages[-1].role != "assistant":
+            self.notify("There is no reply to continue.")
+            return
+        self.start_reply(self.session.continue_reply, [Shown.of(m) for m in self.session.messages])
+
+    def action_edit_last(self) -> None:
+        if self.busy_notice():
+            return
+        index = self.last_index("user")
+        if index is None:
+            self.notify("There is no message to edit yet.")
+            return
+        self.editing = True
+        self.prompt.text = self.session.messages[index].text
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.prompt.border_title = (f"Editing the last message ({self.key_of('send')} resend, "
+                                    f"{self.key_of('stop')} cancel)")
+        self.prompt.focus()
+
+    def action_new_conversation(self) -> None:
+        if self.busy_notice():
+            return
+        self.session.reset()
+        self.show_conversation()
+        self.notify("New conversation" + (f" from state {Path(self.session.state_file).stem}"
+                                          if self.session.state_file else ""))
+
+    def action_save_snapshot(self) -> None:
+        if self.busy_notice():
+            return
+        try:
+            path = self.session.save()
+        except RWKVChatError as error:
+            self.notify(str(error), title="Could not save", severity="error")
+            return
+        self.notify(f"Saved to {path}", title="Conversation saved")
+
+    def action_open_snapshot(self) -> None:
+        if self.busy_notice():
+            return
+        dialog = SnapshotDialog(snapshots.list_snapshots(), locations.snapshots_dir(), save_key=self.key_of("save"))
+        self.app.push_screen(dialog, self.open_snapshot)
+
+    def open_snapshot(self, path: Path | None) -> None:
+        if path is None:
+            return
+        try:
+            self.session.restore(path)
+        except RWKVChatError as error:
+            self.notify(str(error), title="Could not open the snapshot", severity="error")
+            return
+        self.query_one(SettingsPane).settings = self.session.settings
+        self.query_one(StateFilesPane).set_active(self.session.state_file)
+        self.conversation.labels = {"user": self.session.user, "assistant": self.session.assistant}
+        self.show_conversation()
+        self.notify(f"Opened {Path(path).name}")
+
+    def action_nudge(self, field: str, delta: float) -> None:
+        settings = self.session.settings.nudge(field, delta)
+        self.session.settings = settings  # the running reply reads it before its next token
+        self.query_one(SettingsPane).settings = settings
+        if not self.query_one("#side").display:
+            self.notify(f"{field} {getattr(settings, field):g}", timeout=1.5)
+
+    def action_toggle_panes(self) -> None:
+        if self.has_class("-narrow"):
+            self.toggle_class("-side-open")
+        else:
+            self.toggle_class("-side-closed")
+
+    def action_focus_pane(self, pane: str) -> None:
+        self.remove_class("-side-closed")
+        if self.has_class("-narrow"):
+            self.add_class("-side-open")
+        target = "#state-list" if pane == "states" else "#setting-temperature"
+        self.call_after_refresh(self.query_one(target).focus)
+
+    def action_help(self) -> None:
+        self.app.push_screen(HelpScreen(self.app.keys, self.app.config_path))
+
+    # ------------------------------------------------------------------ pane messages
+    @on(SettingsPane.Changed)
+    def _settings_changed(self, event: SettingsPane.Changed) -> None:
+        self.session.settings = event.settings
+
+    @on(StateFilesPane.Chosen)
+    def _state_chosen(self, event: StateFilesPane.Chosen) -> None:
+        self.load_state_file(event.path)
+
+    @on(StateFilesPane.Refused)
+    def _state_refused(self, event: StateFilesPane.Refused) -> None:
+        self.notify(event.reason, title="This state file does not fit the model", severity="warning")
+
+    def load_state_file(self, path: Path) -> None:
+        """Start a new conversation from a tuned state; on failure the conversation is untouched."""
+        if self.busy_notice():
+            return
+        try:
+            self.session.load_state_file(path)
+        except (RWKVChatError, OSError) as error:
+            self.notify(str(error), title="Could not load the state file", severity="error")
+            return
+        self.query_one(StateFilesPane).set_active(self.session.state_file)
+        self.show_conversation()
+        self.notify(f"New conversation from state {Path(path).stem}")
+        self.prompt.focus()

@@ -1,0 +1,74 @@
+"""SVG snapshots of the main screen, the help screen, the snapshot dialog and the state pane
+(tests/tui/__snapshots__; update with `pytest tests/tui --snapshot-update` and look at them).
+
+Everything on screen is fixed: messages and their stats are set directly, file names are fixed,
+RWKV_CHAT_HOME is a fixed folder and the snapshot list is a fixed list."""
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from rwkv_chat.chat import snapshot as snapshot_module
+from rwkv_chat.chat.session import Message
+from rwkv_chat.chat.snapshot import SnapshotInfo
+from rwkv_chat.pipeline import GenerationStats
+
+FIXED_HOME = "/tmp/rwkv-chat-test-home"
+
+REPLY = """Here is a **short** answer with a list:
+
+- one item
+- another item
+
+```python
+print("hello")
+```"""
+
+
+@pytest.fixture
+def fixed_home(monkeypatch):
+    monkeypatch.setenv("RWKV_CHAT_HOME", FIXED_HOME)
+
+
+@pytest.fixture
+def conversation_app(make_session, app_for, fixed_home):
+    """The app over a session showing a fixed two-turn conversation."""
+    session, _ = make_session()
+    stats = GenerationStats(prompt_tokens=9, generated_tokens=42, time_to_first_token=0.12, seconds=1.5,
+                            tokens_per_second=28.0)
+    session.messages = [
+        Message("user", "What is RWKV?"),
+        Message("assistant", "An RNN with transformer-level quality.", stats, "stop"),
+        Message("user", "Show me some Markdown."),
+        Message("assistant", REPLY, stats, "stop"),
+    ]
+    return app_for(session)
+
+
+def test_main_screen(snap_compare, conversation_app):
+    assert snap_compare(conversation_app, terminal_size=(100, 30))
+
+
+def test_main_screen_80x24(snap_compare, conversation_app):
+    assert snap_compare(conversation_app, terminal_size=(80, 24))
+
+
+def test_help_screen(snap_compare, conversation_app):
+    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f1"])
+
+
+def test_state_pane(snap_compare, conversation_app):
+    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f3", "down"])
+
+
+def test_snapshot_dialog(snap_compare, conversation_app, monkeypatch):
+    saved = [
+        SnapshotInfo(Path(FIXED_HOME) / "snapshots/2024-05-02_09-30-00.rwkvchat", datetime(2024, 5, 2, 9, 30),
+                     "Write a haiku about the sea, please, with a long first message that gets cut", "tiny-v7.pth", 6),
+        SnapshotInfo(Path(FIXED_HOME) / "snapshots/2024-05-01_18-00-00.rwkvchat", datetime(2024, 5, 1, 18, 0),
+                     "What is RWKV?", "tiny-v7.pth", 2),
+    ]
+    monkeypatch.setattr(snapshot_module, "list_snapshots", lambda folder=None: saved)
+    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["ctrl+o"])
