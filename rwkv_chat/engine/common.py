@@ -4,6 +4,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import cpu_kernels
+from .quant import DenseLinear
+
 
 def layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     weight, bias = params
@@ -17,6 +20,11 @@ def shifted(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.cat((prev.unsqueeze(0), x[:-1]))
 
 
+def mixed(x: torch.Tensor, delta: torch.Tensor, mixes: torch.Tensor) -> torch.Tensor:
+    """x + delta * m for every row m of `mixes` [n, C] at once: [n, T, C] (each [T, C] slice contiguous)."""
+    return torch.addcmul(x.unsqueeze(0), delta.unsqueeze(0), mixes.unsqueeze(1))
+
+
 def head_group_norm(x: torch.Tensor, n_head: int, params, eps: float = 64e-5) -> torch.Tensor:
     """GroupNorm over heads for a [T, C] input (ln_x)."""
     weight, bias = params
@@ -24,9 +32,19 @@ def head_group_norm(x: torch.Tensor, n_head: int, params, eps: float = 64e-5) ->
 
 
 def vector(t: torch.Tensor, dtype, device) -> torch.Tensor:
-    """A [1,1,C]-style parameter as a flat [C] tensor."""
-    return t.reshape(-1).to(dtype=dtype, device=device)
+    """A [1,1,C]-style parameter as a flat [C] tensor (always a copy, never a view of the file)."""
+    return t.reshape(-1).to(dtype=dtype, device=device, copy=True)
 
 
 def pair(get, name: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     return vector(get(f"{name}.weight"), dtype, device), vector(get(f"{name}.bias"), dtype, device)
+
+
+def lora(weight: torch.Tensor, dtype, device) -> DenseLinear:
+    """A LoRA factor stored [in, out] in the checkpoint, as a linear (small: always dense, resident)."""
+    return DenseLinear(weight.reshape(-1, weight.shape[-1]).t(), dtype, device)
+
+
+def kernels_for(x: torch.Tensor):
+    """The CPU kernels when x lives on the CPU and they are available, else None."""
+    return cpu_kernels.get() if x.device.type == "cpu" else None

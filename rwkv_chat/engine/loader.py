@@ -170,8 +170,9 @@ def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) 
             raise ModelLoadError(f"{path}: {key!r} is {sd[key].dtype}, expected a floating-point tensor")
 
 
-def check_finite(key: str, tensor: torch.Tensor, path: Path) -> None:
-    if not bool(torch.isfinite(tensor).all()):
+def check_finite(key: str, tensor: torch.Tensor, path: Path, chunk: int = 1 << 22) -> None:
+    flat = tensor.reshape(-1)
+    if not all(bool(torch.isfinite(flat[i:i + chunk]).all()) for i in range(0, flat.numel(), chunk)):
         raise ModelLoadError(f"{path}: {key!r} contains NaN or infinite values")
 
 
@@ -217,3 +218,4 @@ def fingerprint(path: Path) -> str:
             f.seek(offset)
             digest.update(f.read(chunk))
     return digest.hexdigest()[:16]
+

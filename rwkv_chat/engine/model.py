@@ -12,12 +12,51 @@ from ..errors import ModelLoadError
 from . import loader
 from .common import layer_norm, pair
 from .placement import rescale_every, resolve_device
-from .quant import make_linear
+from . import memory
+from .memory import release_freed_memory
+from .quant import make_linear, quantize_rows
 from .state import ModelShape, RWKVState
 from .strategy import LayerPlan, parse_strategy, plan_layers
 
 ProgressCallback = Callable[[int, int, str], None]
 _LARGE_FILE = 256 << 20
+_EMB_CHUNK = 8192  # embedding rows normalised at a time while loading (bounds the fp32 temporaries)
+
+
+class QuantizedRows:
+    """An int8 embedding table (per-row scales); indexing returns float rows of `dtype`."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+        self.q, self.scale, self.dtype = q, scale, dtype
+        self.shape = q.shape
+
+    def __getitem__(self, index) -> torch.Tensor:
+        return (self.q[index].float() * self.scale[index].unsqueeze(-1)).to(self.dtype)
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+
+def embedding_table(sd, plan):
+    """emb.weight with ln0 applied (once, at load), in the first layer's dtype; int8 per row when
+    the first layer's weights are int8. Converted a chunk of rows at a time."""
+    weight = sd["emb.weight"]
+    ln0 = (sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
+    rows = weight.shape[0]
+    if plan.int8:
+        q = torch.empty(weight.shape, dtype=torch.int8)
+        scale = torch.empty(rows, dtype=torch.float32)
+    else:
+        out = torch.empty(weight.shape, dtype=plan.dtype)
+    for start in range(0, rows, _EMB_CHUNK):
+        block = weight[start:start + _EMB_CHUNK]
+        normed = layer_norm(block.float(), ln0)
+        memory.release(block)
+        if plan.int8:
+            q[start:start + _EMB_CHUNK], scale[start:start + _EMB_CHUNK] = quantize_rows(normed)
+        else:
+            out[start:start + _EMB_CHUNK] = normed
+    return QuantizedRows(q, scale, plan.dtype) if plan.int8 else out
 
 
 class RWKV:
@@ -76,12 +115,18 @@ class RWKV:
         return update
 
     def _load_weights(self, sd: dict[str, torch.Tensor], progress: ProgressCallback | None) -> None:
+        with memory.releasing(self.path):
+            self._convert(sd, progress)
+        release_freed_memory()
+
+    def _convert(self, sd: dict[str, torch.Tensor], progress: ProgressCallback | None) -> None:
         path = self.path
+        release = memory.release
         for key, tensor in sd.items():
             loader.check_finite(key, tensor, path)
-        first = self.plan[0]
-        emb = layer_norm(sd["emb.weight"].float(), (sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float()))
-        self.emb = emb.to(first.dtype).contiguous()  # stays in host memory; rows move per call
+            release(tensor)
+        self.emb = embedding_table(sd, self.plan[0])  # stays in host memory; rows move per call
+        release(sd["emb.weight"])
         self.layers = []
         total = self.n_layer + 1
         for i in range(self.n_layer):
@@ -92,11 +137,17 @@ class RWKV:
             if self.version == "7":
                 kwargs["layer"] = i
             self.layers.append(self._module.prepare_layer(get, plan, device, scale, **kwargs))
+            prefix = f"blocks.{i}."
+            for key, tensor in sd.items():
+                if key.startswith(prefix):
+                    release(tensor)
+            release_freed_memory(collect=False)
             if progress:
                 progress(i + 1, total, f"layer {i + 1}/{self.n_layer}")
         head_plan, head_device = self.plan[-1], self.devices[-1]
         self.ln_out = pair(lambda n: sd[n], "ln_out", head_plan.dtype, head_device)
         self.head = make_linear(sd["head.weight"], head_plan, head_device)
+        release(sd["head.weight"])
         if progress:
             progress(total, total, "head")
 

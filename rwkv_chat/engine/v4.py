@@ -5,8 +5,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .common import layer_norm, pair, shifted, vector
-from .quant import make_linear
+from .common import kernels_for, layer_norm, mixed, pair, shifted, vector
+from .quant import make_linear, run_group
 
 
 def layer_shapes(d) -> dict[str, tuple]:
@@ -20,19 +20,17 @@ def layer_shapes(d) -> dict[str, tuple]:
 
 def prepare_layer(get, plan, device, output_scale: float) -> SimpleNamespace:
     dt = plan.dtype
-    lin = lambda name, scale=1.0: make_linear(get(name), plan, device, scale)
+    lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     return SimpleNamespace(
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
-        mix_k=vector(get("att.time_mix_k"), dt, device),
-        mix_v=vector(get("att.time_mix_v"), dt, device),
-        mix_r=vector(get("att.time_mix_r"), dt, device),
+        mix=torch.stack([vector(get(f"att.time_mix_{n}"), dt, device) for n in "rkv"]),  # [3, C]
         decay=-torch.exp(vector(get("att.time_decay"), torch.float32, device)),
         first=vector(get("att.time_first"), torch.float32, device),
         key=lin("att.key.weight"), value=lin("att.value.weight"),
         receptance=lin("att.receptance.weight"), output=lin("att.output.weight", output_scale),
-        ffn_mix_k=vector(get("ffn.time_mix_k"), dt, device),
-        ffn_mix_r=vector(get("ffn.time_mix_r"), dt, device),
-        ffn_key=lin("ffn.key.weight"), ffn_value=lin("ffn.value.weight", output_scale),
+        ffn_mix=torch.stack([vector(get(f"ffn.time_mix_{n}"), dt, device) for n in "rk"]),  # [2, C]
+        ffn_key=lin("ffn.key.weight"),
+        ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
         ffn_receptance=lin("ffn.receptance.weight"),
     )
 
@@ -44,34 +42,45 @@ def zero_state(shape, plan, device) -> list[torch.Tensor]:
             torch.full((C,), -1e30, device=device), zeros(plan.dtype)]
 
 
-def _mix(x, prev, m):
-    return x * m + prev * (1 - m)
+def wkv(k, v, decay, first, aa, bb, pp):
+    """out_t = (aa + e^(u+k_t) v_t) / (bb + e^(u+k_t)), then the sums decay by e^decay and take in
+    token t; every exponent is shifted by the running maximum pp.  k, v: [T, C] fp32.
+
+    The C kernel when available, else the per-token loop in torch."""
+    kernels = kernels_for(k)
+    if kernels is not None:
+        c = lambda t: t.float().contiguous()
+        return kernels.wkv4(c(k), c(v), c(decay), c(first), c(aa), c(bb), c(pp))
+    return wkv_loop(k, v, decay, first, aa, bb, pp)
+
+
+def wkv_loop(k, v, decay, first, aa, bb, pp):
+    out = torch.empty_like(k)
+    for t in range(k.shape[0]):
+        boosted = first + k[t]
+        top = torch.maximum(pp, boosted)
+        e_state, e_token = torch.exp(pp - top), torch.exp(boosted - top)
+        out[t] = (e_state * aa + e_token * v[t]) / (e_state * bb + e_token)
+        decayed = decay + pp
+        top = torch.maximum(decayed, k[t])
+        e_state, e_token = torch.exp(decayed - top), torch.exp(k[t] - top)
+        aa, bb, pp = e_state * aa + e_token * v[t], e_state * bb + e_token, top
+    return out, aa, bb, pp
 
 
 def time_mix(x, w, att_x, aa, bb, pp):
     prev = shifted(x, att_x)
-    r = torch.sigmoid(w.receptance(_mix(x, prev, w.mix_r)))
-    k = w.key(_mix(x, prev, w.mix_k)).float()
-    v = w.value(_mix(x, prev, w.mix_v)).float()
-    out = torch.empty_like(k)
-    for t in range(x.shape[0]):
-        # out = (aa + e^(u+k) v) / (bb + e^(u+k)), every exponent shifted by the running max pp
-        boosted = w.first + k[t]
-        top = torch.maximum(pp, boosted)
-        e_state, e_token = torch.exp(pp - top), torch.exp(boosted - top)
-        out[t] = (e_state * aa + e_token * v[t]) / (e_state * bb + e_token)
-        decayed = w.decay + pp
-        top = torch.maximum(decayed, k[t])
-        e_state, e_token = torch.exp(decayed - top), torch.exp(k[t] - top)
-        aa, bb, pp = e_state * aa + e_token * v[t], e_state * bb + e_token, top
-    return w.output(r * out.to(x.dtype)), x[-1], aa, bb, pp
+    xr, xk, xv = mixed(prev, x - prev, w.mix)  # x * m + prev * (1 - m)
+    r, k, v = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv)])
+    out, aa, bb, pp = wkv(k.float(), v.float(), w.decay, w.first, aa, bb, pp)
+    return w.output(torch.sigmoid(r) * out.to(x.dtype)), x[-1], aa, bb, pp
 
 
 def channel_mix(x, w, ffn_x):
     prev = shifted(x, ffn_x)
-    r = torch.sigmoid(w.ffn_receptance(_mix(x, prev, w.ffn_mix_r)))
-    k = torch.relu(w.ffn_key(_mix(x, prev, w.ffn_mix_k))) ** 2
-    return r * w.ffn_value(k), x[-1]
+    xr, xk = mixed(prev, x - prev, w.ffn_mix)
+    r, k = run_group([(w.ffn_receptance, xr), (w.ffn_key, xk)])
+    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), x[-1]
 
 
 def block(x, w, state, v_first):

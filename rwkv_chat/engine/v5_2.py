@@ -7,8 +7,10 @@ import torch
 import torch.nn.functional as F
 
 from . import v4
-from .common import head_group_norm, layer_norm, pair, shifted, vector
-from .quant import make_linear
+from .common import head_group_norm, kernels_for, layer_norm, mixed, pair, shifted, vector
+from .quant import make_linear, run_group
+
+CHUNK = 32  # tokens per chunk of the chunked (plain torch) WKV
 
 
 def layer_shapes(d) -> dict[str, tuple]:
@@ -23,20 +25,20 @@ def layer_shapes(d) -> dict[str, tuple]:
 
 def prepare_layer(get, plan, device, output_scale: float, n_head: int) -> SimpleNamespace:
     dt = plan.dtype
-    lin = lambda name, scale=1.0: make_linear(get(name), plan, device, scale)
-    f32 = lambda name: get(name).float().to(device)
+    lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
+    f32 = lambda name: get(name).to(dtype=torch.float32, device=device, copy=True)
     return SimpleNamespace(
         n_head=n_head,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
-        mix_k=vector(get("att.time_mix_k"), dt, device), mix_v=vector(get("att.time_mix_v"), dt, device),
-        mix_r=vector(get("att.time_mix_r"), dt, device), mix_g=vector(get("att.time_mix_g"), dt, device),
+        mix=torch.stack([vector(get(f"att.time_mix_{n}"), dt, device) for n in "rkvg"]),  # [4, C]
         decay=torch.exp(-torch.exp(f32("att.time_decay"))).reshape(n_head, -1, 1),  # [H, K, 1]
         bonus=f32("att.time_faaaa").reshape(n_head, -1, 1),  # u, [H, K, 1]
         ln_x=pair(get, "att.ln_x", torch.float32, device),
         key=lin("att.key.weight"), value=lin("att.value.weight"), receptance=lin("att.receptance.weight"),
         gate=lin("att.gate.weight"), output=lin("att.output.weight", output_scale),
-        ffn_mix_k=vector(get("ffn.time_mix_k"), dt, device), ffn_mix_r=vector(get("ffn.time_mix_r"), dt, device),
-        ffn_key=lin("ffn.key.weight"), ffn_value=lin("ffn.value.weight", output_scale),
+        ffn_mix=torch.stack([vector(get(f"ffn.time_mix_{n}"), dt, device) for n in "rk"]),  # [2, C]
+        ffn_key=lin("ffn.key.weight"),
+        ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
         ffn_receptance=lin("ffn.receptance.weight"),
     )
 
@@ -51,7 +53,21 @@ def zero_state(shape, plan, device) -> list[torch.Tensor]:
 def wkv(r, k, v, decay, bonus, state):
     """out_t = r_t (u k_t v_t^T + S);  S <- k_t v_t^T + w S.  r,k,v: [T,H,N] fp32; S: [H,K,V].
 
-    `decay` is [H,K,1] (v5.2) or [T,H,K,1] (v6, data dependent)."""
+    `decay` (w) is [H,K,1] (v5.2) or [T,H,K,1] (v6, data dependent); `bonus` (u) is [H,K,1].
+    The C kernel when available (exact, any T); else one torch step for a single token and the
+    chunked form (`wkv_chunked`) for longer inputs."""
+    kernels = kernels_for(r)
+    if kernels is not None:
+        c = lambda t: t.float().contiguous()
+        w = decay.squeeze(-1)
+        return kernels.wkv5(c(r), c(k), c(v), c(w), c(bonus.squeeze(-1)), state.float().contiguous())
+    if r.shape[0] == 1:
+        return wkv_loop(r, k, v, decay, bonus, state)
+    return wkv_chunked(r, k, v, decay, bonus, state)
+
+
+def wkv_loop(r, k, v, decay, bonus, state):
+    """The recurrence one token at a time (reference for the kernel and the chunked form)."""
     T = r.shape[0]
     out = torch.empty_like(r)
     per_token_decay = decay.dim() == 4
@@ -62,22 +78,60 @@ def wkv(r, k, v, decay, bonus, state):
     return out, state
 
 
+def wkv_chunked(r, k, v, decay, bonus, state, chunk: int = CHUNK):
+    """The same recurrence, `chunk` tokens at a time with matrix products (exact up to rounding).
+
+    Inside a chunk, with c_t = sum_{m<=t} log w_m per channel (cumulative log decay):
+      out_t = r_t (u k_t v_t^T) + sum_{s<t} (r_t * e^(c_{t-1} - c_s) . k_s) v_s + (r_t * e^(c_{t-1})) S0
+      S_end = e^(c_last) S0 + sum_s (k_s * e^(c_last - c_s))^T v_s
+    Every exponent is <= 0 (a product of decays), so nothing overflows however small w gets; the
+    [t, s, channel] decay factors are formed explicitly for that reason (chunks stay short)."""
+    T, H, N = r.shape
+    log_w = torch.log(decay.squeeze(-1).float()).clamp_min(-1e4)  # [H,N] or [T,H,N]
+    if log_w.dim() == 2:
+        log_w = log_w.expand(T, H, N)
+    u = bonus.reshape(H, N)
+    out = torch.empty_like(r)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        L = t1 - t0
+        rc, kc, vc = (x[t0:t1].transpose(0, 1) for x in (r, k, v))  # [H, L, N]
+        cum = log_w[t0:t1].transpose(0, 1).cumsum(dim=1)  # [H, L, N] inclusive
+        before = cum - log_w[t0:t1].transpose(0, 1)  # c_{t-1}: exclusive
+        exponent = before.unsqueeze(2) - cum.unsqueeze(1)  # [H, t, s, N]
+        causal = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+        factors = torch.exp(exponent.masked_fill(~causal.view(1, L, L, 1), float("-inf")))
+        scores = torch.einsum("htn,hsn,htsn->hts", rc, kc, factors)
+        diag = (rc * u.unsqueeze(1) * kc).sum(-1)  # [H, L]
+        scores = scores + torch.diag_embed(diag)
+        o = scores @ vc + (rc * torch.exp(before)) @ state  # [H, L, N]
+        out[t0:t1] = o.transpose(0, 1)
+        last = cum[:, -1:, :]  # [H, 1, N]
+        state = torch.exp(last).transpose(1, 2) * state + (kc * torch.exp(last - cum)).transpose(1, 2) @ vc
+    return out, state
+
+
 def attention_output(out, g, x, w):
+    """output(GroupNorm(out) * silu(g)); `g` is the gate projection before the silu."""
     T, C = x.shape
+    kernels = kernels_for(x)
+    if T == 1 and kernels is not None and x.dtype in (torch.float32, torch.bfloat16):
+        # one token: GroupNorm and gate in one C call (torch's group_norm wakes a thread pool)
+        y = kernels.group_norm_gate(out.reshape(C).float().contiguous(), w.n_head, w.ln_x[0], w.ln_x[1], 64e-5,
+                                    g.contiguous(), silu=True, dtype=x.dtype)
+        return w.output(y)
     out = head_group_norm(out.reshape(T, C), w.n_head, w.ln_x).to(x.dtype)
-    return w.output(out * g)
+    return w.output(out * F.silu(g))
 
 
 def time_mix(x, w, att_x, state):
     T, C = x.shape
     H = w.n_head
     prev = shifted(x, att_x)
-    mix = lambda m: x * m + prev * (1 - m)
-    r = w.receptance(mix(w.mix_r)).float().view(T, H, -1)
-    k = w.key(mix(w.mix_k)).float().view(T, H, -1)
-    v = w.value(mix(w.mix_v)).float().view(T, H, -1)
-    g = F.silu(w.gate(mix(w.mix_g)))
-    out, state = wkv(r, k, v, w.decay, w.bonus, state)
+    xr, xk, xv, xg = mixed(prev, x - prev, w.mix)  # x * m + prev * (1 - m)
+    r, k, v, g = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv), (w.gate, xg)])
+    f32 = lambda t: t.float().view(T, H, -1)
+    out, state = wkv(f32(r), f32(k), f32(v), w.decay, w.bonus, state)
     return attention_output(out, g, x, w), x[-1], state
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
-import torch.nn.functional as F
 
 from . import v5_2
-from .common import layer_norm, pair, shifted, vector
-from .quant import make_linear
+from .common import layer_norm, lora, mixed, pair, shifted, vector
+from .quant import make_linear, run_group
 
 
 def layer_shapes(d) -> dict[str, tuple]:
@@ -25,25 +24,25 @@ def layer_shapes(d) -> dict[str, tuple]:
 
 def prepare_layer(get, plan, device, output_scale: float, n_head: int) -> SimpleNamespace:
     dt = plan.dtype
-    lin = lambda name, scale=1.0: make_linear(get(name), plan, device, scale)
+    lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
-    dense = lambda name: get(name).to(dtype=dt, device=device).contiguous()
     maa_w2 = get("att.time_maa_w2")
     return SimpleNamespace(
         n_head=n_head,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         maa_x=vec("att.time_maa_x"),
         maa=torch.stack([vec(f"att.time_maa_{n}") for n in "wkvrg"]),  # [5, C]
-        maa_w1=dense("att.time_maa_w1"),  # [C, 5*D]
-        maa_w2=maa_w2.reshape(5, -1, maa_w2.shape[-1]).to(dtype=dt, device=device),  # [5, D, C]
-        decay_base=get("att.time_decay").float().reshape(n_head, -1, 1).to(device),  # [H, K, 1]
-        decay_w1=dense("att.time_decay_w1"), decay_w2=dense("att.time_decay_w2"),
-        bonus=get("att.time_faaaa").float().reshape(n_head, -1, 1).to(device),
+        maa_w1=lora(get("att.time_maa_w1"), dt, device),  # C -> 5*D
+        maa_w2=maa_w2.reshape(5, -1, maa_w2.shape[-1]).to(dtype=dt, device=device, copy=True),  # [5, D, C]
+        decay_base=get("att.time_decay").reshape(n_head, -1, 1).to(dtype=torch.float32, device=device, copy=True),  # [H, K, 1]
+        decay_w1=lora(get("att.time_decay_w1"), dt, device), decay_w2=lora(get("att.time_decay_w2"), dt, device),
+        bonus=get("att.time_faaaa").reshape(n_head, -1, 1).to(dtype=torch.float32, device=device, copy=True),
         ln_x=pair(get, "att.ln_x", torch.float32, device),
         key=lin("att.key.weight"), value=lin("att.value.weight"), receptance=lin("att.receptance.weight"),
         gate=lin("att.gate.weight"), output=lin("att.output.weight", output_scale),
-        ffn_maa_k=vec("ffn.time_maa_k"), ffn_maa_r=vec("ffn.time_maa_r"),
-        ffn_key=lin("ffn.key.weight"), ffn_value=lin("ffn.value.weight", output_scale),
+        ffn_maa=torch.stack([vec("ffn.time_maa_r"), vec("ffn.time_maa_k")]),  # [2, C]
+        ffn_key=lin("ffn.key.weight"),
+        ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
         ffn_receptance=lin("ffn.receptance.weight"),
     )
 
@@ -56,25 +55,23 @@ def time_mix(x, w, att_x, state):
     H = w.n_head
     delta = shifted(x, att_x) - x
     # ddlerp: five low-rank, data-dependent offsets to the static mixing coefficients
-    lora = torch.tanh((x + delta * w.maa_x) @ w.maa_w1).view(T, 5, -1).transpose(0, 1)  # [5, T, D]
-    offsets = torch.bmm(lora, w.maa_w2)  # [5, T, C]
-    xw, xk, xv, xr, xg = (x + delta * (w.maa[i] + offsets[i]) for i in range(5))
+    lora_out = torch.tanh(w.maa_w1(torch.addcmul(x, delta, w.maa_x))).view(T, 5, -1).transpose(0, 1)  # [5, T, D]
+    offsets = torch.baddbmm(w.maa.unsqueeze(1), lora_out, w.maa_w2)  # [5, T, C]: maa + lora
+    xw, xk, xv, xr, xg = torch.addcmul(x, delta, offsets)
 
-    r = w.receptance(xr).float().view(T, H, -1)
-    k = w.key(xk).float().view(T, H, -1)
-    v = w.value(xv).float().view(T, H, -1)
-    g = F.silu(w.gate(xg))
-    log_decay = w.decay_base + (torch.tanh(xw @ w.decay_w1) @ w.decay_w2).float().view(T, H, -1, 1)
+    r, k, v, g, decay_low = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv), (w.gate, xg), (w.decay_w1, xw)])
+    log_decay = w.decay_base + w.decay_w2(torch.tanh(decay_low)).float().view(T, H, -1, 1)
     decay = torch.exp(-torch.exp(log_decay))  # [T, H, K, 1]
-    out, state = v5_2.wkv(r, k, v, decay, w.bonus, state)
+    f32 = lambda t: t.float().view(T, H, -1)
+    out, state = v5_2.wkv(f32(r), f32(k), f32(v), decay, w.bonus, state)
     return v5_2.attention_output(out, g, x, w), x[-1], state
 
 
 def channel_mix(x, w, ffn_x):
     delta = shifted(x, ffn_x) - x
-    r = torch.sigmoid(w.ffn_receptance(x + delta * w.ffn_maa_r))
-    k = torch.relu(w.ffn_key(x + delta * w.ffn_maa_k)) ** 2
-    return r * w.ffn_value(k), x[-1]
+    xr, xk = mixed(x, delta, w.ffn_maa)
+    r, k = run_group([(w.ffn_receptance, xr), (w.ffn_key, xk)])
+    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), x[-1]
 
 
 def block(x, w, state, v_first):

@@ -6,8 +6,8 @@ from types import SimpleNamespace
 
 import torch
 
-from .common import head_group_norm, layer_norm, pair, shifted, vector
-from .quant import make_linear
+from .common import head_group_norm, kernels_for, layer_norm, lora, mixed, pair, shifted, vector
+from .quant import make_linear, run_group
 
 _DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
 
@@ -30,24 +30,25 @@ def optional_in_layer(layer: int) -> set[str]:
 
 def prepare_layer(get, plan, device, output_scale: float, n_head: int, layer: int) -> SimpleNamespace:
     dt = plan.dtype
-    lin = lambda name, scale=1.0: make_linear(get(name), plan, device, scale)
+    lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
-    dense = lambda name: get(name).to(dtype=dt, device=device).contiguous()
+    small = lambda name: lora(get(name), dt, device)
     w = SimpleNamespace(
         n_head=n_head, first_layer=layer == 0,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         mix=torch.stack([vec(f"att.x_{n}") for n in "rwkvag"]),  # [6, C]
-        w0=vector(get("att.w0"), torch.float32, device), w1=dense("att.w1"), w2=dense("att.w2"),
-        a0=vec("att.a0"), a1=dense("att.a1"), a2=dense("att.a2"),
-        g1=dense("att.g1"), g2=dense("att.g2"),
+        w0=vector(get("att.w0"), torch.float32, device), w1=small("att.w1"), w2=small("att.w2"),
+        a0=vec("att.a0"), a1=small("att.a1"), a2=small("att.a2"),
+        g1=small("att.g1"), g2=small("att.g2"),
         k_k=vec("att.k_k"), k_a=vec("att.k_a"), r_k=vec("att.r_k"),
         ln_x=pair(get, "att.ln_x", dt, device),
         key=lin("att.key.weight"), value=lin("att.value.weight"), receptance=lin("att.receptance.weight"),
         output=lin("att.output.weight", output_scale),
-        ffn_x_k=vec("ffn.x_k"), ffn_key=lin("ffn.key.weight"), ffn_value=lin("ffn.value.weight", output_scale),
+        ffn_x_k=vec("ffn.x_k"), ffn_key=lin("ffn.key.weight"),
+        ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
     )
     if layer > 0:
-        w.v0, w.v1, w.v2 = vec("att.v0"), dense("att.v1"), dense("att.v2")
+        w.v0, w.v1, w.v2 = vec("att.v0"), small("att.v1"), small("att.v2")
     return w
 
 
@@ -59,7 +60,18 @@ def zero_state(shape, plan, device) -> list[torch.Tensor]:
 
 
 def wkv(r, decay, k, v, kk, a, state):
-    """Per token: S <- S diag(w) + (S (-kk)) (kk*a)^T + v k^T ; out = S r.  All [T,H,N] fp32; S [H,V,K]."""
+    """S <- S diag(w) + (S (-kk)) (kk*a)^T + v k^T ; out = S r, per token.  All [T,H,N] fp32; S [H,V,K].
+
+    The C kernel when available (exact, any T), else the per-token loop in torch."""
+    kernels = kernels_for(r)
+    if kernels is not None and r.shape[-1] <= 1024:
+        c = lambda t: t.float().contiguous()
+        return kernels.wkv7(c(r), c(decay), c(k), c(v), c(kk), c(a), state.float().contiguous())
+    return wkv_loop(r, decay, k, v, kk, a, state)
+
+
+def wkv_loop(r, decay, k, v, kk, a, state):
+    """The recurrence one token at a time (reference for the kernel and the tests)."""
     out = torch.empty_like(r)
     for t in range(r.shape[0]):
         removal = (state @ -kk[t].unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)
@@ -71,22 +83,32 @@ def wkv(r, decay, k, v, kk, a, state):
 def time_mix(x, w, att_x, state, v_first):
     T, C = x.shape
     H = w.n_head
-    delta = shifted(x, att_x) - x
-    xr, xw, xk, xv, xa, xg = (x + delta * w.mix[i] for i in range(6))
+    xr, xw, xk, xv, xa, xg = mixed(x, shifted(x, att_x) - x, w.mix)
 
-    r = w.receptance(xr)
-    k = w.key(xk)
-    v = w.value(xv)
-    a = torch.sigmoid(w.a0 + (xa @ w.a1) @ w.a2)  # in-context learning rate
-    g = torch.sigmoid(xg @ w.g1) @ w.g2
-    decay = torch.exp(-_DECAY_SCALE * torch.sigmoid(w.w0 + (torch.tanh(xw @ w.w1) @ w.w2).float()))
+    first = [(w.receptance, xr), (w.key, xk), (w.value, xv), (w.w1, xw), (w.a1, xa), (w.g1, xg)]
+    if not w.first_layer:
+        first.append((w.v1, xv))
+    r, k, v, w_low, a_low, g_low, *v_low = run_group(first)
+    second = [(w.w2, torch.tanh(w_low)), (w.a2, a_low), (w.g2, torch.sigmoid(g_low))]
+    if v_low:
+        second.append((w.v2, v_low[0]))
+    w_lora, a_lora, g, *v_lora = run_group(second)
+    kernels = kernels_for(x)
+    if T == 1 and kernels is not None and x.dtype in (torch.float32, torch.bfloat16) and state.shape[-1] <= 1024:
+        # one token: everything between the projections and the output projection in one C call
+        v_in = None if w.first_layer else v_first.to(x.dtype).contiguous()
+        y, v, state = kernels.v7_step(w, r, k, v, w_lora, a_lora, g, v_lora[0] if v_lora else None, v_in,
+                                      state.float().contiguous())
+        return w.output(y), x[-1], state, (v if w.first_layer else v_first)
 
+    a = torch.sigmoid(w.a0 + a_lora)  # in-context learning rate
+    decay = torch.exp(torch.sigmoid(w.w0 + w_lora.float()).mul_(-_DECAY_SCALE))
     kk = torch.nn.functional.normalize((k * w.k_k).view(T, H, -1), dim=-1)  # removal key, unit length per head
     k = k * (1 + (a - 1) * w.k_a)
     if w.first_layer:
         v_first = v
     else:  # value residual: blend in layer 0's values
-        v = v + (v_first - v) * torch.sigmoid(w.v0 + (xv @ w.v1) @ w.v2)
+        v = v + (v_first - v) * torch.sigmoid(w.v0 + v_lora[0])
 
     f32 = lambda t: t.float().view(T, H, -1)
     out, state = wkv(f32(r), decay.view(T, H, -1), f32(k), f32(v), kk.float(), f32(a), state)
@@ -97,8 +119,8 @@ def time_mix(x, w, att_x, state, v_first):
 
 
 def channel_mix(x, w, ffn_x):
-    k = x + (shifted(x, ffn_x) - x) * w.ffn_x_k
-    return w.ffn_value(torch.relu(w.ffn_key(k)) ** 2), x[-1]
+    k = torch.addcmul(x, shifted(x, ffn_x) - x, w.ffn_x_k)
+    return w.ffn_value(torch.relu(w.ffn_key(k)).square_()), x[-1]
 
 
 def block(x, w, state, v_first):

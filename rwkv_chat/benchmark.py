@@ -1,0 +1,295 @@
+"""`rwkv-chat bench`: prefill and decode speed, time to first token and peak memory of a strategy,
+optionally next to the reference implementation (`rwkv==0.8.32`, run in a subprocess).
+
+    rwkv-chat bench --model PATH --strategy "cpu bf16i8" [--prompt-tokens 512 --decode-tokens 64]
+    python -m rwkv_chat.benchmark --model PATH --strategy "cpu fp32" --compare-reference
+
+What is measured (best of `--repeats` runs each, as the machine may be shared):
+* prefill: a prompt of N random token ids fed with `forward` in chunks of `--chunk-len` (256, as
+  the chat pipeline does), tokens per second; time to first token = that wall time (the prompt's
+  logits are ready to sample from);
+* decode: tokens fed one at a time after the prompt (each the argmax of the previous logits),
+  tokens per second;
+* memory: peak RSS of the process (VmHWM: loading included) and the model's own share, the RSS
+  growth from before loading to after the run.
+
+The reference runs in a child process (it reads environment variables at import, and its memory
+must not mix with ours) with `torch.set_flush_denormal(True)`, `RWKV_JIT_ON=1`, `RWKV_CUDA_ON=0`.
+"""
+from __future__ import annotations
+
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import click
+
+REFERENCE_PACKAGE = "rwkv"
+REFERENCE_VERSION = "0.8.32"
+
+
+@dataclass
+class BenchResult:
+    implementation: str  # "rwkv-chat" or "rwkv 0.8.32"
+    strategy: str
+    model: str
+    version: str = ""
+    prompt_tokens: int = 0
+    decode_tokens: int = 0
+    prefill_tok_s: float = 0.0
+    decode_tok_s: float = 0.0
+    ttft_s: float = 0.0
+    load_s: float = 0.0
+    peak_rss_mb: float = 0.0
+    model_rss_mb: float = 0.0
+    threads: int = 0
+    prefill_runs: list[float] = field(default_factory=list)  # tok/s of every run
+    decode_runs: list[float] = field(default_factory=list)
+    error: str = ""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory
+
+
+def rss_mb() -> tuple[float, float]:
+    """(current RSS, peak RSS) of this process in MiB."""
+    current = peak = 0.0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    current = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+        current = peak
+    return current, peak
+
+
+def prompt_ids(n: int, vocab: int = 65536, seed: int = 0) -> list[int]:
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(1, min(vocab, 65530), (n,), generator=generator).tolist()
+
+
+def _timed_runs(forward, prompt, decode_tokens, chunk_len, repeats):
+    """Shared by ours and the reference: `forward(tokens, state) -> (logits, state)`."""
+    prefill, decode = [], []
+    state_after_prompt = None
+    logits_after_prompt = None
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        state, logits = None, None
+        for i in range(0, len(prompt), chunk_len):
+            logits, state = forward(prompt[i:i + chunk_len], state)
+        prefill.append(time.perf_counter() - start)
+        state_after_prompt, logits_after_prompt = state, logits
+    for _ in range(max(1, repeats) if decode_tokens else 0):
+        state, logits = state_after_prompt, logits_after_prompt
+        start = time.perf_counter()
+        for _ in range(decode_tokens):
+            logits, state = forward([int(logits.argmax())], state)
+        decode.append(time.perf_counter() - start)
+    return prefill, decode
+
+
+def _fill(result: BenchResult, prefill, decode, prompt_tokens, decode_tokens):
+    result.prefill_runs = [round(prompt_tokens / t, 2) for t in prefill]
+    result.prefill_tok_s = max(result.prefill_runs)
+    result.ttft_s = min(prefill)
+    if decode:
+        result.decode_runs = [round(decode_tokens / t, 2) for t in decode]
+        result.decode_tok_s = max(result.decode_runs)
+
+
+def bench_ours(model_path: str, strategy: str, prompt_tokens: int = 512, decode_tokens: int = 64,
+               chunk_len: int = 256, repeats: int = 3, threads: int | None = None) -> BenchResult:
+    import torch
+
+    from .engine import RWKV
+
+    if threads:
+        torch.set_num_threads(threads)
+    result = BenchResult("rwkv-chat", strategy, str(model_path), prompt_tokens=prompt_tokens,
+                         decode_tokens=decode_tokens, threads=torch.get_num_threads())
+    gc.collect()
+    before, _ = rss_mb()
+    start = time.perf_counter()
+    model = RWKV(model_path, strategy, progress=None)
+    result.load_s = time.perf_counter() - start
+    result.version = model.version
+    prompt = prompt_ids(prompt_tokens, model.vocab_size)
+    model.forward(prompt[:8])  # warm-up: first-call allocations, kernel loading
+    prefill, decode = _timed_runs(lambda t, s: model.forward(t, s), prompt, decode_tokens, chunk_len, repeats)
+    _fill(result, prefill, decode, prompt_tokens, decode_tokens)
+    gc.collect()
+    after, peak = rss_mb()
+    result.peak_rss_mb, result.model_rss_mb = round(peak, 1), round(after - before, 1)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference, in a child process
+
+_REFERENCE_CHILD = r'''
+import gc, json, os, sys, time
+import torch
+args = json.loads(sys.argv[1])
+torch.set_flush_denormal(True)
+if args["threads"]:
+    torch.set_num_threads(args["threads"])
+path = args["model"]
+keys = torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys()
+v7 = "blocks.0.att.r_k" in keys
+del keys
+os.environ["RWKV_V7_ON"] = "1" if v7 else "0"
+os.environ["RWKV_CUDA_ON"] = "0"
+os.environ.setdefault("RWKV_JIT_ON", "1")
+import rwkv.model as reference
+import rwkv
+sys.path.insert(0, args["package_root"])
+from rwkv_chat.benchmark import BenchResult, _fill, _timed_runs, prompt_ids, rss_mb
+result = BenchResult(f"rwkv {getattr(rwkv, '__version__', '') or args['reference_version']}", args["strategy"], path,
+                     prompt_tokens=args["prompt_tokens"], decode_tokens=args["decode_tokens"],
+                     threads=torch.get_num_threads(), version="7" if v7 else "")
+gc.collect()
+before, _ = rss_mb()
+start = time.perf_counter()
+name = path[:-4] if (v7 and path.endswith(".pth")) else path
+with torch.no_grad():
+    model = reference.RWKV(name, args["strategy"])
+    result.load_s = time.perf_counter() - start
+    if not v7:
+        result.version = str(getattr(model, "version", ""))
+    prompt = prompt_ids(args["prompt_tokens"], 65536)
+    model.forward(prompt[:8], None)
+    prefill, decode = _timed_runs(lambda t, s: model.forward(t, s), prompt, args["decode_tokens"],
+                                  args["chunk_len"], args["repeats"])
+_fill(result, prefill, decode, args["prompt_tokens"], args["decode_tokens"])
+gc.collect()
+after, peak = rss_mb()
+result.peak_rss_mb, result.model_rss_mb = round(peak, 1), round(after - before, 1)
+print("RESULT " + json.dumps(result.to_dict()))
+'''
+
+
+def reference_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(REFERENCE_PACKAGE) is not None
+
+
+def bench_reference(model_path: str, strategy: str, prompt_tokens: int = 512, decode_tokens: int = 64,
+                    chunk_len: int = 256, repeats: int = 3, threads: int | None = None,
+                    timeout: float = 3600) -> BenchResult:
+    """The reference on the same model, in a child process. `error` is set when it cannot run."""
+    result = BenchResult(f"rwkv {REFERENCE_VERSION}", strategy, str(model_path))
+    if not reference_available():
+        result.error = f"the reference package is not installed (pip install {REFERENCE_PACKAGE}=={REFERENCE_VERSION})"
+        return result
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = dict(model=os.path.abspath(str(model_path)), strategy=strategy, prompt_tokens=prompt_tokens,
+                decode_tokens=decode_tokens, chunk_len=chunk_len, repeats=repeats, threads=threads or 0,
+                package_root=package_root, reference_version=REFERENCE_VERSION)
+    env = {k: v for k, v in os.environ.items() if k not in ("RWKV_V7_ON", "RWKV_CUDA_ON")}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, json.dumps(args)], capture_output=True,
+                              text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        result.error = f"the reference ran over {timeout:.0f} s"
+        return result
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return BenchResult(**json.loads(line[len("RESULT "):]))
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    result.error = f"the reference failed (exit {proc.returncode}): {' | '.join(tail)[-500:]}"
+    return result
+
+
+def reference_strategies(strategy: str, version: str) -> list[str]:
+    """What the reference runs by default: the same strategy when it can (its v7 code has no int8),
+    else its fp32 and bf16 CPU strategies."""
+    text = " ".join(strategy.split())
+    if "i8" in text and version == "7":
+        return ["cpu fp32", "cpu bf16"]
+    return [text]
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+
+
+def format_result(r: BenchResult) -> str:
+    if r.error:
+        return f"{r.implementation:>12}  {r.strategy:<14} error: {r.error}"
+    return (f"{r.implementation:>12}  {r.strategy:<14} prefill {r.prefill_tok_s:8.1f} tok/s   decode "
+            f"{r.decode_tok_s:7.2f} tok/s   TTFT {r.ttft_s * 1000:8.1f} ms   peak RSS {r.peak_rss_mb:7.0f} MiB"
+            f"   model {r.model_rss_mb:7.0f} MiB")
+
+
+def ratio_lines(ours: BenchResult, references: list[BenchResult]) -> list[str]:
+    lines = []
+    good = [r for r in references if not r.error and r.prefill_tok_s > 0]
+    for ref in good:
+        lines.append(f"  vs reference {ref.strategy!r}: prefill x{ours.prefill_tok_s / ref.prefill_tok_s:.2f}, "
+                     f"decode x{ours.decode_tok_s / ref.decode_tok_s:.2f}" if ref.decode_tok_s else "")
+    if len(good) > 1:
+        best_p = max(r.prefill_tok_s for r in good)
+        best_d = max(r.decode_tok_s for r in good)
+        lines.append(f"  vs the reference's best: prefill x{ours.prefill_tok_s / best_p:.2f}, "
+                     f"decode x{ours.decode_tok_s / best_d:.2f}")
+    return lines
+
+
+@click.command("bench")
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="checkpoint (.pth)")
+@click.option("--strategy", default="cpu fp32", show_default=True, help="strategy string, e.g. 'cpu bf16i8'")
+@click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
+@click.option("--decode-tokens", default=64, show_default=True, type=click.IntRange(0))
+@click.option("--chunk-len", default=256, show_default=True, type=click.IntRange(1), help="prefill chunk length")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(1), help="runs; the best counts")
+@click.option("--threads", default=None, type=click.IntRange(1), help="torch threads (default: torch's)")
+@click.option("--compare-reference", is_flag=True, help=f"also run rwkv=={REFERENCE_VERSION} and print ratios")
+@click.option("--reference-strategy", "reference_strategy", multiple=True,
+              help="strategy for the reference (repeatable; default: the same, or cpu fp32 + cpu bf16)")
+@click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
+def bench(model_path, strategy, prompt_tokens, decode_tokens, chunk_len, repeats, threads, compare_reference,
+          reference_strategy, as_json):
+    """Measure prefill/decode speed, time to first token and peak memory of a strategy."""
+    ours = bench_ours(model_path, strategy, prompt_tokens, decode_tokens, chunk_len, repeats, threads)
+    references = []
+    if compare_reference:
+        for ref_strategy in reference_strategy or reference_strategies(strategy, ours.version):
+            references.append(bench_reference(model_path, ref_strategy, prompt_tokens, decode_tokens, chunk_len,
+                                              repeats, threads))
+    if as_json:
+        click.echo(json.dumps({"ours": ours.to_dict(), "reference": [r.to_dict() for r in references]}, indent=1))
+        return
+    click.echo(f"model {model_path} (v{ours.version}), prompt {prompt_tokens} tokens in chunks of {chunk_len}, "
+               f"{decode_tokens} decode tokens, {ours.threads} threads, best of {repeats}")
+    click.echo(format_result(ours))
+    for ref in references:
+        click.echo(format_result(ref))
+    for line in ratio_lines(ours, references):
+        if line:
+            click.echo(line)
+
+
+def main(argv: list[str] | None = None) -> None:
+    bench.main(args=argv, prog_name="python -m rwkv_chat.benchmark")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,229 @@
+"""Optional C kernels for the CPU: built once with the system C compiler, loaded with ctypes.
+
+`get()` returns the loaded kernels, or None when they cannot be used (no compiler, not x86/ARM
+Linux/macOS, a failed build, or `RWKV_CPU_KERNELS=0`); every caller then takes a plain-torch
+path that computes the same thing. The shared library is cached under the user cache folder
+(`RWKV_CHAT_KERNEL_DIR` overrides), keyed by a hash of the source, the compiler and the CPU, so
+a build (~2 s) happens once per machine.
+
+Threads: the kernels run on the calling thread plus `torch.get_num_threads() - 1` helper threads
+of their own, which join a call only when they are awake (see the C source).
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .cpu_kernels_src import SOURCE
+
+K_F32, K_BF16, K_I8 = 0, 1, 2
+LAYOUT_COLS = 16
+X_BF16, Y_BF16 = 256, 512
+_FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
+
+_lock = threading.Lock()
+_loaded: "Kernels | None | bool" = False  # False: not tried yet
+
+
+class Job(ctypes.Structure):
+    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("x", ctypes.c_void_p), ("y", ctypes.c_void_p),
+                ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64), ("flags", ctypes.c_int64), ("tag", ctypes.c_int64)]
+
+
+def _enabled() -> bool:
+    return os.environ.get("RWKV_CPU_KERNELS", "").strip() != "0"
+
+
+def _cache_dir() -> Path:
+    override = os.environ.get("RWKV_CHAT_KERNEL_DIR", "").strip()
+    if override:
+        return Path(override)
+    try:
+        from platformdirs import user_cache_dir
+
+        return Path(user_cache_dir("rwkv-chat")) / "kernels"
+    except ImportError:  # pragma: no cover - platformdirs is a dependency
+        return Path.home() / ".cache" / "rwkv-chat" / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor() + platform.machine()
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC", "").strip(), "cc", "gcc", "clang"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256("\0".join([SOURCE, cc, version, " ".join(_FLAGS), _cpu_signature()]).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"rwkv_cpu_{key}.so"
+    if target.is_file():
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as tmp:
+        src = Path(tmp, "rwkv_cpu.c")
+        src.write_text(SOURCE)
+        out = Path(tmp, "rwkv_cpu.so")
+        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"compiling the CPU kernels failed: {(proc.stderr or proc.stdout)[-2000:]}")
+        os.replace(out, target)  # atomic: concurrent builders just overwrite each other
+    return target
+
+
+class Kernels:
+    """Thin ctypes wrappers; every tensor argument must be a contiguous CPU tensor."""
+
+    def __init__(self, path: Path):
+        lib = ctypes.CDLL(str(path))
+        lib.rk_gemv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+        lib.rk_gemv.restype = ctypes.c_int
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        lib.rk_wkv4.argtypes = [i64, i64] + [ptr] * 11 + [ctypes.c_int]
+        lib.rk_wkv5.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+        lib.rk_wkv7.argtypes = [i64, i64, i64] + [ptr] * 9 + [ctypes.c_int]
+        lib.rk_quant_rows.argtypes = [i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
+        lib.rk_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+        lib.rk_group_norm_gate.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int,
+                                           ctypes.c_int, ptr]
+        lib.rk_v7_step.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 20
+        for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_quant_rows, lib.rk_dequant, lib.rk_group_norm_gate,
+                   lib.rk_v7_step):
+            fn.restype = None
+        self.lib = lib
+        self.path = path
+
+    @staticmethod
+    def threads() -> int:
+        return torch.get_num_threads()
+
+    def gemv(self, jobs, n: int) -> None:
+        """Run `n` prepared `Job` structs (a ctypes array) in one parallel region."""
+        if self.lib.rk_gemv(n, ctypes.addressof(jobs), torch.get_num_threads()) != 0:
+            raise RuntimeError("rk_gemv: too many jobs in one call")
+
+    def int8_gemm(self, x, q_in_out, scale, out_dtype):
+        """x [M, K] (fp32/bf16, contiguous) @ int8 [K, N] weights with per-column scales: activations
+        rounded to int8 per row, int32 products (torch._int_mm), rescaled in one pass."""
+        M, K = x.shape
+        xq = torch.empty((M, K), dtype=torch.int8)
+        xs = torch.empty(M, dtype=torch.float32)
+        threads = torch.get_num_threads()
+        self.lib.rk_quant_rows(M, K, x.data_ptr(), int(x.dtype == torch.bfloat16), xq.data_ptr(), xs.data_ptr(), threads)
+        acc = torch._int_mm(xq, q_in_out)
+        y = torch.empty((M, acc.shape[1]), dtype=out_dtype)
+        self.lib.rk_dequant(M, acc.shape[1], acc.data_ptr(), xs.data_ptr(), scale.data_ptr(), y.data_ptr(),
+                            int(out_dtype == torch.bfloat16), threads)
+        return y
+
+    def gemv_words(self, words) -> None:
+        """Jobs given as an array('q') of 8 words each (the `Job` fields, in order)."""
+        address, length = words.buffer_info()
+        if self.lib.rk_gemv(length // 8, address, torch.get_num_threads()) != 0:
+            raise RuntimeError("rk_gemv: too many jobs in one call")
+
+    def group_norm_gate(self, x, n_head, ln_w, ln_b, eps, g=None, silu=False, dtype=torch.float32):
+        """GroupNorm over heads of one token x ([C] fp32), times g (or silu(g)); returns [1, C] in dtype.
+        ln_w/ln_b and g: contiguous fp32 or bf16 (g in `dtype`)."""
+        C = x.numel()
+        y = torch.empty((1, C), dtype=dtype)
+        mode = 0 if g is None else (2 if silu else 1)
+        self.lib.rk_group_norm_gate(n_head, C // n_head, x.data_ptr(), ln_w.data_ptr(), ln_b.data_ptr(),
+                                    int(ln_w.dtype == torch.bfloat16), eps, 0 if g is None else g.data_ptr(), mode,
+                                    int(dtype == torch.bfloat16), y.data_ptr())
+        return y
+
+    def v7_step(self, w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state):
+        """One token of RWKV-7 time mixing after the projections (see rk_v7_step). All vectors are
+        contiguous [1, C] tensors of one dtype (fp32 or bf16) except w.w0 (fp32); returns
+        (output projection input, mixed v, new state)."""
+        dtype = r.dtype
+        C = r.numel()
+        y = torch.empty((1, C), dtype=dtype)
+        v_out = torch.empty((1, C), dtype=dtype)
+        new_state = torch.empty_like(state)
+        ptr = lambda t: 0 if t is None else t.data_ptr()
+        self.lib.rk_v7_step(w.n_head, C // w.n_head, int(dtype == torch.bfloat16), r.data_ptr(), k.data_ptr(),
+                            v.data_ptr(), w_lora.data_ptr(), a_lora.data_ptr(), g.data_ptr(), ptr(v_lora),
+                            ptr(v_first), w.w0.data_ptr(), w.a0.data_ptr(), w.k_k.data_ptr(), w.k_a.data_ptr(),
+                            ptr(getattr(w, "v0", None)), w.r_k.data_ptr(), w.ln_x[0].data_ptr(), w.ln_x[1].data_ptr(),
+                            state.data_ptr(), new_state.data_ptr(), y.data_ptr(), v_out.data_ptr())
+        return y, v_out, new_state
+
+    def wkv4(self, k, v, w, u, aa, bb, pp):
+        T, C = k.shape
+        out = torch.empty_like(k)
+        aa2, bb2, pp2 = torch.empty_like(aa), torch.empty_like(bb), torch.empty_like(pp)
+        self.lib.rk_wkv4(T, C, k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr(), aa.data_ptr(), bb.data_ptr(),
+                         pp.data_ptr(), aa2.data_ptr(), bb2.data_ptr(), pp2.data_ptr(), out.data_ptr(),
+                         torch.get_num_threads())
+        return out, aa2, bb2, pp2
+
+    def wkv5(self, r, k, v, w, u, state):
+        T, H, N = r.shape
+        out = torch.empty_like(r)
+        new_state = torch.empty_like(state)
+        w_stride = H * N if w.dim() == 3 else 0
+        self.lib.rk_wkv5(T, H, N, r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), w_stride, u.data_ptr(),
+                         state.data_ptr(), new_state.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out, new_state
+
+    def wkv7(self, r, w, k, v, kk, a, state):
+        T, H, N = r.shape
+        out = torch.empty_like(r)
+        new_state = torch.empty_like(state)
+        self.lib.rk_wkv7(T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), kk.data_ptr(), a.data_ptr(),
+                         state.data_ptr(), new_state.data_ptr(), out.data_ptr(), torch.get_num_threads())
+        return out, new_state
+
+
+def get() -> Kernels | None:
+    """The CPU kernels, building them on first use; None when unavailable or disabled."""
+    global _loaded
+    if not _enabled():
+        return None
+    if _loaded is not False:
+        return _loaded  # type: ignore[return-value]
+    with _lock:
+        if _loaded is False:
+            try:
+                if sys.platform not in ("linux", "darwin"):
+                    raise RuntimeError(f"not built on {sys.platform}")
+                _loaded = Kernels(_build())
+            except Exception as error:  # any failure: fall back to plain torch
+                warnings.warn(f"rwkv-chat: CPU kernels unavailable, using plain torch ({error})", RuntimeWarning,
+                              stacklevel=2)
+                _loaded = None
+    return _loaded  # type: ignore[return-value]
+
+
+def reset_for_tests() -> None:
+    global _loaded
+    with _lock:
+        _loaded = False

@@ -1,0 +1,709 @@
+"""C source of the optional CPU kernels (built by `cpu_kernels.py` with the system C compiler).
+
+Kept as a Python string so it ships inside the package whatever the packaging rules say.
+
+* `rk_gemv`: several weight-times-vector products in one parallel task, weights in fp32, bf16 or
+  int8 (per-output-channel scale), stored either by output row ([out, in], a dot product per
+  output) or by input row ([in, out], one scaled row added per *nonzero* input, which skips the
+  zeros of relu^2 activations in the FFN). int8 rows use AVX-512 VNNI u8 x s8 dot products
+  on the activation rounded to int16 and split into two bytes (relative error ~1e-5, far below
+  the int8 weight error); bf16 rows use
+  AVX-512 BF16 dot products with fp32 accumulation. Portable C loops otherwise.
+* `rk_wkv4`, `rk_wkv5`, `rk_wkv7`: the exact per-token WKV recurrences for any number of tokens
+  (fp32), parallel over channels / heads.
+* Threads: a small pool of its own (see `pool_run`) in which the caller never waits for a helper
+  thread that has not started; OpenMP's barrier does, which costs milliseconds per call when the
+  machine is busy with other work.
+"""
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <sched.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#include <immintrin.h>
+#define RK_AVX512 1
+#endif
+
+/* ---------------------------------------------------------------- a small work-sharing pool
+   The caller runs work units itself and helper threads join in when they are awake: the caller
+   never waits for a helper that has not started (an OpenMP barrier would, which costs
+   milliseconds per call on a busy machine). It only waits for helpers still inside the task,
+   and they can only enter while units remain. One task at a time (a mutex serialises callers). */
+
+typedef void (*unit_fn)(void *ctx, int64_t unit);
+#define RK_MAX_HELPERS 63
+static struct {
+    _Atomic uint64_t state;   /* (epoch << 32) | helpers inside; odd epoch: a task is open */
+    _Atomic int64_t next;     /* next unit to take */
+    int64_t total;
+    unit_fn fn;
+    void *ctx;
+    _Atomic int sleepers;
+    _Atomic int wanted;       /* helpers allowed to join the current task */
+    int n_helpers;
+    pthread_mutex_t mu, call;
+    pthread_cond_t cv;
+} pool = { .mu = PTHREAD_MUTEX_INITIALIZER, .call = PTHREAD_MUTEX_INITIALIZER, .cv = PTHREAD_COND_INITIALIZER };
+
+static inline void rk_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+static void run_units(void) {
+    for (;;) {
+        int64_t u = atomic_fetch_add_explicit(&pool.next, 1, memory_order_relaxed);
+        if (u >= pool.total) return;
+        pool.fn(pool.ctx, u);
+    }
+}
+
+static void *helper_main(void *arg) {
+    int index = (int)(intptr_t)arg;
+    uint32_t seen = 0;
+    for (;;) {
+        uint64_t s = atomic_load_explicit(&pool.state, memory_order_acquire);
+        int spins = 0;
+        while ((uint32_t)(s >> 32) == seen || !((s >> 32) & 1u)) {
+            if (++spins < 2000) { rk_pause(); }
+            else {
+                pthread_mutex_lock(&pool.mu);
+                atomic_fetch_add(&pool.sleepers, 1);
+                s = atomic_load_explicit(&pool.state, memory_order_acquire);
+                while ((uint32_t)(s >> 32) == seen || !((s >> 32) & 1u)) {
+                    pthread_cond_wait(&pool.cv, &pool.mu);
+                    s = atomic_load_explicit(&pool.state, memory_order_acquire);
+                }
+                atomic_fetch_sub(&pool.sleepers, 1);
+                pthread_mutex_unlock(&pool.mu);
+                spins = 0;
+            }
+            s = atomic_load_explicit(&pool.state, memory_order_acquire);
+        }
+        seen = (uint32_t)(s >> 32);
+        if (index >= atomic_load(&pool.wanted)) continue;
+        /* enter only while this epoch is still open */
+        uint64_t cur = s;
+        int entered = 0;
+        while (((cur >> 32) & 1u) && (uint32_t)(cur >> 32) == seen) {
+            if (atomic_compare_exchange_weak_explicit(&pool.state, &cur, cur + 1, memory_order_acq_rel, memory_order_acquire)) {
+                entered = 1; break;
+            }
+        }
+        if (!entered) continue;
+        run_units();
+        atomic_fetch_sub_explicit(&pool.state, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+static void pool_reset_after_fork(void) {
+    pool.n_helpers = 0;
+    atomic_store(&pool.sleepers, 0);
+    atomic_store(&pool.state, 0);
+    pthread_mutex_init(&pool.mu, NULL);
+    pthread_mutex_init(&pool.call, NULL);
+    pthread_cond_init(&pool.cv, NULL);
+}
+
+static void pool_start(int helpers) {
+    static int registered = 0;
+    if (!registered) { pthread_atfork(NULL, NULL, pool_reset_after_fork); registered = 1; }
+    if (helpers > RK_MAX_HELPERS) helpers = RK_MAX_HELPERS;
+    while (pool.n_helpers < helpers) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&th, &attr, helper_main, (void *)(intptr_t)pool.n_helpers) != 0) { pthread_attr_destroy(&attr); break; }
+        pthread_attr_destroy(&attr);
+        pool.n_helpers++;
+    }
+}
+
+/* Run fn(ctx, u) for u in [0, total) on the caller and up to n_threads - 1 helpers. */
+static void pool_run(unit_fn fn, void *ctx, int64_t total, int n_threads) {
+    if (total <= 0) return;
+    if (n_threads <= 1 || total == 1 || pthread_mutex_trylock(&pool.call) != 0) {
+        for (int64_t u = 0; u < total; u++) fn(ctx, u);
+        return;
+    }
+    pool_start(n_threads - 1);
+    pool.fn = fn; pool.ctx = ctx; pool.total = total;
+    atomic_store_explicit(&pool.next, 0, memory_order_relaxed);
+    atomic_store(&pool.wanted, n_threads - 1);
+    uint64_t s = atomic_load(&pool.state);
+    uint64_t open_epoch = ((s >> 32) + 1) | 1u;   /* odd */
+    atomic_store_explicit(&pool.state, open_epoch << 32, memory_order_release);
+    if (atomic_load(&pool.sleepers) > 0) {
+        pthread_mutex_lock(&pool.mu);
+        pthread_cond_broadcast(&pool.cv);
+        pthread_mutex_unlock(&pool.mu);
+    }
+    run_units();
+    /* close: the next (even) epoch, keeping the count of helpers inside */
+    uint64_t cur = atomic_load(&pool.state);
+    while (!atomic_compare_exchange_weak(&pool.state, &cur, ((open_epoch + 1) << 32) | (cur & 0xffffffffu))) {}
+    while ((atomic_load_explicit(&pool.state, memory_order_acquire) & 0xffffffffu) != 0) rk_pause();
+    pthread_mutex_unlock(&pool.call);
+}
+
+enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2 };
+
+typedef struct {
+    const void *w; const float *scale; const void *x; void *y;
+    int64_t n_out, n_in, flags, tag;
+} job_t;
+/* flags: bits 0-3 kind, bit 4 layout (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16,
+   bit 9 y is bf16 */
+
+typedef struct {
+    float *xf;        /* x as fp32 */
+    int16_t *xq;      /* x rounded to int16 (int8 rows) */
+    uint8_t *xlo, *xhi; /* its low byte and its high byte + 128 */
+    uint16_t *xb;     /* x as bf16 (bf16 rows) */
+    int32_t *nz;      /* indices of nonzero inputs (cols layout) */
+    int64_t n_nz;
+    float xs;         /* int16 scale */
+    int64_t units;    /* work units of this job */
+    int64_t rows_per_unit;
+} prep_t;
+
+static inline float bf16_to_f32(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
+static inline uint16_t f32_to_bf16(float f) {
+    union { uint32_t u; float f; } c; c.f = f;
+    if ((c.u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((c.u >> 16) | 0x40);  /* NaN */
+    uint32_t rounding = 0x7fffu + ((c.u >> 16) & 1u);
+    return (uint16_t)((c.u + rounding) >> 16);
+}
+
+#define TILE 128
+
+/* ---------------------------------------------------------------- rows layout: y[r] = W[r,:] . x */
+
+static void rows_f32(const float *W, const float *x, float *y, int64_t r0, int64_t r1, int64_t n) {
+    int64_t r = r0;
+#ifdef RK_AVX512
+    for (; r + 4 <= r1; r += 4) {
+        const float *w0 = W + r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t c = 0;
+        for (; c + 16 <= n; c += 16) {
+            __m512 xv = _mm512_loadu_ps(x + c);
+            a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + c), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + c), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + c), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + c), xv, a3);
+        }
+        if (c < n) {
+            __mmask16 m = (__mmask16)((1u << (n - c)) - 1);
+            __m512 xv = _mm512_maskz_loadu_ps(m, x + c);
+            a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w0 + c), xv, a0);
+            a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w1 + c), xv, a1);
+            a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w2 + c), xv, a2);
+            a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w3 + c), xv, a3);
+        }
+        y[r] = _mm512_reduce_add_ps(a0); y[r + 1] = _mm512_reduce_add_ps(a1);
+        y[r + 2] = _mm512_reduce_add_ps(a2); y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+#endif
+    for (; r < r1; r++) {
+        const float *w = W + r * n; float s = 0.f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t c = 0; c < n; c++) s += w[c] * x[c];
+        y[r] = s;
+    }
+}
+
+static void rows_bf16(const uint16_t *W, const uint16_t *xb, const float *xf, float *y, int64_t r0, int64_t r1, int64_t n) {
+    int64_t r = r0;
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+    for (; r + 4 <= r1; r += 4) {
+        const uint16_t *w0 = W + r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t c = 0;
+        for (; c + 32 <= n; c += 32) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + c);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w0 + c), xv);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w1 + c), xv);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w2 + c), xv);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w3 + c), xv);
+        }
+        if (c < n) {
+            __mmask32 m = (__mmask32)((n - c) >= 32 ? 0xffffffffu : ((1u << (n - c)) - 1));
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, xb + c);
+            a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w0 + c), xv);
+            a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(m, w1 + c), xv);
+            a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_maskz_loadu_epi16(m, w2 + c), xv);
+            a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_maskz_loadu_epi16(m, w3 + c), xv);
+        }
+        y[r] = _mm512_reduce_add_ps(a0); y[r + 1] = _mm512_reduce_add_ps(a1);
+        y[r + 2] = _mm512_reduce_add_ps(a2); y[r + 3] = _mm512_reduce_add_ps(a3);
+    }
+#endif
+    for (; r < r1; r++) {
+        const uint16_t *w = W + r * n; float s = 0.f;
+        #pragma omp simd reduction(+:s)
+        for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * bf16_to_f32(xb[c]);
+        y[r] = s;
+    }
+    (void)xf;
+}
+
+/* int8 rows. x is rounded to int16 and split as x = 256 * hi + lo (lo in [0, 255], hi in [-128, 127]),
+   both bytes fed to VNNI u8 x s8 dot products (hi offset by +128, corrected with the row sums of W). */
+static void rows_i8(const int8_t *W, const float *scale, const int32_t *rowsum, const int16_t *xq,
+                    const uint8_t *xlo, const uint8_t *xhi, float xs, float *y, int64_t r0, int64_t r1, int64_t n) {
+    int64_t r = r0;
+#if defined(RK_AVX512) && defined(__AVX512VNNI__)
+    for (; r + 4 <= r1; r += 4) {
+        const int8_t *w0 = W + r * n, *w1 = w0 + n, *w2 = w1 + n, *w3 = w2 + n;
+        __m512i l0 = _mm512_setzero_si512(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0, h3 = l0;
+        int64_t c = 0;
+        for (; c + 64 <= n; c += 64) {
+            __m512i xl = _mm512_loadu_si512(xlo + c), xh = _mm512_loadu_si512(xhi + c);
+            __m512i a = _mm512_loadu_si512(w0 + c), b = _mm512_loadu_si512(w1 + c);
+            __m512i d = _mm512_loadu_si512(w2 + c), e = _mm512_loadu_si512(w3 + c);
+            l0 = _mm512_dpbusd_epi32(l0, xl, a); h0 = _mm512_dpbusd_epi32(h0, xh, a);
+            l1 = _mm512_dpbusd_epi32(l1, xl, b); h1 = _mm512_dpbusd_epi32(h1, xh, b);
+            l2 = _mm512_dpbusd_epi32(l2, xl, d); h2 = _mm512_dpbusd_epi32(h2, xh, d);
+            l3 = _mm512_dpbusd_epi32(l3, xl, e); h3 = _mm512_dpbusd_epi32(h3, xh, e);
+        }
+        if (c < n) {
+            __mmask64 m = (__mmask64)((~0ull) >> (64 - (n - c)));
+            __m512i xl = _mm512_maskz_loadu_epi8(m, xlo + c), xh = _mm512_maskz_loadu_epi8(m, xhi + c);
+            __m512i a = _mm512_maskz_loadu_epi8(m, w0 + c), b = _mm512_maskz_loadu_epi8(m, w1 + c);
+            __m512i d = _mm512_maskz_loadu_epi8(m, w2 + c), e = _mm512_maskz_loadu_epi8(m, w3 + c);
+            l0 = _mm512_dpbusd_epi32(l0, xl, a); h0 = _mm512_dpbusd_epi32(h0, xh, a);
+            l1 = _mm512_dpbusd_epi32(l1, xl, b); h1 = _mm512_dpbusd_epi32(h1, xh, b);
+            l2 = _mm512_dpbusd_epi32(l2, xl, d); h2 = _mm512_dpbusd_epi32(h2, xh, d);
+            l3 = _mm512_dpbusd_epi32(l3, xl, e); h3 = _mm512_dpbusd_epi32(h3, xh, e);
+        }
+        /* int64: 256 * (sum hi*w) stays exact even for very wide rows */
+        #define RK_I8_OUT(i, L, Hh) y[r + i] = (float)(256 * ((int64_t)_mm512_reduce_add_epi32(Hh) - 128 * (int64_t)rowsum[r + i]) \
+                                         + (int64_t)_mm512_reduce_add_epi32(L)) * xs * scale[r + i]
+        RK_I8_OUT(0, l0, h0); RK_I8_OUT(1, l1, h1); RK_I8_OUT(2, l2, h2); RK_I8_OUT(3, l3, h3);
+        #undef RK_I8_OUT
+    }
+#endif
+    for (; r < r1; r++) {
+        const int8_t *w = W + r * n; int64_t acc = 0;
+        for (int64_t c = 0; c < n; c++) acc += (int32_t)w[c] * (int32_t)xq[c];
+        y[r] = (float)acc * xs * scale[r];
+    }
+    (void)xlo; (void)xhi; (void)rowsum;
+}
+
+/* ------------------------------------------- cols layout: y[o] = sum over nonzero j of x[j] W[j,o] */
+
+static void cols_tile(int kind, const void *Wv, const float *scale, const float *xf, const int32_t *nz, int64_t n_nz,
+                      float *y, int64_t o0, int64_t o1, int64_t n_out) {
+    int64_t width = o1 - o0;
+#ifdef RK_AVX512
+    if (width == TILE) {
+        __m512 acc[TILE / 16];
+        for (int i = 0; i < TILE / 16; i++) acc[i] = _mm512_setzero_ps();
+        if (kind == K_I8) {
+            const int8_t *W = (const int8_t *)Wv;
+            for (int64_t q = 0; q < n_nz; q++) {
+                int32_t j = nz[q]; __m512 xj = _mm512_set1_ps(xf[j]);
+                const int8_t *row = W + (int64_t)j * n_out + o0;
+                for (int i = 0; i < TILE / 16; i++)
+                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * i)))), xj, acc[i]);
+            }
+            for (int i = 0; i < TILE / 16; i++)
+                _mm512_storeu_ps(y + o0 + 16 * i, _mm512_mul_ps(acc[i], _mm512_loadu_ps(scale + o0 + 16 * i)));
+        } else if (kind == K_BF16) {
+            const uint16_t *W = (const uint16_t *)Wv;
+            for (int64_t q = 0; q < n_nz; q++) {
+                int32_t j = nz[q]; __m512 xj = _mm512_set1_ps(xf[j]);
+                const uint16_t *row = W + (int64_t)j * n_out + o0;
+                for (int i = 0; i < TILE / 16; i++) {
+                    __m512i wi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 16 * i))), 16);
+                    acc[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(wi), xj, acc[i]);
+                }
+            }
+            for (int i = 0; i < TILE / 16; i++) _mm512_storeu_ps(y + o0 + 16 * i, acc[i]);
+        } else {
+            const float *W = (const float *)Wv;
+            for (int64_t q = 0; q < n_nz; q++) {
+                int32_t j = nz[q]; __m512 xj = _mm512_set1_ps(xf[j]);
+                const float *row = W + (int64_t)j * n_out + o0;
+                for (int i = 0; i < TILE / 16; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * i), xj, acc[i]);
+            }
+            for (int i = 0; i < TILE / 16; i++) _mm512_storeu_ps(y + o0 + 16 * i, acc[i]);
+        }
+        return;
+    }
+#endif
+    float acc[TILE];
+    for (int64_t i = 0; i < width; i++) acc[i] = 0.f;
+    for (int64_t q = 0; q < n_nz; q++) {
+        int32_t j = nz[q]; float xj = xf[j];
+        if (kind == K_I8) {
+            const int8_t *row = (const int8_t *)Wv + (int64_t)j * n_out + o0;
+            for (int64_t i = 0; i < width; i++) acc[i] += xj * (float)row[i];
+        } else if (kind == K_BF16) {
+            const uint16_t *row = (const uint16_t *)Wv + (int64_t)j * n_out + o0;
+            for (int64_t i = 0; i < width; i++) acc[i] += xj * bf16_to_f32(row[i]);
+        } else {
+            const float *row = (const float *)Wv + (int64_t)j * n_out + o0;
+            for (int64_t i = 0; i < width; i++) acc[i] += xj * row[i];
+        }
+    }
+    for (int64_t i = 0; i < width; i++) y[o0 + i] = kind == K_I8 ? acc[i] * scale[o0 + i] : acc[i];
+}
+
+/* ---------------------------------------------------------------- driver */
+
+static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
+    int kind = (int)(jb->flags & 15), cols = (int)((jb->flags >> 4) & 1);
+    if (cols) {
+        int64_t o0 = u * TILE, o1 = o0 + TILE < jb->n_out ? o0 + TILE : jb->n_out;
+        cols_tile(kind, jb->w, jb->scale, p->xf, p->nz, p->n_nz, yf, o0, o1, jb->n_out);
+        return;
+    }
+    int64_t r0 = u * p->rows_per_unit, r1 = r0 + p->rows_per_unit < jb->n_out ? r0 + p->rows_per_unit : jb->n_out;
+    if (kind == K_I8) rows_i8((const int8_t *)jb->w, jb->scale, (const int32_t *)(intptr_t)jb->tag, p->xq, p->xlo, p->xhi,
+                              p->xs, yf, r0, r1, jb->n_in);
+    else if (kind == K_BF16) rows_bf16((const uint16_t *)jb->w, p->xb, p->xf, yf, r0, r1, jb->n_in);
+    else rows_f32((const float *)jb->w, p->xf, yf, r0, r1, jb->n_in);
+}
+
+typedef struct { const job_t *jobs; const prep_t *prep; float **ybuf; int n_jobs; int64_t first[17]; } gemv_ctx_t;
+
+static void gemv_unit(void *arg, int64_t u) {
+    gemv_ctx_t *c = (gemv_ctx_t *)arg;
+    int i = 0;
+    while (u >= c->first[i + 1]) i++;
+    run_unit(&c->jobs[i], &c->prep[i], u - c->first[i], c->ybuf[i]);
+}
+
+int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
+    prep_t prep[16]; float *ybuf[16];
+    if (n_jobs > 16) return -1;
+    int64_t total = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const job_t *jb = &jobs[i]; prep_t *p = &prep[i];
+        int64_t n = jb->n_in, kind = jb->flags & 15, cols = (jb->flags >> 4) & 1;
+        memset(p, 0, sizeof(*p));
+        p->xf = (float *)malloc(sizeof(float) * n);
+        if (jb->flags & 256) { const uint16_t *xb = (const uint16_t *)jb->x; for (int64_t c = 0; c < n; c++) p->xf[c] = bf16_to_f32(xb[c]); }
+        else memcpy(p->xf, jb->x, sizeof(float) * n);
+        if (cols) {
+            p->nz = (int32_t *)malloc(sizeof(int32_t) * n);
+            for (int64_t c = 0; c < n; c++) if (p->xf[c] != 0.f) p->nz[p->n_nz++] = (int32_t)c;
+            p->units = (jb->n_out + TILE - 1) / TILE;
+        } else {
+            if (kind == K_I8) {
+                float m = 0.f;
+                for (int64_t c = 0; c < n; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
+                p->xq = (int16_t *)malloc(sizeof(int16_t) * n);
+                p->xs = m > 0.f ? m / 32767.f : 1.f;
+                float inv = 1.f / p->xs;
+                p->xlo = (uint8_t *)malloc(n); p->xhi = (uint8_t *)malloc(n);
+                for (int64_t c = 0; c < n; c++) {
+                    int32_t q = (int32_t)lrintf(p->xf[c] * inv);
+                    q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
+                    p->xq[c] = (int16_t)q; p->xlo[c] = (uint8_t)(q & 255); p->xhi[c] = (uint8_t)((q >> 8) + 128);
+                }
+            } else if (kind == K_BF16) {
+                p->xb = (uint16_t *)malloc(sizeof(uint16_t) * n);
+                for (int64_t c = 0; c < n; c++) p->xb[c] = f32_to_bf16(p->xf[c]);
+            }
+            int64_t bytes = n * (kind == K_F32 ? 4 : kind == K_BF16 ? 2 : 1);
+            int64_t rpu = (64 * 1024) / (bytes > 0 ? bytes : 1);
+            rpu = rpu < 4 ? 4 : (rpu / 4) * 4;
+            p->rows_per_unit = rpu;
+            p->units = (jb->n_out + rpu - 1) / rpu;
+        }
+        ybuf[i] = (jb->flags & 512) ? (float *)malloc(sizeof(float) * jb->n_out) : (float *)jb->y;
+        total += p->units;
+    }
+    gemv_ctx_t ctx = { jobs, prep, ybuf, n_jobs, {0} };
+    for (int i = 0; i < n_jobs; i++) ctx.first[i + 1] = ctx.first[i] + prep[i].units;
+    pool_run(gemv_unit, &ctx, total, n_threads);
+    for (int i = 0; i < n_jobs; i++) {
+        if (jobs[i].flags & 512) {
+            uint16_t *yb = (uint16_t *)jobs[i].y;
+            for (int64_t o = 0; o < jobs[i].n_out; o++) yb[o] = f32_to_bf16(ybuf[i][o]);
+            free(ybuf[i]);
+        }
+        free(prep[i].xf); free(prep[i].xq); free(prep[i].xlo); free(prep[i].xhi); free(prep[i].xb); free(prep[i].nz);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- int8 GEMM helpers (prefill)
+   x [M, K] (fp32 or bf16) -> int8 per row (symmetric, scale amax / 127); int32 [M, N] products
+   -> y = acc * xs[m] * ws[n] (fp32 or bf16). */
+typedef struct { int64_t M, K; const void *x; int x_bf16; int8_t *q; float *xs; } quant_ctx_t;
+
+static void quant_unit(void *arg, int64_t m) {
+    const quant_ctx_t *c = (const quant_ctx_t *)arg;
+    int64_t K = c->K;
+    float buf[16384];
+    float *row = K <= 16384 ? buf : (float *)malloc(sizeof(float) * K);
+    if (c->x_bf16) { const uint16_t *xb = (const uint16_t *)c->x + m * K; for (int64_t i = 0; i < K; i++) row[i] = bf16_to_f32(xb[i]); }
+    else memcpy(row, (const float *)c->x + m * K, sizeof(float) * K);
+    float amax = 0.f;
+    #pragma omp simd reduction(max:amax)
+    for (int64_t i = 0; i < K; i++) { float a = fabsf(row[i]); amax = a > amax ? a : amax; }
+    float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
+    int8_t *q = c->q + m * K;
+    for (int64_t i = 0; i < K; i++) q[i] = (int8_t)lrintf(row[i] * inv);
+    c->xs[m] = scale;
+    if (row != buf) free(row);
+}
+
+void rk_quant_rows(int64_t M, int64_t K, const void *x, int x_bf16, int8_t *q, float *xs, int n_threads) {
+    quant_ctx_t ctx = { M, K, x, x_bf16, q, xs };
+    pool_run(quant_unit, &ctx, M, M * K >= 65536 ? n_threads : 1);
+}
+
+typedef struct { int64_t M, N; const int32_t *acc; const float *xs, *ws; void *y; int y_bf16; } deq_ctx_t;
+
+static void deq_unit(void *arg, int64_t m) {
+    const deq_ctx_t *c = (const deq_ctx_t *)arg;
+    int64_t N = c->N;
+    const int32_t *a = c->acc + m * N;
+    float s = c->xs[m];
+    if (c->y_bf16) {
+        uint16_t *y = (uint16_t *)c->y + m * N;
+        for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16((float)a[n] * s * c->ws[n]);
+    } else {
+        float *y = (float *)c->y + m * N;
+        #pragma omp simd
+        for (int64_t n = 0; n < N; n++) y[n] = (float)a[n] * s * c->ws[n];
+    }
+}
+
+void rk_dequant(int64_t M, int64_t N, const int32_t *acc, const float *xs, const float *ws, void *y, int y_bf16, int n_threads) {
+    deq_ctx_t ctx = { M, N, acc, xs, ws, y, y_bf16 };
+    pool_run(deq_unit, &ctx, M, M * N >= 65536 ? n_threads : 1);
+}
+
+
+/* ---------------------------------------------------------------- WKV recurrences */
+
+/* exp for x <= ~88 with relative error ~2e-7; vectorizes (no libm call). */
+static inline float rk_exp(float x) {
+    x = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+    float y = x * 1.44269504088896341f;
+    float n = floorf(y + 0.5f);
+    float f = y - n;  /* in [-0.5, 0.5] */
+    float p = 1.535336188319500e-4f;
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    p = p * f + 1.0f;
+    union { int32_t i; float f; } s; s.i = ((int32_t)n + 127) << 23;
+    return p * s.f;
+}
+
+/* v4: per channel, numerically safe running sums (aa, bb, pp). k, v, out: [T, C]. */
+typedef struct { int64_t T, C; const float *k, *v, *w, *u, *aa_in, *bb_in, *pp_in; float *aa_out, *bb_out, *pp_out, *out; } wkv4_ctx_t;
+
+static void wkv4_unit(void *arg, int64_t b) {
+    const wkv4_ctx_t *x = (const wkv4_ctx_t *)arg;
+    int64_t T = x->T, C = x->C, c0 = b * 64, c1 = c0 + 64 < C ? c0 + 64 : C;
+    const float *w = x->w, *u = x->u;
+    float aa[64], bb[64], pp[64];
+    for (int64_t c = c0; c < c1; c++) { aa[c - c0] = x->aa_in[c]; bb[c - c0] = x->bb_in[c]; pp[c - c0] = x->pp_in[c]; }
+    for (int64_t t = 0; t < T; t++) {
+        const float *kt = x->k + t * C, *vt = x->v + t * C; float *ot = x->out + t * C;
+        #pragma omp simd
+        for (int64_t c = c0; c < c1; c++) {
+            int64_t i = c - c0;
+            float kk = kt[c], vv = vt[c];
+            float ww = u[c] + kk;
+            float p = pp[i] > ww ? pp[i] : ww;
+            float e1 = rk_exp(pp[i] - p), e2 = rk_exp(ww - p);
+            ot[c] = (e1 * aa[i] + e2 * vv) / (e1 * bb[i] + e2);
+            ww = w[c] + pp[i];
+            p = ww > kk ? ww : kk;
+            e1 = rk_exp(ww - p); e2 = rk_exp(kk - p);
+            aa[i] = e1 * aa[i] + e2 * vv; bb[i] = e1 * bb[i] + e2; pp[i] = p;
+        }
+    }
+    for (int64_t c = c0; c < c1; c++) { x->aa_out[c] = aa[c - c0]; x->bb_out[c] = bb[c - c0]; x->pp_out[c] = pp[c - c0]; }
+}
+
+void rk_wkv4(int64_t T, int64_t C, const float *k, const float *v, const float *w, const float *u,
+             const float *aa_in, const float *bb_in, const float *pp_in,
+             float *aa_out, float *bb_out, float *pp_out, float *out, int n_threads) {
+    wkv4_ctx_t ctx = { T, C, k, v, w, u, aa_in, bb_in, pp_in, aa_out, bb_out, pp_out, out };
+    pool_run(wkv4_unit, &ctx, (C + 63) / 64, T * C >= 8192 ? n_threads : 1);
+}
+
+/* v5.2 / v6: S [H][K][V]; out_t = r_t (u k_t v_t^T + S); S <- k_t v_t^T + diag(w_t) S.
+   r, k, v: [T, H, N]; w: [T, H, N] with T-stride w_tstride (0 for v5.2's constant decay); u: [H, N]. */
+typedef struct { int64_t T, H, N; const float *r, *k, *v, *w; int64_t w_tstride; const float *u, *s_in; float *s_out, *out; } wkv5_ctx_t;
+
+static void wkv5_unit(void *arg, int64_t h) {
+    const wkv5_ctx_t *x = (const wkv5_ctx_t *)arg;
+    int64_t T = x->T, H = x->H, N = x->N;
+    float *S = x->s_out + h * N * N;
+    memcpy(S, x->s_in + h * N * N, sizeof(float) * N * N);
+    const float *uh = x->u + h * N;
+    for (int64_t t = 0; t < T; t++) {
+        const float *rt = x->r + (t * H + h) * N, *kt = x->k + (t * H + h) * N, *vt = x->v + (t * H + h) * N;
+        const float *wt = x->w + t * x->w_tstride + h * N;
+        float *o = x->out + (t * H + h) * N;
+        for (int64_t j = 0; j < N; j++) o[j] = 0.f;
+        for (int64_t i = 0; i < N; i++) {
+            float ki = kt[i], ri = rt[i], wi = wt[i], ui = uh[i];
+            float *Si = S + i * N;
+            #pragma omp simd
+            for (int64_t j = 0; j < N; j++) {
+                float kv = ki * vt[j];
+                o[j] += ri * (ui * kv + Si[j]);
+                Si[j] = Si[j] * wi + kv;
+            }
+        }
+    }
+}
+
+void rk_wkv5(int64_t T, int64_t H, int64_t N, const float *r, const float *k, const float *v,
+             const float *w, int64_t w_tstride, const float *u, const float *s_in, float *s_out, float *out,
+             int n_threads) {
+    wkv5_ctx_t ctx = { T, H, N, r, k, v, w, w_tstride, u, s_in, s_out, out };
+    pool_run(wkv5_unit, &ctx, H, T >= 4 ? n_threads : 1);
+}
+
+/* v7: S [H][V][K]; S <- S diag(w_t) - (S kk_t) (kk_t * a_t)^T + v_t k_t^T; out_t = S r_t.
+   All of r, w, k, v, kk, a: [T, H, N]; N <= 1024. */
+typedef struct { int64_t T, H, N; const float *r, *w, *k, *v, *kk, *a, *s_in; float *s_out, *out; } wkv7_ctx_t;
+
+static void wkv7_unit(void *arg, int64_t h) {
+    /* Works on the transposed state St[k][v] so every inner loop runs over v without reductions. */
+    const wkv7_ctx_t *x = (const wkv7_ctx_t *)arg;
+    int64_t T = x->T, H = x->H, N = x->N;
+    float small[64 * 64], sa[1024], o[1024];
+    float *St = N <= 64 ? small : (float *)malloc(sizeof(float) * N * N);
+    const float *S_in = x->s_in + h * N * N;
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++) St[j * N + i] = S_in[i * N + j];
+    for (int64_t t = 0; t < T; t++) {
+        int64_t off = (t * H + h) * N;
+        const float *rt = x->r + off, *wt = x->w + off, *kt = x->k + off, *vt = x->v + off, *kkt = x->kk + off, *at = x->a + off;
+        for (int64_t i = 0; i < N; i++) { sa[i] = 0.f; o[i] = 0.f; }
+        for (int64_t j = 0; j < N; j++) {
+            const float *row = St + j * N; float c = kkt[j];
+            #pragma omp simd
+            for (int64_t i = 0; i < N; i++) sa[i] -= row[i] * c;
+        }
+        for (int64_t j = 0; j < N; j++) {
+            float *row = St + j * N;
+            float wj = wt[j], bj = kkt[j] * at[j], kj = kt[j], rj = rt[j];
+            #pragma omp simd
+            for (int64_t i = 0; i < N; i++) {
+                float s = row[i] * wj + sa[i] * bj + vt[i] * kj;
+                row[i] = s;
+                o[i] += s * rj;
+            }
+        }
+        float *out = x->out + off;
+        for (int64_t i = 0; i < N; i++) out[i] = o[i];
+    }
+    float *S_out = x->s_out + h * N * N;
+    for (int64_t i = 0; i < N; i++)
+        for (int64_t j = 0; j < N; j++) S_out[i * N + j] = St[j * N + i];
+    if (St != small) free(St);
+}
+
+void rk_wkv7(int64_t T, int64_t H, int64_t N, const float *r, const float *w, const float *k, const float *v,
+             const float *kk, const float *a, const float *s_in, float *s_out, float *out, int n_threads) {
+    wkv7_ctx_t ctx = { T, H, N, r, w, k, v, kk, a, s_in, s_out, out };
+    pool_run(wkv7_unit, &ctx, H, T >= 4 ? n_threads : 1);
+}
+
+/* ---------------------------------------------------------------- fused single-token steps
+   Vectors are fp32 or bf16 (`bf` says which) except where noted; math is fp32. */
+static inline float ld(const void *p, int bf, int64_t i) { return bf ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i]; }
+static inline void st(void *p, int bf, int64_t i, float v) { if (bf) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v; }
+static inline float sigmoidf_(float x) { return 1.f / (1.f + rk_exp(-x)); }
+
+/* GroupNorm over heads of x (fp32 [H*N]), then optionally times g or silu(g): y = gn(x) [* gate]. */
+void rk_group_norm_gate(int64_t H, int64_t N, const float *x, const void *ln_w, const void *ln_b, int ln_bf, float eps,
+                        const void *g, int g_mode, int bf, void *y) {
+    for (int64_t h = 0; h < H; h++) {
+        const float *xh = x + h * N;
+        float mean = 0.f, var = 0.f;
+        for (int64_t i = 0; i < N; i++) mean += xh[i];
+        mean /= (float)N;
+        for (int64_t i = 0; i < N; i++) { float d = xh[i] - mean; var += d * d; }
+        float inv = 1.f / sqrtf(var / (float)N + eps);
+        for (int64_t i = 0; i < N; i++) {
+            int64_t c = h * N + i;
+            float o = (xh[i] - mean) * inv * ld(ln_w, ln_bf, c) + ld(ln_b, ln_bf, c);
+            if (g_mode == 1) o *= ld(g, bf, c);
+            else if (g_mode == 2) { float gv = ld(g, bf, c); o *= gv * sigmoidf_(gv); }
+            st(y, bf, c, o);
+        }
+    }
+}
+
+/* RWKV-7 time mixing after the projections, one token: decay, in-context rate, removal key, value
+   residual, the WKV step, GroupNorm, the r.k bonus and the gate. Writes y = the output
+   projection's input and v_out = the (mixed) value; s_out = the new state [H][V][K]. */
+void rk_v7_step(int64_t H, int64_t N, int bf,
+                const void *r, const void *k, const void *v, const void *w_lora, const void *a_lora, const void *g,
+                const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
+                const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
+                const float *s_in, float *s_out, void *y, void *v_out) {
+    int64_t C = H * N;
+    float *buf = (float *)malloc(sizeof(float) * C * 7);
+    float *rr = buf, *ww = buf + C, *kk = buf + 2 * C, *aa = buf + 3 * C, *k2 = buf + 4 * C, *v2 = buf + 5 * C, *o = buf + 6 * C;
+    for (int64_t c = 0; c < C; c++) {
+        float a = sigmoidf_(ld(a0, bf, c) + ld(a_lora, bf, c));
+        float kc = ld(k, bf, c), vc = ld(v, bf, c);
+        rr[c] = ld(r, bf, c);
+        ww[c] = rk_exp(-0.6065306597126334f * sigmoidf_(w0[c] + ld(w_lora, bf, c)));
+        aa[c] = a;
+        kk[c] = kc * ld(k_k, bf, c);
+        k2[c] = kc * (1.f + (a - 1.f) * ld(k_a, bf, c));
+        if (v_first != NULL) {
+            float mix = sigmoidf_(ld(v0, bf, c) + ld(v_lora, bf, c));
+            vc = vc + (ld(v_first, bf, c) - vc) * mix;
+        }
+        v2[c] = vc;
+    }
+    for (int64_t h = 0; h < H; h++) {
+        float *kh = kk + h * N, norm = 0.f;
+        for (int64_t i = 0; i < N; i++) norm += kh[i] * kh[i];
+        norm = sqrtf(norm);
+        float inv = 1.f / (norm > 1e-12f ? norm : 1e-12f);
+        for (int64_t i = 0; i < N; i++) kh[i] *= inv;
+    }
+    wkv7_ctx_t ctx = { 1, H, N, rr, ww, k2, v2, kk, aa, s_in, s_out, o };
+    for (int64_t h = 0; h < H; h++) wkv7_unit(&ctx, h);
+    for (int64_t h = 0; h < H; h++) {
+        const float *oh = o + h * N;
+        float mean = 0.f, var = 0.f, bonus = 0.f;
+        for (int64_t i = 0; i < N; i++) mean += oh[i];
+        mean /= (float)N;
+        for (int64_t i = 0; i < N; i++) { float d = oh[i] - mean; var += d * d; }
+        float inv = 1.f / sqrtf(var / (float)N + 64e-5f);
+        for (int64_t i = 0; i < N; i++) { int64_t c = h * N + i; bonus += rr[c] * k2[c] * ld(r_k, bf, c); }
+        for (int64_t i = 0; i < N; i++) {
+            int64_t c = h * N + i;
+            float gn = (oh[i] - mean) * inv * ld(ln_w, bf, c) + ld(ln_b, bf, c);
+            st(y, bf, c, (gn + bonus * v2[c]) * ld(g, bf, c));
+            st(v_out, bf, c, v2[c]);
+        }
+    }
+    free(buf);
+}
+
+
+int rk_version(void) { return 1; }
+"""

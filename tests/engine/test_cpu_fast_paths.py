@@ -1,0 +1,189 @@
+"""The CPU fast paths: C kernels (matrix-vector products, WKV recurrences), the chunked WKV of
+v5.2/v6, and whole models with the kernels on vs off."""
+import pytest
+import torch
+
+from rwkv_chat import RWKV
+from rwkv_chat.engine import cpu_kernels, v4, v5_2, v7
+from rwkv_chat.engine.quant import DenseLinear, Int8Linear, quantize_rows, run_group
+
+from .conftest import VERSIONS
+
+KERNELS = cpu_kernels.get()
+needs_kernels = pytest.mark.skipif(KERNELS is None, reason="the CPU kernels could not be built here (no C compiler?)")
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# Matrix-vector kernels
+
+SHAPES = [(768, 768), (3072, 768), (768, 3072), (101, 37), (7, 64), (513, 8200)]  # (out, in)
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dense_single_token_matches_matmul(out_features, in_features, layout, dtype):
+    g = gen(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    x = torch.randn(1, in_features, generator=g)
+    x[0, torch.rand(in_features, generator=g) < 0.5] = 0  # relu^2-like zeros (the cols layout skips them)
+    x = x.to(dtype)
+    linear = DenseLinear(weight, dtype, "cpu", layout=layout)
+    assert linear.layout == layout
+    got = linear(x)
+    expected = x.double() @ weight.to(dtype).double().t()
+    assert got.dtype == dtype and got.shape == (1, out_features)
+    assert rel(got, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_single_token_matches_dequantized(out_features, in_features, layout, dtype):
+    g = gen(3 * out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    x = torch.randn(1, in_features, generator=g)
+    x[0, torch.rand(in_features, generator=g) < 0.3] = 0
+    x[0, 3 % in_features] = 40.0  # an outlier: int16 activations must keep the small values
+    x = x.to(dtype)
+    linear = Int8Linear(weight, dtype, "cpu", layout=layout)
+    q, scale = quantize_rows(weight)
+    expected = x.double() @ (q.double() * scale.double()[:, None]).t()
+    got = linear(x)
+    assert got.dtype == dtype
+    assert rel(got, expected) <= (1e-3 if dtype == torch.float32 else 1e-2)  # int16 activations
+    # and the int8 weights themselves stay close to the float ones
+    assert rel(got, x.double() @ weight.double().t()) <= 0.05
+
+
+@needs_kernels
+def test_group_of_linears_is_one_call_with_the_same_results():
+    g = gen(11)
+    linears = [DenseLinear(torch.randn(64, 96, generator=g), torch.float32, "cpu"),
+               Int8Linear(torch.randn(80, 96, generator=g), torch.float32, "cpu"),
+               Int8Linear(torch.randn(96, 200, generator=g), torch.float32, "cpu", layout="cols")]
+    xs = [torch.randn(1, 96, generator=g), torch.randn(1, 96, generator=g), torch.relu(torch.randn(1, 200, generator=g))]
+    grouped = run_group(list(zip(linears, xs)))
+    for linear, x, y in zip(linears, xs, grouped):
+        assert torch.allclose(y, linear(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_token_int8_uses_int8_gemm_accurately(dtype):
+    g = gen(5)
+    weight = torch.randn(300, 256, generator=g) / 16
+    x = torch.randn(40, 256, generator=g).to(dtype)
+    linear = Int8Linear(weight, dtype, "cpu")
+    got = linear(x)
+    expected = x.double() @ weight.double().t()
+    cosine = torch.nn.functional.cosine_similarity(got.double(), expected, dim=-1).min()
+    assert got.shape == (40, 300) and cosine > 0.999
+
+
+# ---------------------------------------------------------------------------------------------
+# WKV recurrences: C kernels and the chunked form against the per-token loops
+
+
+def random_wkv_inputs(T, H, N, seed, decay_low=0.3):
+    g = gen(seed)
+    r, k, v = (torch.randn(T, H, N, generator=g) for _ in range(3))
+    decay = decay_low + (1 - decay_low) * torch.rand(T, H, N, generator=g)
+    state = torch.randn(H, N, N, generator=g)
+    return r, k, v, decay, state
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,H,N", [(1, 3, 64), (17, 3, 64), (300, 2, 64), (9, 5, 32)])
+def test_kernel_wkv5_and_wkv6_match_loop(T, H, N):
+    r, k, v, decay, state = random_wkv_inputs(T, H, N, seed=T * H)
+    bonus = torch.randn(H, N, 1, generator=gen(1)) * 0.5
+    for w in (decay[0].unsqueeze(-1), decay.unsqueeze(-1)):  # v5.2 constant, v6 per token
+        expected_out, expected_state = v5_2.wkv_loop(r, k, v, w, bonus, state)
+        out, new_state = KERNELS.wkv5(r, k, v, w.squeeze(-1).contiguous(), bonus.squeeze(-1).contiguous(), state)
+        assert rel(out, expected_out) <= 1e-5 and rel(new_state, expected_state) <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("T,H,N", [(1, 3, 64), (17, 3, 64), (300, 2, 64), (9, 5, 32)])
+def test_kernel_wkv7_matches_loop(T, H, N):
+    r, k, v, decay, state = random_wkv_inputs(T, H, N, seed=7 + T, decay_low=0.545)
+    g = gen(2)
+    kk = torch.nn.functional.normalize(torch.randn(T, H, N, generator=g), dim=-1)
+    a = torch.rand(T, H, N, generator=g)
+    expected_out, expected_state = v7.wkv_loop(r, decay, k, v, kk, a, state * 0.1)
+    out, new_state = KERNELS.wkv7(r, decay, k, v, kk, a, state * 0.1)
+    assert rel(out, expected_out) <= 1e-4 and rel(new_state, expected_state) <= 1e-4
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 5, 200])
+def test_kernel_wkv4_matches_loop(T):
+    g = gen(T)
+    C = 200
+    k, v = torch.randn(T, C, generator=g) * 3, torch.randn(T, C, generator=g)
+    decay = -torch.exp(torch.randn(C, generator=g))
+    first = torch.randn(C, generator=g)
+    aa, bb, pp = torch.zeros(C), torch.zeros(C), torch.full((C,), -1e30)
+    expected = v4.wkv_loop(k, v, decay, first, aa, bb, pp)
+    got = KERNELS.wkv4(k, v, decay, first, aa, bb, pp)
+    for a, b in zip(got, expected):
+        assert rel(a, b) <= 1e-5
+
+
+@pytest.mark.parametrize("T,H,N,chunk", [(1, 3, 64, 32), (31, 3, 64, 8), (100, 3, 64, 32), (257, 1, 16, 32)])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_chunked_wkv5_matches_loop(T, H, N, chunk, per_token):
+    r, k, v, decay, state = random_wkv_inputs(T, H, N, seed=T + H, decay_low=0.0)
+    decay[..., 0] = 1.0  # a channel that never forgets
+    decay[..., 1] = 1e-30  # and one that forgets at once (log decay clamped, still exact)
+    w = decay.unsqueeze(-1) if per_token else decay[0].unsqueeze(-1)
+    bonus = torch.randn(H, N, 1, generator=gen(3)) * 0.5
+    expected_out, expected_state = v5_2.wkv_loop(r, k, v, w, bonus, state)
+    out, new_state = v5_2.wkv_chunked(r, k, v, w, bonus, state, chunk=chunk)
+    assert rel(out, expected_out) <= 1e-4 and rel(new_state, expected_state) <= 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole models: kernels on and off agree
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16i8"])
+def test_model_with_and_without_kernels(version, strategy, engine_models, token_sequence, monkeypatch):
+    path = engine_models[version, "three_heads"]
+    fast = RWKV(path, strategy)
+    seq_fast, state_fast = fast.forward(token_sequence, full_output=True)
+    one_fast, _ = fast.forward([7], state_fast)
+    monkeypatch.setenv("RWKV_CPU_KERNELS", "0")
+    assert cpu_kernels.get() is None
+    plain = RWKV(path, strategy)
+    seq_plain, state_plain = plain.forward(token_sequence, full_output=True)
+    one_plain, _ = plain.forward([7], state_plain)
+    monkeypatch.delenv("RWKV_CPU_KERNELS")
+    if strategy == "cpu fp32":
+        assert rel(seq_fast, seq_plain) <= 1e-4 and rel(one_fast, one_plain) <= 1e-4
+    else:  # int8 single tokens: int16 activations (kernel) vs bf16 ones (aten)
+        cosine = torch.nn.functional.cosine_similarity(seq_fast, seq_plain, dim=-1).min()
+        assert cosine >= 0.999
+        assert torch.nn.functional.cosine_similarity(one_fast, one_plain, dim=0) >= 0.99
+
+
+def test_kernels_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("RWKV_CPU_KERNELS", "0")
+    assert cpu_kernels.get() is None
+    linear = DenseLinear(torch.randn(8, 16), torch.float32, "cpu", layout="cols")
+    assert linear.layout == "rows"  # the sparse layout exists only for the kernels
+    x = torch.randn(1, 16)
+    assert torch.allclose(linear(x), x @ linear.weight.t())
