@@ -453,6 +453,15 @@ def _dtypes(sd) -> str:
     return ", ".join(sorted(counts, key=counts.get, reverse=True))
 
 
+def _register_bench() -> None:
+    from .benchmark import bench  # click and the standard library only; torch loads when it runs
+
+    cli.add_command(bench)
+
+
+_register_bench()
+
+
 def main() -> None:
     """Console-script entry point."""
     cli(prog_name="rwkv-chat")

@@ -19,7 +19,7 @@ from array import array
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels, memory
+from . import cpu_kernels, cuda, memory
 
 _HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
 _HAS_INT_MM = hasattr(torch, "_int_mm")
@@ -110,6 +110,8 @@ class Int8Linear:
                 w = self.q.t() if self.layout == "rows" else self.q
                 y = (flat.float() @ w.float()) * self.scale
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        if cuda.available_for(x):
+            return cuda.int8_matmul(x, self.q, self.scale)
         return (x @ self.q.t().to(x.dtype)) * self.scale.to(x.dtype)
 
     def tensors(self) -> list[torch.Tensor]:

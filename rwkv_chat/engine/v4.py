@@ -5,6 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import cuda
 from .common import kernels_for, layer_norm, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
@@ -47,6 +48,8 @@ def wkv(k, v, decay, first, aa, bb, pp):
     token t; every exponent is shifted by the running maximum pp.  k, v: [T, C] fp32.
 
     The C kernel when available, else the per-token loop in torch."""
+    if cuda.available_for(k):
+        return cuda.wkv4(k, v, decay, first, aa, bb, pp)
     kernels = kernels_for(k)
     if kernels is not None:
         c = lambda t: t.float().contiguous()

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import v4
+from . import cuda
 from .common import head_group_norm, kernels_for, layer_norm, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
@@ -56,6 +57,8 @@ def wkv(r, k, v, decay, bonus, state):
     `decay` (w) is [H,K,1] (v5.2) or [T,H,K,1] (v6, data dependent); `bonus` (u) is [H,K,1].
     The C kernel when available (exact, any T); else one torch step for a single token and the
     chunked form (`wkv_chunked`) for longer inputs."""
+    if cuda.available_for(r):
+        return cuda.wkv5(r, k, v, decay, bonus, state)
     kernels = kernels_for(r)
     if kernels is not None:
         c = lambda t: t.float().contiguous()

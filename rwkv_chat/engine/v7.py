@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import cuda
 from .common import head_group_norm, kernels_for, layer_norm, lora, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
@@ -63,6 +64,8 @@ def wkv(r, decay, k, v, kk, a, state):
     """S <- S diag(w) + (S (-kk)) (kk*a)^T + v k^T ; out = S r, per token.  All [T,H,N] fp32; S [H,V,K].
 
     The C kernel when available (exact, any T), else the per-token loop in torch."""
+    if cuda.available_for(r):
+        return cuda.wkv7(r, decay, k, v, kk, a, state)
     kernels = kernels_for(r)
     if kernels is not None and r.shape[-1] <= 1024:
         c = lambda t: t.float().contiguous()
