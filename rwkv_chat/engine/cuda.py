@@ -375,23 +375,17 @@ def _fallback(twin, args, inplace: bool, states: tuple[int, ...]):
 # Plain-torch twins: same signatures and layouts, one token at a time (fallback and test oracle)
 
 
+def _out_dtype(t: torch.Tensor) -> torch.dtype:
+    return t.dtype if t.dtype in _FLOATS else torch.float32
+
+
 def torch_wkv4(k, v, decay, first, aa, bb, pp):
     if k.dim() == 3:
         return _per_batch(torch_wkv4, (k, v, decay, first, aa, bb, pp), batched=(0, 1, 4, 5, 6))
-    k32, v32 = k.float(), v.float()
-    w, u = decay.float(), first.float()
-    aa, bb, pp = aa.float(), bb.float(), pp.float()
-    out = torch.empty_like(k32)
-    for t in range(k.shape[0]):
-        boosted = u + k32[t]
-        top = torch.maximum(pp, boosted)
-        e_state, e_token = torch.exp(pp - top), torch.exp(boosted - top)
-        out[t] = (e_state * aa + e_token * v32[t]) / (e_state * bb + e_token)
-        decayed = w + pp
-        top = torch.maximum(decayed, k32[t])
-        e_state, e_token = torch.exp(decayed - top), torch.exp(k32[t] - top)
-        aa, bb, pp = e_state * aa + e_token * v32[t], e_state * bb + e_token, top
-    return out.to(k.dtype if k.dtype in _FLOATS else torch.float32), aa, bb, pp
+    from . import v4  # the engine's own loop (imported here: the version modules import this one)
+
+    out, aa, bb, pp = v4.wkv_loop(*(t.float() for t in (k, v, decay, first, aa, bb, pp)))
+    return out.to(_out_dtype(k)), aa, bb, pp
 
 
 def torch_wkv5(r, k, v, decay, bonus, state):
@@ -399,17 +393,11 @@ def torch_wkv5(r, k, v, decay, bonus, state):
     per_token = decay.numel() != H * N
     if r.dim() == 4:
         return _per_batch(torch_wkv5, (r, k, v, decay, bonus, state), batched=(0, 1, 2, 5) + ((3,) if per_token else ()))
-    T = r.shape[0]
-    r32, k32, v32 = r.float(), k.float(), v.float()
-    w = decay.float().reshape((T, H, N, 1) if per_token else (H, N, 1))
-    u = bonus.float().reshape(H, N, 1)
-    state = state.float()
-    out = torch.empty_like(r32)
-    for t in range(T):
-        kv = k32[t].unsqueeze(-1) * v32[t].unsqueeze(-2)  # [H, K, V]
-        out[t] = (r32[t].unsqueeze(-2) @ (u * kv + state)).squeeze(-2)
-        state = kv + (w[t] if per_token else w) * state
-    return out.to(r.dtype if r.dtype in _FLOATS else torch.float32), state
+    from . import v5_2
+
+    w = decay.float().reshape((r.shape[0], H, N, 1) if per_token else (H, N, 1))
+    out, state = v5_2.wkv_loop(r.float(), k.float(), v.float(), w, bonus.float().reshape(H, N, 1), state.float())
+    return out.to(_out_dtype(r)), state
 
 
 torch_wkv6 = torch_wkv5
@@ -418,21 +406,17 @@ torch_wkv6 = torch_wkv5
 def torch_wkv7(r, decay, k, v, kk, a, state):
     if r.dim() == 4:
         return _per_batch(torch_wkv7, (r, decay, k, v, kk, a, state), batched=(0, 1, 2, 3, 4, 5, 6))
-    r32, w, k32, v32, kk32, a32 = (t.float() for t in (r, decay, k, v, kk, a))
-    w = w.reshape(r.shape)
-    state = state.float()
-    out = torch.empty_like(r32)
-    for t in range(r.shape[0]):
-        removal = (state @ -kk32[t].unsqueeze(-1)) @ (kk32[t] * a32[t]).unsqueeze(-2)  # [H, V, K]
-        state = state * w[t].unsqueeze(-2) + removal + v32[t].unsqueeze(-1) @ k32[t].unsqueeze(-2)
-        out[t] = (state @ r32[t].unsqueeze(-1)).squeeze(-1)
-    return out.to(r.dtype if r.dtype in _FLOATS else torch.float32), state
+    from . import v7
+
+    out, state = v7.wkv_loop(r.float(), decay.float().reshape(r.shape), k.float(), v.float(), kk.float(),
+                             a.float(), state.float())
+    return out.to(_out_dtype(r)), state
 
 
 def torch_int8_matmul(x, q, scale):
     """Int8Linear's math, accumulated in float32 (the kernels' reference)."""
     y = x.float() @ q.t().float()
-    return (y * scale.float()).to(x.dtype if x.dtype in _FLOATS else torch.float32)
+    return (y * scale.float()).to(_out_dtype(x))
 
 
 def _per_batch(twin, args, batched: tuple[int, ...]):
