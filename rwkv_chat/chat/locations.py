@@ -15,11 +15,11 @@ inside the package and, in a source checkout, `states/` at the repository root.
 from __future__ import annotations
 
 import os
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 import platformdirs
+
+from ..files import write_atomically  # noqa: F401  (re-exported: chat code writes through locations)
 
 APP_NAME = "rwkv-chat"
 HOME_ENV_VAR = "RWKV_CHAT_HOME"
@@ -66,27 +66,3 @@ def bundled_states_dirs() -> list[Path]:
 def state_dirs() -> list[Path]:
     """Every folder searched for tuned state files: bundled ones first, then the user's."""
     return [*bundled_states_dirs(), user_states_dir()]
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
-    """Call `write(temp_path)` for a temp file in the folder of `path`, flush it to disk, then
-    move it over `path` with os.replace, so readers see the old file or the new one, never a
-    half-written one. The temp file is removed when `write` fails (or is interrupted)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    temp = Path(temp_name)
-    try:
-        write(temp)
-        _flush_to_disk(temp)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _flush_to_disk(path: Path) -> None:
-    with open(path, "rb+") as file:
-        os.fsync(file.fileno())

@@ -15,6 +15,7 @@ import torch
 
 from ..engine.state import ModelShape, RWKVState
 from ..errors import ModelLoadError
+from ..files import load_tensors
 from . import locations
 
 STATE_FILE_SUFFIX = ".pth"
@@ -80,12 +81,7 @@ def read_state_file_info(path: str | os.PathLike, source: str = "user") -> State
 
 def _load_lazily(file: Path) -> dict:
     try:
-        try:
-            data = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            data = torch.load(file, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        data = load_tensors(file)
     except FileNotFoundError:
         raise ModelLoadError(f"{file}: no such state file") from None
     except Exception as error:

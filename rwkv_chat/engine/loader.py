@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..files import load_tensors
 from . import v4, v5_2, v6, v7
 
 VERSION_MODULES = {"4": v4, "5.2": v5_2, "6": v6, "7": v7}
@@ -50,12 +51,7 @@ def resolve_path(path: str | os.PathLike) -> Path:
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:
     """torch.load with weights_only (no code runs), memory-mapped when the format allows."""
     try:
-        try:
-            data = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            data = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+        data = load_tensors(path)
     except Exception as error:  # torch raises many types for corrupt or foreign files
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from error

@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
+
+from ..files import write_atomically
 
 VERSIONS = ("4", "5.2", "6", "7")
 
@@ -341,20 +341,7 @@ def merge_state(checkpoint: dict[str, torch.Tensor], state_file: dict[str, torch
 def save_checkpoint(path, state_dict: dict[str, torch.Tensor]) -> Path:
     """torch.save `state_dict` to `path` atomically (a temp file in the same folder, then
     os.replace), so a reader never sees a half-written file. Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(state_dict, handle)
-        os.replace(temp_name, path)
-    except BaseException:
-        try:
-            os.unlink(temp_name)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return write_atomically(path, lambda temp: torch.save(state_dict, temp))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -15,9 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..files import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -62,11 +63,11 @@ def save_compact(path: str | os.PathLike, state_dict: dict, token_ids, meta: dic
 
     tensors = {k: v.detach().contiguous() for k, v in state_dict.items()}
     tensors["vocab.token_ids"] = torch.as_tensor(token_ids, dtype=torch.int64).contiguous()
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": FORMAT, "meta": json.dumps(meta)})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    def write(temp: Path) -> None:
+        save_file(tensors, str(temp), metadata={"format": FORMAT, "meta": json.dumps(meta)})
+        os.chmod(temp, 0o644)  # mkstemp makes owner-only files; this one ships in the package
+
+    write_atomically(path, write)
 
 
 def load_compact(path: str | os.PathLike | None = None) -> tuple[dict, torch.Tensor, dict]:
@@ -119,18 +120,7 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
     tensors, token_ids, _meta = load_compact(source)
     full = expand_to_world(tensors, token_ids, WORLD_VOCAB)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".demo-", suffix=".tmp", dir=cache_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(full, f)
-        os.replace(tmp_name, target)
-    except BaseException:
-        try:
-            os.unlink(tmp_name)
-        except OSError:
-            pass
-        raise
+    write_atomically(target, lambda temp: torch.save(full, temp))
     for old in cache_dir.glob(f"{_EXPANDED_PREFIX}*.pth"):
         if old != target:
             try:
