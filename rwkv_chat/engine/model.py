@@ -9,11 +9,9 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from . import loader
+from . import loader, memory
 from .common import layer_norm, pair
 from .placement import rescale_every, resolve_device
-from . import memory
-from .memory import release_freed_memory
 from .quant import make_linear, quantize_rows
 from .state import ModelShape, RWKVState
 from .strategy import LayerPlan, parse_strategy, plan_layers
@@ -117,7 +115,7 @@ class RWKV:
     def _load_weights(self, sd: dict[str, torch.Tensor], progress: ProgressCallback | None) -> None:
         with memory.releasing(self.path):
             self._convert(sd, progress)
-        release_freed_memory()
+        memory.release_freed_memory()
 
     def _convert(self, sd: dict[str, torch.Tensor], progress: ProgressCallback | None) -> None:
         path = self.path
@@ -141,7 +139,7 @@ class RWKV:
             for key, tensor in sd.items():
                 if key.startswith(prefix):
                     release(tensor)
-            release_freed_memory(collect=False)
+            memory.release_freed_memory(collect=False)
             if progress:
                 progress(i + 1, total, f"layer {i + 1}/{self.n_layer}")
         head_plan, head_device = self.plan[-1], self.devices[-1]
