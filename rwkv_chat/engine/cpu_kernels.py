@@ -11,6 +11,7 @@ of their own, which join a call only when they are awake (see the C source).
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -30,6 +31,7 @@ from .cpu_kernels_src import SOURCE
 K_F32, K_BF16, K_I8 = 0, 1, 2
 LAYOUT_COLS = 16
 X_BF16, Y_BF16 = 256, 512
+_SHORT_SPIN, _DECODE_SPIN = 2_000, 200_000  # pause instructions a helper spins before sleeping
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
 
 _lock = threading.Lock()
@@ -116,16 +118,41 @@ class Kernels:
         for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_quant_rows, lib.rk_dequant, lib.rk_group_norm_gate,
                    lib.rk_v7_step):
             fn.restype = None
+        lib.rk_set_spin.argtypes = [ctypes.c_int]
+        lib.rk_set_spin.restype = None
         self.lib = lib
         self.path = path
+        self._threads: int | None = None  # the kernels' thread count while torch is held at one
 
-    @staticmethod
-    def threads() -> int:
-        return torch.get_num_threads()
+    def threads(self) -> int:
+        return self._threads or torch.get_num_threads()
+
+    @contextlib.contextmanager
+    def token_mode(self, n_tokens: int):
+        """Thread settings for a forward call of `n_tokens` tokens.
+
+        One token (decode) is a chain of small kernel calls with tiny torch ops between them:
+        torch runs those on one thread, while the kernels keep every thread and their helpers
+        spin between calls instead of sleeping (waking a sleeping thread takes longer than a
+        768x768 product). Longer inputs spend their time in torch's GEMMs, so the helpers go
+        back to sleeping quickly and leave the cores to torch."""
+        n = torch.get_num_threads()
+        if n_tokens != 1 or n <= 1 or self._threads is not None:
+            self.lib.rk_set_spin(_SHORT_SPIN)
+            yield
+            return
+        self._threads = n
+        torch.set_num_threads(1)
+        self.lib.rk_set_spin(_DECODE_SPIN)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(n)
+            self._threads = None
 
     def gemv(self, jobs, n: int) -> None:
         """Run `n` prepared `Job` structs (a ctypes array) in one parallel region."""
-        if self.lib.rk_gemv(n, ctypes.addressof(jobs), torch.get_num_threads()) != 0:
+        if self.lib.rk_gemv(n, ctypes.addressof(jobs), self.threads()) != 0:
             raise RuntimeError("rk_gemv: too many jobs in one call")
 
     def int8_gemm(self, x, q_in_out, scale, out_dtype):
@@ -134,7 +161,7 @@ class Kernels:
         M, K = x.shape
         xq = torch.empty((M, K), dtype=torch.int8)
         xs = torch.empty(M, dtype=torch.float32)
-        threads = torch.get_num_threads()
+        threads = self.threads()
         self.lib.rk_quant_rows(M, K, x.data_ptr(), int(x.dtype == torch.bfloat16), xq.data_ptr(), xs.data_ptr(), threads)
         acc = torch._int_mm(xq, q_in_out)
         y = torch.empty((M, acc.shape[1]), dtype=out_dtype)
@@ -145,7 +172,7 @@ class Kernels:
     def gemv_words(self, words) -> None:
         """Jobs given as an array('q') of 8 words each (the `Job` fields, in order)."""
         address, length = words.buffer_info()
-        if self.lib.rk_gemv(length // 8, address, torch.get_num_threads()) != 0:
+        if self.lib.rk_gemv(length // 8, address, self.threads()) != 0:
             raise RuntimeError("rk_gemv: too many jobs in one call")
 
     def group_norm_gate(self, x, n_head, ln_w, ln_b, eps, g=None, silu=False, dtype=torch.float32):
@@ -182,7 +209,7 @@ class Kernels:
         aa2, bb2, pp2 = torch.empty_like(aa), torch.empty_like(bb), torch.empty_like(pp)
         self.lib.rk_wkv4(T, C, k.data_ptr(), v.data_ptr(), w.data_ptr(), u.data_ptr(), aa.data_ptr(), bb.data_ptr(),
                          pp.data_ptr(), aa2.data_ptr(), bb2.data_ptr(), pp2.data_ptr(), out.data_ptr(),
-                         torch.get_num_threads())
+                         self.threads())
         return out, aa2, bb2, pp2
 
     def wkv5(self, r, k, v, w, u, state):
@@ -191,7 +218,7 @@ class Kernels:
         new_state = torch.empty_like(state)
         w_stride = H * N if w.dim() == 3 else 0
         self.lib.rk_wkv5(T, H, N, r.data_ptr(), k.data_ptr(), v.data_ptr(), w.data_ptr(), w_stride, u.data_ptr(),
-                         state.data_ptr(), new_state.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                         state.data_ptr(), new_state.data_ptr(), out.data_ptr(), self.threads())
         return out, new_state
 
     def wkv7(self, r, w, k, v, kk, a, state):
@@ -199,7 +226,7 @@ class Kernels:
         out = torch.empty_like(r)
         new_state = torch.empty_like(state)
         self.lib.rk_wkv7(T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), kk.data_ptr(), a.data_ptr(),
-                         state.data_ptr(), new_state.data_ptr(), out.data_ptr(), torch.get_num_threads())
+                         state.data_ptr(), new_state.data_ptr(), out.data_ptr(), self.threads())
         return out, new_state
 
 

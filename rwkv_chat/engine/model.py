@@ -1,6 +1,7 @@
 """The RWKV model: load a checkpoint under a strategy, run tokens through it."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Callable
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
-from . import loader, memory
+from . import cpu_kernels, loader, memory
 from .common import layer_norm, pair
 from .placement import rescale_every, resolve_device
 from .quant import make_linear, quantize_rows
@@ -87,6 +88,7 @@ class RWKV:
         for seg in segments:
             segment_of.setdefault(seg.device, seg.text)
         self.devices = [resolve_device(p, segment_of[p.device]) for p in self.plan]
+        self._all_cpu = all(torch.device(d).type == "cpu" for d in self.devices)
         self.rescale = rescale_every(self.strategy, self.version)
         self._module = loader.VERSION_MODULES[self.version]
         merged = loader.time_state_tensors(sd, dims, self.path, self.version)
@@ -197,6 +199,14 @@ class RWKV:
             state = self.initial_state()
         else:
             state.check_compatible(self.shape)
+        with self._thread_mode(len(ids)):
+            return self._forward(ids, state, full_output)
+
+    def _thread_mode(self, n_tokens: int):
+        kernels = cpu_kernels.get() if self._all_cpu else None
+        return kernels.token_mode(n_tokens) if kernels is not None else contextlib.nullcontext()
+
+    def _forward(self, ids: torch.Tensor, state: RWKVState, full_output: bool):
         x = self.emb[ids]
         v_first = None
         new_layers = []

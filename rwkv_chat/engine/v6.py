@@ -26,14 +26,13 @@ def prepare_layer(get, plan, device, output_scale: float, n_head: int) -> Simple
     dt = plan.dtype
     lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
-    maa_w2 = get("att.time_maa_w2")
     return SimpleNamespace(
         n_head=n_head,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         maa_x=vec("att.time_maa_x"),
         maa=torch.stack([vec(f"att.time_maa_{n}") for n in "wkvrg"]),  # [5, C]
         maa_w1=lora(get("att.time_maa_w1"), dt, device),  # C -> 5*D
-        maa_w2=maa_w2.reshape(5, -1, maa_w2.shape[-1]).to(dtype=dt, device=device, copy=True),  # [5, D, C]
+        maa_w2=[lora(part, dt, device) for part in get("att.time_maa_w2")],  # five D -> C
         decay_base=get("att.time_decay").reshape(n_head, -1, 1).to(dtype=torch.float32, device=device, copy=True),  # [H, K, 1]
         decay_w1=lora(get("att.time_decay_w1"), dt, device), decay_w2=lora(get("att.time_decay_w2"), dt, device),
         bonus=get("att.time_faaaa").reshape(n_head, -1, 1).to(dtype=torch.float32, device=device, copy=True),
@@ -55,9 +54,9 @@ def time_mix(x, w, att_x, state):
     H = w.n_head
     delta = shifted(x, att_x) - x
     # ddlerp: five low-rank, data-dependent offsets to the static mixing coefficients
-    lora_out = torch.tanh(w.maa_w1(torch.addcmul(x, delta, w.maa_x))).view(T, 5, -1).transpose(0, 1)  # [5, T, D]
-    offsets = torch.baddbmm(w.maa.unsqueeze(1), lora_out, w.maa_w2)  # [5, T, C]: maa + lora
-    xw, xk, xv, xr, xg = torch.addcmul(x, delta, offsets)
+    lora_in = torch.tanh(w.maa_w1(torch.addcmul(x, delta, w.maa_x))).view(T, 5, -1).transpose(0, 1)  # [5, T, D]
+    lora_out = torch.stack(run_group(list(zip(w.maa_w2, lora_in))))  # [5, T, C]
+    xw, xk, xv, xr, xg = torch.addcmul(x, delta, lora_out + w.maa.unsqueeze(1))
 
     r, k, v, g, decay_low = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv), (w.gate, xg), (w.decay_w1, xw)])
     log_decay = w.decay_base + w.decay_w2(torch.tanh(decay_low)).float().view(T, H, -1, 1)

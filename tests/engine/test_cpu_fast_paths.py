@@ -68,6 +68,65 @@ def test_int8_single_token_matches_dequantized(out_features, in_features, layout
 
 
 @needs_kernels
+@pytest.mark.parametrize("out_features,in_features", [(768, 3072), (128, 1001), (100, 256)])
+@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_cols_with_relu_squared_input(out_features, in_features, density, dtype):
+    """Nonnegative inputs (the FFN's relu(k)^2) take the cols layout's u16-split VNNI path when the
+    output width allows; every density, including none and all nonzero, gives the exact product."""
+    g = gen(out_features + 7 * in_features + int(100 * density))
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    x = torch.relu(torch.randn(1, in_features, generator=g)).square()
+    x[0, torch.rand(in_features, generator=g) >= density] = 0
+    if density > 0:
+        x[0, 5] = 40.0  # an outlier: the 16-bit activations must keep the small values
+    x = x.to(dtype)
+    linear = Int8Linear(weight, dtype, "cpu", layout="cols")
+    q, scale = quantize_rows(weight)
+    expected = x.double() @ (q.double() * scale.double()[:, None]).t()
+    got = linear(x)
+    assert got.dtype == dtype and got.shape == (1, out_features)
+    if density == 0:
+        assert torch.count_nonzero(got) == 0
+    else:
+        assert rel(got, expected) <= (1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+def test_single_token_calls_hold_torch_at_one_thread_and_restore_it(engine_models, monkeypatch):
+    """Decode runs torch's small ops on one thread while the kernels keep the configured count;
+    the setting is restored after every call, also when it fails."""
+    model = RWKV(engine_models["5.2", "three_heads"], "cpu bf16i8")
+    seen = []
+    original = KERNELS.gemv_words
+
+    def spy(words):
+        seen.append((torch.get_num_threads(), KERNELS.threads()))
+        return original(words)
+
+    monkeypatch.setattr(KERNELS, "gemv_words", spy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, state = model.forward([1, 2, 3])
+        assert set(seen) == {(2, 2)}
+        seen.clear()
+        model.forward([4], state)
+        assert set(seen) == {(1, 2)}
+        assert torch.get_num_threads() == 2 and KERNELS.threads() == 2
+
+        def broken(words):
+            raise RuntimeError("boom")
+
+        monkeypatch.setattr(KERNELS, "gemv_words", broken)
+        with pytest.raises(RuntimeError, match="boom"):
+            model.forward([4], state)
+        assert torch.get_num_threads() == 2 and KERNELS.threads() == 2
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_kernels
 def test_group_of_linears_is_one_call_with_the_same_results():
     g = gen(11)
     linears = [DenseLinear(torch.randn(64, 96, generator=g), torch.float32, "cpu"),
