@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 _MADV_DONTNEED = 4
+_BLOCK_ELEMENTS = 1 << 20  # elements converted at a time: 4 MiB of fp32 temporaries, whatever the width
 _active: "PageReleaser | None" = None
 
 
@@ -90,3 +91,27 @@ def release_freed_memory(collect: bool = True) -> None:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
         except (OSError, AttributeError):
             pass
+
+
+def row_blocks(tensor: torch.Tensor):
+    """(start, stop) row ranges of a 2-D tensor, about a million elements each."""
+    rows, cols = tensor.shape[0], max(1, tensor[0].numel() if tensor.shape[0] else 1)
+    step = max(1, _BLOCK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        yield start, min(rows, start + step)
+
+
+def converted(weight: torch.Tensor, dtype: torch.dtype, transpose: bool = False) -> torch.Tensor:
+    """A contiguous copy of a 2-D checkpoint tensor in `dtype` (transposed when asked), made a block
+    of rows at a time, each block's file pages dropped once copied: the file is never resident
+    next to the whole copy."""
+    rows, cols = weight.shape
+    out = torch.empty((cols, rows) if transpose else (rows, cols), dtype=dtype)
+    for start, stop in row_blocks(weight):
+        block = weight[start:stop]
+        if transpose:
+            out[:, start:stop] = block.t()
+        else:
+            out[start:stop] = block
+        release(block)
+    return out

@@ -19,7 +19,6 @@ from .strategy import LayerPlan, parse_strategy, plan_layers
 
 ProgressCallback = Callable[[int, int, str], None]
 _LARGE_FILE = 256 << 20
-_EMB_CHUNK = 8192  # embedding rows normalised at a time while loading (bounds the fp32 temporaries)
 
 
 class QuantizedRows:
@@ -38,7 +37,7 @@ class QuantizedRows:
 
 def embedding_table(sd, plan):
     """emb.weight with ln0 applied (once, at load), in the first layer's dtype; int8 per row when
-    the first layer's weights are int8. Converted a chunk of rows at a time."""
+    the first layer's weights are int8. Converted a block of rows at a time."""
     weight = sd["emb.weight"]
     ln0 = (sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
     rows = weight.shape[0]
@@ -47,14 +46,14 @@ def embedding_table(sd, plan):
         scale = torch.empty(rows, dtype=torch.float32)
     else:
         out = torch.empty(weight.shape, dtype=plan.dtype)
-    for start in range(0, rows, _EMB_CHUNK):
-        block = weight[start:start + _EMB_CHUNK]
+    for start, stop in memory.row_blocks(weight):
+        block = weight[start:stop]
         normed = layer_norm(block.float(), ln0)
         memory.release(block)
         if plan.int8:
-            q[start:start + _EMB_CHUNK], scale[start:start + _EMB_CHUNK] = quantize_rows(normed)
+            q[start:stop], scale[start:stop] = quantize_rows(normed)
         else:
-            out[start:start + _EMB_CHUNK] = normed
+            out[start:stop] = normed
     return QuantizedRows(q, scale, plan.dtype) if plan.int8 else out
 
 

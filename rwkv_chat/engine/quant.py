@@ -47,11 +47,8 @@ class DenseLinear:
         self.out_features, self.in_features = weight.shape
         kernels = _kernels_for(device, dtype)
         self.layout = layout if kernels is not None else "rows"
-        w = weight.to(dtype)
-        w = (w.t() if self.layout == "cols" else w).contiguous()
-        if w.data_ptr() == weight.data_ptr():
-            w = w.clone()  # never keep a view of the (memory-mapped) checkpoint
-        self.weight = w.to(device)
+        # always a copy, never a view of the (memory-mapped) checkpoint
+        self.weight = memory.converted(weight, dtype, transpose=self.layout == "cols").to(device)
         self._kernels = kernels
         if kernels is not None:
             kind = cpu_kernels.K_F32 if dtype == torch.float32 else cpu_kernels.K_BF16
@@ -118,23 +115,23 @@ class Int8Linear:
         return [self.q, self.scale]
 
 
-def quantize_rows(weight: torch.Tensor, chunk: int = 4096, with_rowsum: bool = False):
-    """Symmetric per-row int8: (q, scale[, rowsum of q as int32]); `chunk` rows at a time to
+def quantize_rows(weight: torch.Tensor, with_rowsum: bool = False):
+    """Symmetric per-row int8: (q, scale[, rowsum of q as int32]); a block of rows at a time to
     bound the float temporaries."""
     rows = weight.shape[0]
     q = torch.empty(weight.shape, dtype=torch.int8)
     scale = torch.empty(rows, dtype=torch.float32)
     rowsum = torch.empty(rows, dtype=torch.int32)
-    for start in range(0, rows, chunk):
-        block = weight[start:start + chunk]
+    for start, stop in memory.row_blocks(weight):
+        block = weight[start:stop]
         w = block.float()
         memory.release(block)
         s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
         rounded = torch.round(w / s[:, None]).clamp_(-127, 127)
-        q[start:start + chunk] = rounded.to(torch.int8)
-        scale[start:start + chunk] = s
+        q[start:stop] = rounded.to(torch.int8)
+        scale[start:stop] = s
         if with_rowsum:
-            rowsum[start:start + chunk] = rounded.sum(dim=1).to(torch.int32)
+            rowsum[start:stop] = rounded.sum(dim=1).to(torch.int32)
     return (q, scale, rowsum) if with_rowsum else (q, scale)
 
 
