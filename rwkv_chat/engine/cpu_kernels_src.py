@@ -535,14 +535,24 @@ static void quant_unit(void *arg, int64_t m) {
     int64_t K = c->K;
     float buf[16384];
     float *row = K <= 16384 ? buf : (float *)malloc(sizeof(float) * K);
-    if (c->x_bf16) { const uint16_t *xb = (const uint16_t *)c->x + m * K; for (int64_t i = 0; i < K; i++) row[i] = bf16_to_f32(xb[i]); }
+    if (c->x_bf16) {
+        const uint16_t *xb = (const uint16_t *)c->x + m * K;
+        #pragma omp simd
+        for (int64_t i = 0; i < K; i++) row[i] = bf16_to_f32(xb[i]);
+    }
     else memcpy(row, (const float *)c->x + m * K, sizeof(float) * K);
     float amax = 0.f;
     #pragma omp simd reduction(max:amax)
     for (int64_t i = 0; i < K; i++) { float a = fabsf(row[i]); amax = a > amax ? a : amax; }
     float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
     int8_t *q = c->q + m * K;
-    for (int64_t i = 0; i < K; i++) q[i] = (int8_t)lrintf(row[i] * inv);
+    int64_t i = 0;
+#ifdef RK_AVX512
+    __m512 vinv = _mm512_set1_ps(inv);
+    for (; i + 16 <= K; i += 16)  /* round to nearest even, like lrintf */
+        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + i), vinv))));
+#endif
+    for (; i < K; i++) q[i] = (int8_t)lrintf(row[i] * inv);
     c->xs[m] = scale;
     if (row != buf) free(row);
 }
@@ -561,7 +571,15 @@ static void deq_unit(void *arg, int64_t m) {
     float s = c->xs[m];
     if (c->y_bf16) {
         uint16_t *y = (uint16_t *)c->y + m * N;
-        for (int64_t n = 0; n < N; n++) y[n] = f32_to_bf16((float)a[n] * s * c->ws[n]);
+        int64_t n = 0;
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+        __m512 vs = _mm512_set1_ps(s);
+        for (; n + 16 <= N; n += 16) {  /* round to nearest even, NaN kept: as f32_to_bf16 */
+            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(a + n)), vs), _mm512_loadu_ps(c->ws + n));
+            _mm256_storeu_si256((__m256i *)(y + n), (__m256i)_mm512_cvtneps_pbh(v));
+        }
+#endif
+        for (; n < N; n++) y[n] = f32_to_bf16((float)a[n] * s * c->ws[n]);
     } else {
         float *y = (float *)c->y + m * N;
         #pragma omp simd
