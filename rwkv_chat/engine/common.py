@@ -20,6 +20,12 @@ def shifted(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     return torch.cat((prev.unsqueeze(0), x[:-1]))
 
 
+def last_row(x: torch.Tensor) -> torch.Tensor:
+    """x[-1], the next call's token-shift state; copied when x has more rows, so that the state
+    does not keep the whole [T, C] activation alive."""
+    return x[-1] if x.shape[0] == 1 else x[-1].clone()
+
+
 def mixed(x: torch.Tensor, delta: torch.Tensor, mixes: torch.Tensor) -> torch.Tensor:
     """x + delta * m for every row m of `mixes` [n, C] at once: [n, T, C] (each [T, C] slice contiguous)."""
     return torch.addcmul(x.unsqueeze(0), delta.unsqueeze(0), mixes.unsqueeze(1))

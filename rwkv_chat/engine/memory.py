@@ -95,8 +95,8 @@ def release_freed_memory(collect: bool = True) -> None:
 
 def row_blocks(tensor: torch.Tensor):
     """(start, stop) row ranges of a 2-D tensor, about a million elements each."""
-    rows, cols = tensor.shape[0], max(1, tensor[0].numel() if tensor.shape[0] else 1)
-    step = max(1, _BLOCK_ELEMENTS // cols)
+    rows, cols = tensor.shape
+    step = max(1, _BLOCK_ELEMENTS // max(1, cols))
     for start in range(0, rows, step):
         yield start, min(rows, start + step)
 

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import torch
 
 from . import cuda
-from .common import kernels_for, layer_norm, mixed, pair, shifted, vector
+from .common import kernels_for, last_row, layer_norm, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
 
@@ -76,14 +76,14 @@ def time_mix(x, w, att_x, aa, bb, pp):
     xr, xk, xv = mixed(prev, x - prev, w.mix)  # x * m + prev * (1 - m)
     r, k, v = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv)])
     out, aa, bb, pp = wkv(k.float(), v.float(), w.decay, w.first, aa, bb, pp)
-    return w.output(torch.sigmoid(r) * out.to(x.dtype)), x[-1], aa, bb, pp
+    return w.output(torch.sigmoid(r) * out.to(x.dtype)), last_row(x), aa, bb, pp
 
 
 def channel_mix(x, w, ffn_x):
     prev = shifted(x, ffn_x)
     xr, xk = mixed(prev, x - prev, w.ffn_mix)
     r, k = run_group([(w.ffn_receptance, xr), (w.ffn_key, xk)])
-    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), x[-1]
+    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), last_row(x)
 
 
 def block(x, w, state, v_first):

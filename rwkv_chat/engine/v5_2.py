@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import v4
 from . import cuda
-from .common import head_group_norm, kernels_for, layer_norm, mixed, pair, shifted, vector
+from .common import head_group_norm, kernels_for, last_row, layer_norm, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
 CHUNK = 32  # tokens per chunk of the chunked (plain torch) WKV
@@ -135,7 +135,7 @@ def time_mix(x, w, att_x, state):
     r, k, v, g = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv), (w.gate, xg)])
     f32 = lambda t: t.float().view(T, H, -1)
     out, state = wkv(f32(r), f32(k), f32(v), w.decay, w.bonus, state)
-    return attention_output(out, g, x, w), x[-1], state
+    return attention_output(out, g, x, w), last_row(x), state
 
 
 def block(x, w, state, v_first):

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import torch
 
 from . import cuda
-from .common import head_group_norm, kernels_for, layer_norm, lora, mixed, pair, shifted, vector
+from .common import head_group_norm, kernels_for, last_row, layer_norm, lora, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
 _DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
@@ -102,7 +102,7 @@ def time_mix(x, w, att_x, state, v_first):
         v_in = None if w.first_layer else v_first.to(x.dtype).contiguous()
         y, v, state = kernels.v7_step(w, r, k, v, w_lora, a_lora, g, v_lora[0] if v_lora else None, v_in,
                                       state.float().contiguous())
-        return w.output(y), x[-1], state, (v if w.first_layer else v_first)
+        return w.output(y), last_row(x), state, (v if w.first_layer else v_first)
 
     a = torch.sigmoid(w.a0 + a_lora)  # in-context learning rate
     decay = torch.exp(torch.sigmoid(w.w0 + w_lora.float()).mul_(-_DECAY_SCALE))
@@ -118,12 +118,12 @@ def time_mix(x, w, att_x, state, v_first):
 
     out = head_group_norm(out.view(T, C).to(x.dtype), H, w.ln_x)
     bonus = (r * k * w.r_k).view(T, H, -1).sum(dim=-1, keepdim=True) * v.view(T, H, -1)
-    return w.output((out + bonus.view(T, C)) * g), x[-1], state, v_first
+    return w.output((out + bonus.view(T, C)) * g), last_row(x), state, v_first
 
 
 def channel_mix(x, w, ffn_x):
     k = torch.addcmul(x, shifted(x, ffn_x) - x, w.ffn_x_k)
-    return w.ffn_value(torch.relu(w.ffn_key(k)).square_()), x[-1]
+    return w.ffn_value(torch.relu(w.ffn_key(k)).square_()), last_row(x)
 
 
 def block(x, w, state, v_first):
