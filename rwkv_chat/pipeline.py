@@ -14,6 +14,8 @@ is in `gen.text`, plus the tokens of a stop string when one ended the generation
 """
 from __future__ import annotations
 
+import contextlib
+
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -240,18 +242,21 @@ class Generation:
         decoder = StreamDecoder(self.pipeline.tokenizer)
         stop_filter = StopStringFilter()
         tokenizer = self.pipeline.tokenizer
+        decoding = getattr(self.pipeline.model, "decoding", contextlib.nullcontext)
         while True:
-            settings = self._read_settings()
-            reason = self._reason_to_end_before_sampling(settings)
-            token = None if reason else sampler.sample(self.state.logits, settings)
-            if token == tokenizer.eos_id:
-                reason = "eos"
+            with decoding():
+                settings = self._read_settings()
+                reason = self._reason_to_end_before_sampling(settings)
+                token = None if reason else sampler.sample(self.state.logits, settings)
+                if token == tokenizer.eos_id:
+                    reason = "eos"
+                if not reason:
+                    self._feed(token)
+                    sampler.record(token, penalty_weight(tokenizer.decode([token])), penalty_decay=settings.penalty_decay)
             if reason:
                 self._finish(reason)
                 yield from self._show(stop_filter.release() + decoder.flush())
                 return
-            self._feed(token)
-            sampler.record(token, penalty_weight(tokenizer.decode([token])), penalty_decay=settings.penalty_decay)
             visible, stopped = stop_filter.push(decoder.feed(token), settings.stop)
             if stopped:
                 self._finish("stop")

@@ -136,8 +136,11 @@ class Kernels:
         spin between calls instead of sleeping (waking a sleeping thread takes longer than a
         768x768 product). Longer inputs spend their time in torch's GEMMs, so the helpers go
         back to sleeping quickly and leave the cores to torch."""
+        if self._threads is not None:  # already held for a decode loop (see RWKV.decoding)
+            yield
+            return
         n = torch.get_num_threads()
-        if n_tokens != 1 or n <= 1 or self._threads is not None:
+        if n_tokens != 1 or n <= 1:
             self.lib.rk_set_spin(_SHORT_SPIN)
             yield
             return

@@ -201,6 +201,11 @@ class RWKV:
         with self._thread_mode(len(ids)):
             return self._forward(ids, state, full_output)
 
+    def decoding(self):
+        """A context for one step of a decode loop (sampling included): the single-token thread
+        settings then hold across the work between forward calls, not only inside them."""
+        return self._thread_mode(1)
+
     def _thread_mode(self, n_tokens: int):
         kernels = cpu_kernels.get() if self._all_cpu else None
         return kernels.token_mode(n_tokens) if kernels is not None else contextlib.nullcontext()

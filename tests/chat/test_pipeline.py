@@ -357,3 +357,35 @@ def test_generation_is_lazy(scripted):
 
 def test_default_tokenizer_is_the_world_tokenizer(load_model):
     assert Pipeline(load_model("7")).encode("\n\n") == [261]
+
+
+def test_decode_steps_hold_the_single_token_thread_settings(pipe, monkeypatch):
+    """Sampling runs inside the model's decode settings (torch on one thread next to the CPU
+    kernels' own threads), and the caller's setting is back between pieces and afterwards."""
+    from rwkv_chat.engine import cpu_kernels
+    from rwkv_chat.sampling import Sampler
+
+    if cpu_kernels.get() is None:
+        pytest.skip("the CPU kernels could not be built here")
+    seen = []
+    original = Sampler.sample
+
+    def spy(self, logits, settings):
+        seen.append(torch.get_num_threads())
+        return original(self, logits, settings)
+
+    monkeypatch.setattr(Sampler, "sample", spy)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        between = []
+        for _ in pipe.stream(PROMPT, settings=GREEDY.replace(max_tokens=6)):
+            between.append(torch.get_num_threads())
+        assert seen and set(seen) == {1}
+        assert set(between) == {2} and torch.get_num_threads() == 2
+        generation = pipe.stream(PROMPT, settings=GREEDY.replace(max_tokens=50))
+        next(generation)
+        generation.close()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(previous)
