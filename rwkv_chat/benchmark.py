@@ -9,7 +9,7 @@ What is measured (best of `--repeats` runs each, as the machine may be shared):
   the chat pipeline does), tokens per second; time to first token = that wall time (the prompt's
   logits are ready to sample from);
 * decode: tokens fed one at a time after the prompt (each the argmax of the previous logits),
-  tokens per second;
+  tokens per second; ours runs each step inside `model.decoding()`, as the chat pipeline does;
 * memory: peak RSS of the process (VmHWM: loading included) and the model's own share, the RSS
   growth from before loading to after the run.
 
@@ -17,6 +17,8 @@ The reference runs in a child process (it reads environment variables at import,
 must not mix with ours) with `torch.set_flush_denormal(True)`, `RWKV_JIT_ON=1`, `RWKV_CUDA_ON=0`.
 """
 from __future__ import annotations
+
+import contextlib
 
 import gc
 import json
@@ -84,8 +86,9 @@ def prompt_ids(n: int, vocab: int = 65536, seed: int = 0) -> list[int]:
     return torch.randint(1, min(vocab, 65530), (n,), generator=generator).tolist()
 
 
-def _timed_runs(forward, prompt, decode_tokens, chunk_len, repeats):
-    """Shared by ours and the reference: `forward(tokens, state) -> (logits, state)`."""
+def _timed_runs(forward, prompt, decode_tokens, chunk_len, repeats, decode_step=contextlib.nullcontext):
+    """Shared by ours and the reference: `forward(tokens, state) -> (logits, state)`; every decode
+    step (argmax included) runs inside `decode_step()`, as the pipeline runs its sampling."""
     prefill, decode = [], []
     state_after_prompt = None
     logits_after_prompt = None
@@ -100,7 +103,8 @@ def _timed_runs(forward, prompt, decode_tokens, chunk_len, repeats):
         state, logits = state_after_prompt, logits_after_prompt
         start = time.perf_counter()
         for _ in range(decode_tokens):
-            logits, state = forward([int(logits.argmax())], state)
+            with decode_step():
+                logits, state = forward([int(logits.argmax())], state)
         decode.append(time.perf_counter() - start)
     return prefill, decode
 
@@ -132,7 +136,8 @@ def bench_ours(model_path: str, strategy: str, prompt_tokens: int = 512, decode_
     result.version = model.version
     prompt = prompt_ids(prompt_tokens, model.vocab_size)
     model.forward(prompt[:8])  # warm-up: first-call allocations, kernel loading
-    prefill, decode = _timed_runs(lambda t, s: model.forward(t, s), prompt, decode_tokens, chunk_len, repeats)
+    prefill, decode = _timed_runs(lambda t, s: model.forward(t, s), prompt, decode_tokens, chunk_len, repeats,
+                                  model.decoding)
     _fill(result, prefill, decode, prompt_tokens, decode_tokens)
     gc.collect()
     after, peak = rss_mb()
