@@ -7,7 +7,8 @@ path that computes the same thing. The shared library is cached under the user c
 a build (~2 s) happens once per machine.
 
 Threads: the kernels run on the calling thread plus `torch.get_num_threads() - 1` helper threads
-of their own, which join a call only when they are awake (see the C source).
+of their own, which join a call only when they are awake (see the C source). While one token is
+decoded (`Kernels.token_mode`), torch itself is held at one thread and the helpers keep spinning.
 """
 from __future__ import annotations
 

@@ -4,16 +4,18 @@ Kept as a Python string so it ships inside the package whatever the packaging ru
 
 * `rk_gemv`: several weight-times-vector products in one parallel task, weights in fp32, bf16 or
   int8 (per-output-channel scale), stored either by output row ([out, in], a dot product per
-  output) or by input row ([in, out], one scaled row added per *nonzero* input, which skips the
-  zeros of relu^2 activations in the FFN). int8 rows use AVX-512 VNNI u8 x s8 dot products
-  on the activation rounded to int16 and split into two bytes (relative error ~1e-5, far below
-  the int8 weight error); bf16 rows use
-  AVX-512 BF16 dot products with fp32 accumulation. Portable C loops otherwise.
+  output, each row streamed on its own) or by input row ([in, out], one scaled row added per
+  *nonzero* input, which skips the zeros of relu^2 activations in the FFN). int8 rows use
+  AVX-512 VNNI u8 x s8 dot products on the activation rounded to 16 bits and split into two
+  bytes (relative error ~1e-5, far below the int8 weight error); bf16 rows use AVX-512 BF16 dot
+  products with fp32 accumulation. Portable C loops otherwise.
+* `rk_quant_rows` / `rk_dequant`: the activation rounding and rescaling around prefill's int8 GEMM.
 * `rk_wkv4`, `rk_wkv5`, `rk_wkv7`: the exact per-token WKV recurrences for any number of tokens
-  (fp32), parallel over channels / heads.
+  (fp32), parallel over channels / heads; `rk_v7_step` and `rk_group_norm_gate` fuse one token's
+  time-mix tail.
 * Threads: a small pool of its own (see `pool_run`) in which the caller never waits for a helper
   thread that has not started; OpenMP's barrier does, which costs milliseconds per call when the
-  machine is busy with other work.
+  machine is busy with other work. `rk_set_spin` sets how long idle helpers spin before sleeping.
 """
 
 SOURCE = r"""
