@@ -447,6 +447,13 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
         p->xf = (float *)malloc(sizeof(float) * n);
         if (jb->flags & 256) { const uint16_t *xb = (const uint16_t *)jb->x; for (int64_t c = 0; c < n; c++) p->xf[c] = bf16_to_f32(xb[c]); }
         else memcpy(p->xf, jb->x, sizeof(float) * n);
+        ybuf[i] = (jb->flags & 512) ? (float *)malloc(sizeof(float) * jb->n_out) : (float *)jb->y;
+        int finite = 1;
+        for (int64_t c = 0; c < n; c++) finite &= isfinite(p->xf[c]) != 0;
+        if (!finite) {  /* a diverged activation: every output is NaN, as a float product would make it */
+            for (int64_t o = 0; o < jb->n_out; o++) ybuf[i][o] = NAN;
+            continue;
+        }
         if (cols) {
             p->nz = (int32_t *)malloc(sizeof(int32_t) * (n + 4));
             float xmin = 0.f, xmax = 0.f;
@@ -499,7 +506,6 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
             p->rows_per_unit = rpu;
             p->units = (jb->n_out + rpu - 1) / rpu;
         }
-        ybuf[i] = (jb->flags & 512) ? (float *)malloc(sizeof(float) * jb->n_out) : (float *)jb->y;
         total += p->units;
     }
     gemv_ctx_t ctx = { jobs, prep, ybuf, n_jobs, {0} };

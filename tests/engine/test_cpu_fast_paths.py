@@ -93,6 +93,19 @@ def test_int8_cols_with_relu_squared_input(out_features, in_features, density, d
 
 
 @needs_kernels
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("make", [DenseLinear, Int8Linear])
+def test_a_non_finite_input_gives_nan_outputs(bad, layout, dtype, make):
+    """A diverged activation must show, not be rounded into plausible numbers by the int paths."""
+    linear = make(torch.randn(192, 256, generator=gen(5)), dtype, "cpu", layout=layout)
+    x = torch.relu(torch.randn(1, 256, generator=gen(6))).square()
+    x[0, 7] = bad
+    assert torch.isnan(linear(x.to(dtype))).all()
+
+
+@needs_kernels
 def test_single_token_calls_hold_torch_at_one_thread_and_restore_it(engine_models, monkeypatch):
     """Decode runs torch's small ops on one thread while the kernels keep the configured count;
     the setting is restored after every call, also when it fails."""
