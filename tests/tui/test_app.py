@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import re
 import time
+from pathlib import Path
 
 import pytest
 from rich.console import Console
@@ -318,6 +319,44 @@ def test_save_then_open_restores_the_conversation_on_screen(make_session, app_fo
         await pilot.press("enter")
         await wait_until(pilot, lambda: shown(pilot) == saved)
         assert in_session(session) == saved
+
+    run_app(app_for(session), scenario)
+
+
+def test_delete_in_the_open_dialog_asks_once_then_deletes_the_highlighted_file(make_session, app_for, user_home):
+    session, _ = make_session()
+    folder = user_home / "snapshots"
+
+    async def scenario(pilot):
+        for text in ("Keep me", "And me"):  # two conversations, two files
+            await pilot.press("ctrl+n")
+            await send(pilot, text)
+            await wait_for_reply(pilot)
+            await pilot.press("ctrl+s")
+            await pilot.pause()
+        before = in_session(session)
+        assert len(list(folder.glob("*.rwkvchat"))) == 2
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SnapshotDialog))
+        dialog = pilot.app.screen
+        options = dialog.query_one("#snapshot-list")
+        await pilot.press("delete")
+        assert len(list(folder.glob("*.rwkvchat"))) == 2  # the first press only asks
+        assert "again" in str(dialog.query_one("#snapshot-box").border_subtitle)
+        await pilot.press("down")  # moving on forgets the question
+        await pilot.pause()
+        assert dialog.armed is None
+        second = Path(dialog.snapshots[int(options.get_option_at_index(options.highlighted).id)].path)
+        await pilot.press("delete", "delete")
+        await pilot.pause()
+        assert not second.exists() and len(list(folder.glob("*.rwkvchat"))) == 1
+        assert options.option_count == 1
+        await pilot.press("delete", "delete")
+        await wait_until(pilot, lambda: dialog.query_one("#snapshot-empty").display)
+        assert list(folder.glob("*.rwkvchat")) == [] and not options.display
+        await pilot.press("escape")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen))
+        assert in_session(session) == before and shown(pilot) == before
 
     run_app(app_for(session), scenario)
 
