@@ -19,7 +19,6 @@ must not mix with ours) with `torch.set_flush_denormal(True)`, `RWKV_JIT_ON=1`, 
 from __future__ import annotations
 
 import contextlib
-
 import gc
 import json
 import os

@@ -15,7 +15,6 @@ is in `gen.text`, plus the tokens of a stop string when one ended the generation
 from __future__ import annotations
 
 import contextlib
-
 import threading
 import time
 from collections.abc import Callable, Iterator

@@ -36,7 +36,7 @@ def snapshot_prompt(info) -> Text:
 
 class SnapshotDialog(ModalScreen[Path | None]):
     """Lists `snapshots` (SnapshotInfo, newest first); Enter returns the chosen path, Esc None.
-    Delete asks once ("Delete again ...") and deletes the highlighted file on the second press."""
+    Delete asks once ("Del again deletes NAME") and deletes the highlighted file on the second press."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="snapshots_cancel"),
                 Binding("delete", "delete_snapshot", "Delete", id="snapshots_delete")]
