@@ -213,7 +213,7 @@ class ChatScreen(Screen):
     @on(PromptInput.Submitted)
     def _submitted(self, event: PromptInput.Submitted) -> None:
         if self.busy_notice():
-            return
+            return  # the text stays in the box
         text = event.text
         shown = [Shown.of(m) for m in self.session.messages]
         if self.editing:
@@ -224,7 +224,7 @@ class ChatScreen(Screen):
                              [*shown[:cut], Shown("user", text), Shown("assistant", "")])
         else:
             self.start_reply(lambda: self.session.send(text), [*shown, Shown("user", text), Shown("assistant", "")])
-        self.prompt.clear()
+        event.prompt.take(text)
 
     # ------------------------------------------------------------------ actions
     def action_stop(self) -> None:
