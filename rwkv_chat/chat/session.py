@@ -183,6 +183,20 @@ class ChatSession:
             self._starting_state = start
             self._begin_new_conversation(start)
 
+    def set_preamble(self, preamble: str) -> None:
+        """Use `preamble` (the system prompt / persona) for new conversations. An empty
+        conversation starts over from it at once; a conversation with messages keeps its state
+        (its start is already in it) and the next `reset` uses the new preamble."""
+        with self._lock:
+            self._require_idle()
+            preamble = normalise_preamble(preamble)
+            base = self.model.initial_state() if self.state_file is None else self.model.load_state(self.state_file)
+            start = self.pipeline.prefill(preamble, base)
+            self.preamble = preamble
+            self._starting_state = start
+            if not self.messages:
+                self._begin_new_conversation(start)
+
     # ------------------------------------------------------------------ replies
     def send(self, text: str) -> ChatReply:
         """Add a user message and start the reply; iterate the result for the reply's text."""

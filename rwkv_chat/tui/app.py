@@ -8,6 +8,7 @@ from textual.app import App, SystemCommand
 from textual.binding import Binding
 
 from ..chat.config import DEFAULT_KEYS, Config, default_config_path
+from ..chat.prefs import load_prefs, save_prefs
 from .screens.chat import ChatScreen
 from .widgets.state_files import StateChoice
 
@@ -37,10 +38,23 @@ class ChatApp(App):
     def on_mount(self) -> None:
         # only the remapped ids: Textual's keymap treats a binding "remapped" to its own key as a clash
         self.set_keymap({key_id: keys for key_id, keys in self.keys.items() if keys != DEFAULT_KEYS.get(key_id)})
-        if self.config.theme in self.available_themes:
+        picked = load_prefs().get("theme")  # the last theme picked in the palette wins over the config's
+        if isinstance(picked, str) and picked in self.available_themes:
+            self.theme = picked
+        elif self.config.theme in self.available_themes:
             self.theme = self.config.theme
         else:
             self.notify(f"Unknown theme {self.config.theme!r}; using {self.theme}.", severity="warning")
+        self._theme_loaded = True
+
+    def watch_theme(self, theme: str) -> None:
+        """Remember a theme picked in the palette (written atomically to prefs.json)."""
+        if not getattr(self, "_theme_loaded", False) or load_prefs().get("theme") == theme:
+            return
+        try:
+            save_prefs({"theme": theme})
+        except OSError as error:
+            self.notify(f"Could not remember the theme: {error}", severity="warning")
 
     def get_system_commands(self, screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

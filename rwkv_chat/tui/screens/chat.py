@@ -27,6 +27,7 @@ from ..widgets.settings import SettingsPane
 from ..widgets.state_files import StateChoice, StateFilesPane
 from ..widgets.status import StatusInfo, StatusLine
 from .help import HelpScreen, key_label
+from .persona import PersonaDialog
 from .snapshots import SnapshotDialog
 
 NARROW_WIDTH = 100  # below this the side panes are hidden until toggled
@@ -39,10 +40,11 @@ class Shown:
     role: str
     text: str
     stats: object | None = None
+    finish_reason: str | None = None
 
     @classmethod
     def of(cls, message) -> Shown:
-        return cls(message.role, message.text, getattr(message, "stats", None))
+        return cls(message.role, message.text, getattr(message, "stats", None), getattr(message, "finish_reason", None))
 
 
 def _binding(binding_id: str, action: str, label: str, show: bool = True) -> Binding:
@@ -69,6 +71,8 @@ class ChatScreen(Screen):
         _binding("top_p_up", "nudge('top_p', 0.05)", "Top-p+", show=False),
         _binding("toggle_panes", "toggle_panes", "Panes"),
         _binding("state_files", "focus_pane('states')", "States", show=False),
+        _binding("conversation", "focus_conversation", "Messages", show=False),
+        _binding("persona", "edit_persona", "Persona", show=False),
         _binding("settings", "focus_pane('settings')", "Settings", show=False),
     ]
 
@@ -228,6 +232,12 @@ class ChatScreen(Screen):
 
     # ------------------------------------------------------------------ actions
     def action_stop(self) -> None:
+        """Esc: from a pane or the conversation, back to the message box; in the box, stop the
+        running reply, else cancel an edit."""
+        focused = self.focused
+        if focused is not self.prompt:
+            self.prompt.focus()
+            return
         if self.replying or self.session.busy:
             self.session.stop()
         elif self.editing:
@@ -324,6 +334,35 @@ class ChatScreen(Screen):
             self.add_class("-side-open")
         target = "#state-list" if pane == "states" else "#setting-temperature"
         self.call_after_refresh(self.query_one(target).focus)
+
+    def action_focus_conversation(self) -> None:
+        conversation = self.conversation
+        if conversation.has_focus:
+            conversation.action_select(-1)
+        else:
+            conversation.focus()
+
+    def action_edit_persona(self) -> None:
+        if self.busy_notice():
+            return
+        self.app.push_screen(PersonaDialog(self.session.preamble.strip()), self.set_persona)
+
+    def set_persona(self, text: str | None) -> None:
+        if text is None or text.strip() == self.session.preamble.strip():
+            return
+        if self.busy_notice():
+            return
+        try:
+            self.session.set_preamble(text)
+        except RWKVChatError as error:
+            self.notify(str(error), title="Could not set the system prompt", severity="error")
+            return
+        if self.session.messages:
+            self.notify(f"The new system prompt applies from the next conversation ({self.key_of('new')}).",
+                        title="System prompt set")
+        else:
+            self.refresh_status()
+            self.notify("System prompt set.")
 
     def action_help(self) -> None:
         self.app.push_screen(HelpScreen(self.app.keys, self.app.config_path))

@@ -29,7 +29,9 @@ def keys_table(keys: Mapping[str, str]) -> Table:
     table.add_column(style="dim", no_wrap=True)
     for binding in KEY_BINDINGS:
         table.add_row(key_label(keys.get(binding.id, binding.key)), binding.description, binding.id)
-    table.add_row(key_label("ctrl+p"), "Command palette (commands, themes)", "")
+    table.add_row(key_label("ctrl+p"), "Command palette (commands, themes; the theme picked is kept)", "")
+    table.add_row(key_label("tab,shift+tab"), "Next / previous box (settings, state files, conversation)", "")
+    table.add_row(key_label("ctrl+s"), "In the system-prompt dialog: apply (Esc cancels)", "")
     return table
 
 

@@ -1,6 +1,7 @@
 """The settings pane: one Input per sampling value, validated through SamplingSettings."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from textual import on
@@ -43,6 +44,14 @@ def parse_value(name: str, text: str):
     except ValueError:
         kind = "a whole number" if name in INTEGER_FIELDS else "a number"
         raise ValueError(f"{FIELDS[name]} must be {kind}, got {text!r}") from None
+
+
+def shown_names(message: str) -> str:
+    """`message` with field names (penalty_decay) replaced by the labels the pane shows."""
+    for name, label in FIELDS.items():
+        if name != label:
+            message = re.sub(rf"\b{name}\b", label, message)
+    return message
 
 
 class SettingsPane(Vertical):
@@ -92,6 +101,8 @@ class SettingsPane(Vertical):
         name = box.id.removeprefix("setting-")
         old = getattr(self.settings, name)
         error = self.query_one("#settings-error", Static)
+        error.update("")  # an error is about the last value entered only
+        error.remove_class("-visible")
         try:
             value = parse_value(name, box.value)
             if value == old:
@@ -99,7 +110,7 @@ class SettingsPane(Vertical):
                 return
             new = self.settings.replace(**{name: value})
         except ValueError as problem:
-            error.update(str(problem))
+            error.update(shown_names(str(problem)))
             error.add_class("-visible")
             box.value = format_value(name, old)
             return
