@@ -60,8 +60,8 @@ def subtitle(message: MessageLike) -> str:
     """The border subtitle of a finished message: its stats and how it ended (replies only)."""
     if message.role != "assistant":
         return ""
-    parts = [stats_line(getattr(message, "stats", None)),
-             FINISH_LABELS.get(getattr(message, "finish_reason", None) or "", "")]
+    parts = [FINISH_LABELS.get(getattr(message, "finish_reason", None) or "", ""),
+             stats_line(getattr(message, "stats", None))]
     return " · ".join(part for part in parts if part)
 
 
