@@ -169,7 +169,7 @@ class Conversation(VerticalScroll, can_focus=True):
         if self.selected is not None and self.selected >= len(messages):
             self.selected = len(messages) - 1 if messages else None
         self._mark_selected(scroll=False)
-        if self.selected is None or not self.has_focus:
+        if self.selected is None or self.screen.focused is not self:
             self.anchor()
 
     def append_to_reply(self, text: str) -> None:
@@ -206,8 +206,10 @@ class Conversation(VerticalScroll, can_focus=True):
 
     def _mark_selected(self, scroll: bool = True) -> None:
         views = self.views
+        # screen.focused, not has_focus: Focus/Blur reach this class's handlers before Widget's
+        focused = self.is_mounted and self.screen.focused is self
         for index, view in enumerate(views):
-            view.set_class(self.has_focus and index == self.selected, "-selected")
+            view.set_class(focused and index == self.selected, "-selected")
         view = self.selected_view
         if scroll and view is not None:
             self.release_anchor()
