@@ -258,8 +258,11 @@ def ratio_lines(ours: BenchResult, references: list[BenchResult]) -> list[str]:
 
 
 @click.command("bench")
-@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), help="checkpoint (.pth)")
-@click.option("--strategy", default="cpu fp32", show_default=True, help="strategy string, e.g. 'cpu bf16i8'")
+@click.option("--model", "-m", "model_path", type=click.Path(dir_okay=False), envvar="RWKV_CHAT_MODEL",
+              help="checkpoint (.pth); default: the built-in demo model. Env: RWKV_CHAT_MODEL.")
+@click.option("--demo", is_flag=True, help="benchmark the built-in tiny demo model (ignores --model)")
+@click.option("--strategy", "-s", default="cpu fp32", show_default=True, envvar="RWKV_CHAT_STRATEGY",
+              help="strategy string, e.g. 'cpu bf16i8'. Env: RWKV_CHAT_STRATEGY.")
 @click.option("--prompt-tokens", default=512, show_default=True, type=click.IntRange(1))
 @click.option("--decode-tokens", default=64, show_default=True, type=click.IntRange(0))
 @click.option("--chunk-len", default=256, show_default=True, type=click.IntRange(1), help="prefill chunk length")
@@ -269,9 +272,19 @@ def ratio_lines(ours: BenchResult, references: list[BenchResult]) -> list[str]:
 @click.option("--reference-strategy", "reference_strategy", multiple=True,
               help="strategy for the reference (repeatable; default: the same, or cpu fp32 + cpu bf16)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON instead of text")
-def bench(model_path, strategy, prompt_tokens, decode_tokens, chunk_len, repeats, threads, compare_reference,
+def bench(model_path, demo, strategy, prompt_tokens, decode_tokens, chunk_len, repeats, threads, compare_reference,
           reference_strategy, as_json):
-    """Measure prefill/decode speed, time to first token and peak memory of a strategy."""
+    """Measure prefill/decode speed, time to first token and peak memory of a strategy.
+
+    \b
+    Examples:
+      rwkv-chat bench --demo --decode-tokens 32
+      rwkv-chat bench -m model.pth -s "cpu bf16i8" --compare-reference
+    """
+    if demo or not model_path:
+        from .training.demo import demo_model_path
+
+        model_path = str(demo_model_path())
     ours = bench_ours(model_path, strategy, prompt_tokens, decode_tokens, chunk_len, repeats, threads)
     references = []
     if compare_reference:

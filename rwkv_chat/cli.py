@@ -20,6 +20,7 @@ from . import __version__
 from .errors import ModelLoadError, RWKVChatError
 
 DEBUG_KEY = "rwkv_chat.debug"
+GROUP_CONFIG_KEY = "rwkv_chat.config"  # `rwkv-chat --config FILE <command>`: the command reads FILE
 SNAPSHOT_SUFFIX = ".rwkvchat"
 DEMO_STATUS = "Tiny demo model (it knows nothing). For real answers: rwkv-chat --model PATH.pth"
 
@@ -95,10 +96,16 @@ def default_strategy() -> str:
 def demo_model() -> tuple[Path, str]:
     """(path, note) of the built-in demo model, or ModelLoadError telling the user to pass --model."""
     try:
-        from .training.demo import DEMO_MODEL_NOTE, demo_model_path
+        from .training.demo import DEMO_MODEL_NOTE, demo_model_path, trained_token_count
 
-        return Path(demo_model_path()), DEMO_MODEL_NOTE
-    except (ImportError, OSError, RWKVChatError) as error:
+        path = Path(demo_model_path())
+        facts = describe_file(path)  # the numbers `rwkv-chat info` prints for it
+        parameters = facts["parameters"].split(" ")[0]
+        note = (f"Built-in demo model: a tiny RWKV-{facts['version']} ({facts['layers']} layers, {facts['width']} "
+                f"wide, heads {facts['heads']}; {parameters} parameters, vocabulary {facts['vocab']:,} tokens, "
+                f"trained on {trained_token_count():,} of them). ")
+        return path, note + DEMO_MODEL_NOTE
+    except (ImportError, OSError, ValueError, RWKVChatError) as error:
         raise ModelLoadError(
             f"no model given and the built-in demo model is not available ({error}); "
             "pass --model PATH to an RWKV .pth checkpoint"
@@ -110,8 +117,30 @@ def choose_model(model_path: Path | None, demo: bool, config) -> tuple[Path, str
     if not demo:
         path = model_path or config.model
         if path is not None:
-            return path, None
+            return path, (demo_model()[1] if is_demo_model(path) else None)
     return demo_model()
+
+
+def is_demo_model(path: Path) -> bool:
+    """Whether `path` is the expanded built-in demo model (e.g. named by a snapshot)."""
+    from .training.demo import demo_model_path
+
+    if not Path(path).name.startswith("rwkv7-demo-"):
+        return False
+    try:
+        return Path(path).resolve() == Path(demo_model_path()).resolve()
+    except (OSError, RWKVChatError):
+        return False
+
+
+def command_config(config_path: Path | None):
+    """The config for a subcommand: its own --config, else the group's (`rwkv-chat --config F cmd`)."""
+    from .chat.config import load_config
+
+    if config_path is None:
+        context = click.get_current_context(silent=True)
+        config_path = context.meta.get(GROUP_CONFIG_KEY) if context is not None else None
+    return load_config(config_path)
 
 
 def load_model(path: Path, strategy: str):
@@ -171,6 +200,7 @@ def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_pat
       rwkv-chat info model.pth
     """
     if ctx.invoked_subcommand is not None:
+        ctx.meta[GROUP_CONFIG_KEY] = config_path
         return
     run_chat(model_path=model_path, strategy=strategy, demo=demo, state_path=state_path,
              snapshot_path=snapshot_path, config_path=config_path)
@@ -273,7 +303,6 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
       echo "Once upon a time" | rwkv-chat generate -m model.pth --seed 1 --stats
       rwkv-chat generate -m model.pth --state states/poet.pth "Roses"
     """
-    from .chat.config import load_config
     from .sampling import SamplingSettings
 
     if prompt is None or prompt == "-":
@@ -286,7 +315,7 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
         prompt = f"User: {prompt.strip()}\n\nAssistant:"
         stop = (*stop, "\n\n")
 
-    config = load_config(config_path)
+    config = command_config(config_path)
     try:
         settings = SamplingSettings.from_dict({**config.sampling, **sampling_overrides(**sampling)})
         if stop:
@@ -324,21 +353,36 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
 
 
 @cli.command()
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file.")
+@click.option("--paths", "show_paths", is_flag=True,
+              help="Print the user folders (snapshots, state files, config) instead of describing files.")
 @debug_option
-def info(paths, as_json) -> None:
+def info(paths, as_json, show_paths) -> None:
     """Describe checkpoints, tuned state files and saved conversations without loading a model.
 
     For a model: version, layers, width, heads, vocabulary, parameters, dtype. For a state
     file: layers, heads and width it fits. For a snapshot (.rwkvchat): model, date, messages.
+    With --paths: where rwkv-chat keeps your files.
 
     \b
     Examples:
       rwkv-chat info ~/models/RWKV-x070-World-1.5B-v3.pth
       rwkv-chat info states/*.pth
       rwkv-chat info --json conversation.rwkvchat
+      rwkv-chat info --paths
     """
+    if show_paths:
+        folders = user_paths()
+        if as_json:
+            click.echo(json.dumps(folders))
+        else:
+            width = max(len(key) for key in folders)
+            for key, value in folders.items():
+                click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+        return
+    if not paths:
+        raise click.UsageError("give one or more files to describe, or --paths")
     for index, path in enumerate(paths):
         facts = describe_file(path)
         if as_json:
@@ -349,6 +393,20 @@ def info(paths, as_json) -> None:
         width = max(len(key) for key in facts)
         for key, value in facts.items():
             click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
+
+
+def user_paths() -> dict[str, str]:
+    """Where rwkv-chat keeps the user's files (RWKV_CHAT_HOME moves them all)."""
+    from .chat import locations
+    from .chat.config import default_config_path
+
+    return {
+        "snapshots": str(locations.snapshots_dir()),
+        "user_states": str(locations.user_states_dir()),
+        "bundled_states": ", ".join(str(folder) for folder in locations.bundled_states_dirs()) or "-",
+        "config_file": str(default_config_path()),
+        "data_folder": str(locations.data_dir()),
+    }
 
 
 def describe_file(path: Path) -> dict[str, Any]:

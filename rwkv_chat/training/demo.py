@@ -27,6 +27,7 @@ __all__ = [
     "COMPACT_NAME",
     "DEMO_DIR",
     "DEMO_MODEL_NOTE",
+    "trained_token_count",
     "compact_path",
     "demo_model_path",
     "load_compact",
@@ -40,15 +41,23 @@ WORLD_VOCAB = 65536
 _EXPANDED_PREFIX = "rwkv7-demo-"
 
 DEMO_MODEL_NOTE = (
-    "Built-in demo model: a tiny RWKV-7 (3 layers, 192 wide, head size 64; 4.9M parameters, "
-    "3.4M of them in the embedding and head over the 8,745 tokens it knows) trained from "
-    "scratch on one CPU thread in 22 minutes (3000 steps of 4 x 256 tokens, about one pass over "
+    "Trained from scratch on one CPU thread in 22 minutes (3000 steps of 4 x 256 tokens, about one pass over "
     "3M tokens) on everyday chit-chat: the Chit-Chat Challenge dataset (BYU PCC lab, MIT licence, "
     "PyPI chitchat-dataset) and the English ChatterBot corpus (Gunther Cox, BSD licence, PyPI "
     "chatterbot-corpus). Final loss: train 3.57, validation 3.73 nats/token (unigram baseline "
     "6.27). It answers in short casual sentences and knows nothing; open a real RWKV model with "
     "--model for actual answers. Rebuild: python scripts/train_demo_model.py"
 )
+"""The part of the demo model's description that is not read from the model itself."""
+
+
+def trained_token_count(path: str | os.PathLike | None = None) -> int:
+    """How many tokens of the world vocabulary the demo model was trained on (the compact
+    file's rows), read from the file's header."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(path) if path is not None else compact_path()), framework="pt") as f:
+        return f.get_slice("vocab.token_ids").get_shape()[0]
 
 
 def compact_path() -> Path:
