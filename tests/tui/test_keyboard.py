@@ -33,7 +33,7 @@ def post_keys(app, text: str, then: str | None = "enter") -> None:
     for char in text:
         app.post_message(events.Key(char, char))
     if then:
-        app.post_message(events.Key(then, "\r" if then == "enter" else None))
+        app.post_message(events.Key(then, {"enter": "\r", "ctrl+j": "\n"}.get(then)))
 
 
 CODE_REPLY = "Two blocks:\n\n```python\nprint(1)\n```\n\nand\n\n```\nx = 2\ny = 3\n```\n"
@@ -62,6 +62,21 @@ def test_enter_right_after_a_burst_of_keys_sends_all_of_them(make_session, app_f
         await wait_until(pilot, lambda: session.messages)
         await wait_for_reply(pilot)
         assert session.messages[0].text == text
+        assert chat(pilot).prompt.text == ""
+
+    run_app(app_for(session), scenario)
+
+
+def test_ctrl_j_in_a_burst_puts_the_newline_where_it_was_typed(make_session, app_for):
+    session, _ = make_session()
+
+    async def scenario(pilot):
+        post_keys(pilot.app, "abc", then="ctrl+j")
+        post_keys(pilot.app, "def", then="ctrl+j")
+        post_keys(pilot.app, "ghi")
+        await wait_until(pilot, lambda: session.messages)
+        await wait_for_reply(pilot)
+        assert session.messages[0].text == "abc\ndef\nghi"
         assert chat(pilot).prompt.text == ""
 
     run_app(app_for(session), scenario)

@@ -17,9 +17,12 @@ class PromptInput(TextArea):
     "newline"). A paste only inserts text, newlines included: it never sends."""
 
     BINDINGS = [
-        # priority: TextArea would otherwise insert a newline for Enter itself
+        # priority: TextArea would otherwise insert a newline for Enter itself, and a binding
+        # without priority runs only once the key has come back up to the app, after keys typed
+        # later (the newline would land out of place). Both actions queue their work behind the
+        # keys already waiting for this widget.
         Binding(DEFAULT_KEYS["send"], "submit", "Send", id="send", priority=True, show=False),
-        Binding(DEFAULT_KEYS["newline"], "newline", "New line", id="newline", show=False),
+        Binding(DEFAULT_KEYS["newline"], "newline", "New line", id="newline", priority=True, show=False),
     ]
 
     @dataclass
@@ -29,6 +32,9 @@ class PromptInput(TextArea):
 
     class _SendQueued(Message, bubble=False):
         """Enter was pressed: read the box once the keys queued before it are in."""
+
+    class _NewlineQueued(Message, bubble=False):
+        """Ctrl+J was pressed: insert the newline after the keys queued before it."""
 
     def __init__(self, *, id: str | None = None) -> None:
         super().__init__(id=id, soft_wrap=True, show_line_numbers=False, tab_behavior="focus",
@@ -59,4 +65,9 @@ class PromptInput(TextArea):
             self.clear()
 
     def action_newline(self) -> None:
+        self.post_message(self._NewlineQueued())
+
+    @on(_NewlineQueued)
+    def _newline_queued(self, event: _NewlineQueued) -> None:
+        event.stop()
         self.insert("\n")
