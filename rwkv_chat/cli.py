@@ -422,6 +422,10 @@ def describe_snapshot(path: Path) -> dict[str, Any]:
 
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte header length and then '{'."""
+    from .files import regular_file_problem
+
+    if regular_file_problem(path) is not None:
+        return False  # never open a FIFO (it would block) or a device
     try:
         with open(path, "rb") as file:
             head = file.read(9)

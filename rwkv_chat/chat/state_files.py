@@ -15,7 +15,7 @@ import torch
 
 from ..engine.state import ModelShape, RWKVState
 from ..errors import ModelLoadError
-from ..files import load_tensors
+from ..files import check_regular_file, load_tensors
 from . import locations
 
 STATE_FILE_SUFFIX = ".pth"
@@ -80,6 +80,7 @@ def read_state_file_info(path: str | os.PathLike, source: str = "user") -> State
 
 
 def _load_lazily(file: Path) -> dict:
+    check_regular_file(file, "state file")  # a FIFO would block in open()
     try:
         data = load_tensors(file)
     except FileNotFoundError:
