@@ -23,6 +23,24 @@ def display_path(path: str | os.PathLike, limit: int = 120) -> str:
     return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-(limit // 2 - 3):]}"
 
 
+def _limit(name: str, default: int) -> int:
+    try:
+        return os.pathconf("/", name)
+    except (OSError, ValueError, AttributeError):
+        return default
+
+
+def _too_long(path: str | os.PathLike) -> str:
+    """Which limit a path over the system's limits breaks: a name over NAME_MAX or the whole
+    path over PATH_MAX."""
+    raw = os.fsencode(path)
+    longest = max(len(part) for part in raw.split(b"/"))
+    name_max = _limit("PC_NAME_MAX", 255)
+    if longest > name_max:
+        return f"a file or folder name in it is {longest} bytes long, over the system's limit of {name_max}"
+    return f"the path is {len(raw)} bytes long, over the system's limit of {_limit('PC_PATH_MAX', 4096)}"
+
+
 def regular_file_problem(path: str | os.PathLike, what: str = "file") -> str | None:
     """None when `path` is a regular file (symlinks followed), else a message naming the path and
     why it cannot be read: missing, a directory, a FIFO, a device, a socket, or the system's
@@ -33,8 +51,12 @@ def regular_file_problem(path: str | os.PathLike, what: str = "file") -> str | N
         info = os.stat(path)
     except FileNotFoundError:
         return f"{shown}: no such {what}"
-    except (OSError, ValueError) as error:  # ValueError: an embedded NUL byte
-        return f"{shown}: cannot be used ({getattr(error, 'strerror', None) or error})"
+    except OSError as error:
+        if error.errno == errno.ENAMETOOLONG:
+            return f"{shown}: cannot be used ({_too_long(path)})"
+        return f"{shown}: cannot be used ({error.strerror or error})"
+    except ValueError as error:  # an embedded NUL byte
+        return f"{shown}: cannot be used ({error})"
     if stat.S_ISREG(info.st_mode):
         return None
     kind = next((name for test, name in _SPECIAL_KINDS if test(info.st_mode)), "a special file")
@@ -84,7 +106,10 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     path = Path(path)
     temp: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:  # a file where the folder should be
+            raise NotADirectoryError(errno.ENOTDIR, f"{display_path(path.parent)} is not a folder") from None
         descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(descriptor)
         temp = Path(temp_name)

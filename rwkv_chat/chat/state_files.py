@@ -145,6 +145,7 @@ def save_state_file(state: RWKVState, path: str | os.PathLike, dtype: torch.dtyp
     Only the [H, N, N] wkv states are stored (that is the format); the token-shift part of the
     state is not, so a loaded file starts with it at zero. float32 by default, which keeps the
     round trip exact (files from state tuning are usually bf16, pass dtype=torch.bfloat16 for
-    half the size). Written atomically. Raises StateMismatchError for v4 states."""
+    half the size). Written atomically. Raises StateMismatchError for v4 states, FileWriteError
+    (naming the file and the reason) when it cannot be written."""
     tensors = {key: value.to(dtype).clone() for key, value in state.to_time_state().items()}
     return locations.write_atomically(path, lambda temp: torch.save(tensors, temp))
