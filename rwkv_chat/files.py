@@ -17,10 +17,12 @@ _SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named 
                   (stat.S_ISSOCK, "a socket"))
 
 
-def display_path(path: str | os.PathLike, limit: int = 120) -> str:
-    """`path` for a message: long paths keep their start and end around an ellipsis."""
+def display_path(path: str | os.PathLike, limit: int = 200) -> str:
+    """`path` for a message: a long path keeps its start (most of the folder) and its end
+    around an ellipsis."""
     text = os.fsdecode(path)
-    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-(limit // 2 - 3):]}"
+    head = limit * 2 // 3
+    return text if len(text) <= limit else f"{text[:head]}...{text[-(limit - head - 3):]}"
 
 
 def _limit(name: str, default: int) -> int:
