@@ -229,10 +229,11 @@ def open_verified(folder: Path, name: str) -> Library | None:
         os.close(dir_fd)
 
 
-def build(folder: Path, name: str, source: str, compile_args: list[str]) -> None:
+def build(folder: Path, name: str, source: str, compile_args: list[str]) -> Library:
     """Compile `source` (C) with `compile_args` (flags, with `{src}` and `{out}` placeholders)
     into `folder/name`: built under a temporary name in the folder, hash recorded in
-    `name.json`, both renamed into place atomically."""
+    `name.json`, both renamed into place atomically. Returns the new file, held open from
+    before the rename, so a concurrent build of the same entry cannot swap it."""
     cc = compiler()
     dir_fd = _open_folder(folder)
     try:
@@ -244,11 +245,10 @@ def build(folder: Path, name: str, source: str, compile_args: list[str]) -> None
             if proc.returncode != 0 or not out.is_file():
                 raise KernelCacheError(f"compiling the kernels failed: {(proc.stderr or proc.stdout)[-2000:]}")
             fd = os.open(out, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)
-            try:
-                size, digest = os.fstat(fd).st_size, _sha256_fd(fd)
-            finally:
-                os.close(fd)
+            library = Library(fd, folder / name)
+            size, digest = os.fstat(fd).st_size, _sha256_fd(fd)
             if size == 0:
+                library.close()
                 raise KernelCacheError("the compiler wrote an empty library")
             os.chmod(out, 0o700)
             record = Path(tmp, "record.json")
@@ -259,44 +259,31 @@ def build(folder: Path, name: str, source: str, compile_args: list[str]) -> None
                 # the record first: a library without a matching record is rebuilt, never trusted
                 os.replace("record.json", f"{name}.json", src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
                 os.replace("library.so", name, src_dir_fd=tmp_fd, dst_dir_fd=dir_fd)
+            except BaseException:
+                library.close()
+                raise
             finally:
                 os.close(tmp_fd)
+            return library
     except OSError as error:
         raise KernelCacheError(f"cannot build into {folder} ({error.strerror or error})") from error
     finally:
         os.close(dir_fd)
 
 
-def remove_entry(folder: Path, name: str) -> None:
-    """Delete a broken library and its record (only inside a checked folder; never follows links)."""
-    dir_fd = _open_folder(folder)
-    try:
-        for entry in (name, f"{name}.json"):
-            try:
-                os.unlink(entry, dir_fd=dir_fd)
-            except FileNotFoundError:
-                pass
-    finally:
-        os.close(dir_fd)
-
-
 def load_or_build(folder: Path, name: str, source: str, compile_args: list[str], loader):
-    """`loader(library)` of the cached `folder/name`, building it first when missing or broken.
-    A verified library that still fails to load is removed and rebuilt once."""
+    """`loader(library)` of the cached `folder/name`, building it first when missing or broken
+    (a new build replaces the entry atomically). A verified library that still fails to load
+    is rebuilt once."""
     folder = private_folder(folder)
     for attempt in range(2):
-        library = open_verified(folder, name)
+        library = open_verified(folder, name) if attempt == 0 else None
         if library is None:
-            remove_entry(folder, name)
-            build(folder, name, source, compile_args)
-            library = open_verified(folder, name)
-            if library is None:
-                raise KernelCacheError(f"{folder / name}: the library just built does not match its hash record")
+            library = build(folder, name, source, compile_args)
         try:
             return loader(library)  # the loader keeps library.fd open while the library is in use
         except OSError as error:
             library.close()
             if attempt:
                 raise KernelCacheError(f"cannot load {folder / name} ({error})") from error
-            remove_entry(folder, name)
     raise AssertionError("unreachable")

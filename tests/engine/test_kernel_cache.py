@@ -235,3 +235,18 @@ def test_cuda_build_folder_follows_the_same_rules(tmp_path, monkeypatch):
     built.symlink_to(tmp_path)
     with pytest.raises(kernel_cache.UnsafeCacheError, match="symbolic link"):
         cuda.build_folder("rwkv_chat_ops")
+
+
+def test_concurrent_first_builds_all_load(folder):
+    """Several processes starting at once on an empty or broken cache all end with the kernels."""
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / "m.so").write_bytes(b"")  # broken entry: every process rebuilds it at the same time
+    script = ("import ctypes, sys\nfrom pathlib import Path\nfrom rwkv_chat.engine import kernel_cache\n"
+              "print(kernel_cache.load_or_build(Path(sys.argv[1]), 'm.so', sys.argv[2], sys.argv[3:], "
+              "lambda lib: ctypes.CDLL(lib.load_path).marker()))")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    processes = [subprocess.Popen([sys.executable, "-c", script, str(folder), GOOD, *ARGS], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    results = [p.communicate(timeout=60) for p in processes]
+    assert [out.strip() for out, _ in results] == ["42"] * 4, results
+    assert sorted(p.name for p in folder.iterdir()) == ["m.so", "m.so.json"]
