@@ -34,6 +34,8 @@ DEFAULT_TIMEOUT = 120.0
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 _CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+_FOLDER_HINT = "point RWKV_CHAT_KERNEL_DIR at a folder only you can write"
+_FILE_HINT = "delete it and rwkv-chat builds its own"
 
 
 class KernelCacheError(RuntimeError):
@@ -87,7 +89,7 @@ def private_folder(path: str | os.PathLike) -> Path:
         raise UnsafeCacheError(f"kernel cache {folder} is not a folder")
     reason = _unsafe_reason(info, f"kernel cache folder {folder}")
     if reason:
-        raise UnsafeCacheError(f"refusing to use it: {reason}")
+        raise UnsafeCacheError(f"refusing to use it: {reason}; {_FOLDER_HINT}")
     return folder
 
 
@@ -97,7 +99,7 @@ def _open_folder(folder: Path) -> int:
     reason = _unsafe_reason(os.fstat(fd), f"kernel cache folder {folder}")
     if reason:
         os.close(fd)
-        raise UnsafeCacheError(f"refusing to use it: {reason}")
+        raise UnsafeCacheError(f"refusing to use it: {reason}; {_FOLDER_HINT}")
     return fd
 
 
@@ -205,15 +207,15 @@ def open_verified(folder: Path, name: str) -> Library | None:
             return None
         except OSError as error:
             if os.path.islink(folder / name):
-                raise UnsafeCacheError(f"refusing to load {folder / name}: it is a symbolic link") from None
+                raise UnsafeCacheError(f"refusing to load {folder / name}: it is a symbolic link; {_FILE_HINT}") from None
             raise KernelCacheError(f"cannot open {folder / name} ({error.strerror or error})") from error
         try:
             info = os.fstat(fd)
             if not stat.S_ISREG(info.st_mode):
-                raise UnsafeCacheError(f"refusing to load {folder / name}: not a regular file")
+                raise UnsafeCacheError(f"refusing to load {folder / name}: not a regular file; {_FILE_HINT}")
             reason = _unsafe_reason(info, str(folder / name))
             if reason:
-                raise UnsafeCacheError(f"refusing to load it: {reason}")
+                raise UnsafeCacheError(f"refusing to load it: {reason}; {_FILE_HINT}")
             record = _read_record(dir_fd, name)
             if info.st_size == 0 or record is None or record["sha256"] != _sha256_fd(fd):
                 os.close(fd)
