@@ -2,8 +2,9 @@
 
 torch and textual are imported inside the commands, so `rwkv-chat --help` answers at once.
 Add a subcommand with `@cli.command()`; `model_options` gives it --model/--strategy/--demo,
-and `load_model` loads with a progress bar. Errors rwkv-chat raises on purpose
-(`RWKVChatError`) become one line on stderr and exit status 2; `--debug` shows the traceback.
+and `load_model` loads with a progress bar. Every failure becomes one line `Error: ...` on
+stderr (RWKVChatGroup, once for all commands): exit status 2 for bad input (`RWKVChatError`,
+`OSError`), 1 for a bug; `--debug` shows the traceback.
 """
 from __future__ import annotations
 
@@ -27,27 +28,57 @@ DEMO_STATUS = "Tiny demo model (it knows nothing). For real answers: rwkv-chat -
 
 class ExitCode(enum.IntEnum):
     OK = 0
-    FAILED = 1  # an unexpected error (a bug): the traceback is printed
+    FAILED = 1  # an unexpected error (a bug): one line, --debug prints the traceback
     BAD_INPUT = 2  # a file, strategy, device or option that cannot be used (click uses 2 for usage errors too)
     INTERRUPTED = 130  # Ctrl+C
 
 
+class InputError(RWKVChatError, ValueError):
+    """Input a command cannot use (a prompt that is not UTF-8 text, ...): one line, exit 2."""
+
+
+def error_line(error: BaseException) -> str:
+    """One line for any failure: our errors' own messages, the file and the system's reason for
+    an OSError, the exception type for anything unexpected."""
+    from .files import display_path
+
+    if isinstance(error, RWKVChatError):
+        text = str(error)
+    elif isinstance(error, OSError) and error.filename is not None:
+        text = f"{display_path(error.filename)}: {error.strerror or error}"
+        if error.filename2 is not None:
+            text += f" ({display_path(error.filename2)})"
+    elif isinstance(error, OSError):
+        text = error.strerror or str(error) or type(error).__name__
+    elif isinstance(error, MemoryError):
+        text = "not enough memory" + (f" ({error})" if str(error) else "")
+    else:
+        text = f"unexpected {type(error).__name__}: {error} (a bug in rwkv-chat; --debug shows the traceback)"
+    text = " ".join(text.split())  # tracebacks of C libraries, compiler logs: keep it one line
+    return text if len(text) <= 1000 else text[:997] + "..."
+
+
 class RWKVChatGroup(click.Group):
-    """A click group that turns RWKVChatError into one clean line and exit status 2."""
+    """Every failure reaching the CLI, from any command, becomes one line `Error: ...` on stderr:
+    exit 2 for bad input (RWKVChatError, OSError such as a name too long, MemoryError), exit 1
+    for an unexpected exception (a bug). `--debug` re-raises instead, showing the traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except RWKVChatError as error:
-            if ctx.meta.get(DEBUG_KEY):
-                raise
-            click.echo(f"Error: {error}", err=True)
-            ctx.exit(ExitCode.BAD_INPUT)
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click prints these itself (usage errors, --help, --version)
         except KeyboardInterrupt:
             if ctx.meta.get(DEBUG_KEY):
                 raise
             click.echo("Interrupted.", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
+        except Exception as error:
+            if ctx.meta.get(DEBUG_KEY):
+                raise
+            expected = isinstance(error, (RWKVChatError, OSError, MemoryError))
+            click.echo(f"Error: {error_line(error)}", err=True)
+            ctx.exit(ExitCode.BAD_INPUT if expected else ExitCode.FAILED)
 
 
 def _set_debug(ctx: click.Context, _param, value: bool) -> None:
@@ -308,7 +339,9 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
     if prompt is None or prompt == "-":
         if sys.stdin.isatty() and prompt is None:
             raise click.UsageError("give a PROMPT argument, or pipe the prompt on stdin")
-        prompt = sys.stdin.read()
+        prompt = read_prompt_from_stdin()
+    else:
+        check_utf8(prompt, "the PROMPT argument")
     if not prompt:
         raise click.UsageError("the prompt is empty")
     if chat_format:
@@ -346,6 +379,40 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
             f"({s.tokens_per_second:.1f} tok/s, first token after {first}), finish: {generation.finish_reason}",
             err=True,
         )
+
+
+MAX_STDIN_PROMPT = 16 << 20  # bytes; more is not a prompt (e.g. `< /dev/zero` would never end)
+
+
+def read_prompt_from_stdin() -> str:
+    """stdin as UTF-8 text; InputError for binary data or more than MAX_STDIN_PROMPT bytes."""
+    stream = getattr(sys.stdin, "buffer", None)
+    if stream is None:  # a text-only stdin (embedding): already decoded
+        text = sys.stdin.read(MAX_STDIN_PROMPT + 1)
+        check_utf8(text, "stdin")
+        data_length = len(text)
+    else:
+        data = stream.read(MAX_STDIN_PROMPT + 1)
+        data_length = len(data)
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise InputError(f"stdin is not UTF-8 text (byte 0x{data[error.start]:02x} at offset {error.start}); "
+                             "the prompt must be text, not binary data") from None
+    if data_length > MAX_STDIN_PROMPT:
+        raise InputError(f"stdin holds more than {MAX_STDIN_PROMPT >> 20} MB; too long for a prompt")
+    return text
+
+
+def check_utf8(text: str, what: str) -> None:
+    """InputError when `text` holds bytes that were not UTF-8 (Python keeps them as lone
+    surrogates when it decodes command-line arguments)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        bad = text[error.start]
+        byte = f"byte 0x{ord(bad) - 0xDC00:02x}" if 0xDC80 <= ord(bad) <= 0xDCFF else f"character U+{ord(bad):04X}"
+        raise InputError(f"{what} is not valid UTF-8 text ({byte} at character {error.start})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -480,6 +547,10 @@ def describe_snapshot(path: Path) -> dict[str, Any]:
 
 def _is_safetensors(path: Path) -> bool:
     """A safetensors file starts with an 8-byte header length and then '{'."""
+    from .files import regular_file_problem
+
+    if regular_file_problem(path) is not None:
+        return False  # never open a FIFO (it would block) or a device
     try:
         with open(path, "rb") as file:
             head = file.read(9)

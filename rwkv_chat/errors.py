@@ -23,3 +23,13 @@ class StateMismatchError(RWKVChatError, ValueError):
 
 class SnapshotError(RWKVChatError, ValueError):
     """A saved conversation could not be read or written."""
+
+
+class FileWriteError(RWKVChatError, OSError):
+    """A file could not be written (read-only folder, full disk, no permission); the message names
+    the file and the system's reason. An OSError too, so `except OSError` still catches it."""
+
+
+class NotARegularFileError(ModelLoadError):
+    """A path names a FIFO, device, socket or folder where a file was expected (opening it could
+    block forever or read endless data)."""

@@ -33,6 +33,7 @@ from typing import Any
 import tomllib
 
 from ..errors import RWKVChatError
+from ..files import regular_file_problem
 from ..sampling import SamplingSettings
 
 CONFIG_FILE_NAME = "config.toml"
@@ -127,9 +128,10 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
     defaults; a missing explicit file, bad TOML or an invalid entry raises ConfigError."""
     explicit = path is not None
     file = Path(os.path.expanduser(str(path))) if explicit else default_config_path()
-    if not file.is_file():
-        if explicit:
-            raise ConfigError(f"{file}: no such config file")
+    problem = regular_file_problem(file, "config file")  # never opens: a FIFO cannot block
+    if problem is not None:
+        if explicit or os.path.lexists(file):
+            raise ConfigError(problem)
         return Config()
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))

@@ -27,6 +27,7 @@ from safetensors.torch import load_file, save_file
 
 from ..engine.state import ModelShape
 from ..errors import SnapshotError, StateMismatchError
+from ..files import check_regular_file
 from . import locations
 
 FORMAT = "rwkv-chat-snapshot"
@@ -94,7 +95,7 @@ def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[s
     try:
         return locations.write_atomically(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
     except OSError as error:
-        raise SnapshotError(f"{path}: cannot save the conversation ({error})") from error
+        raise SnapshotError(f"{path}: cannot save the conversation ({getattr(error, 'reason', error)})") from error
 
 
 def read_snapshot(path: str | os.PathLike) -> SnapshotFile:
@@ -112,8 +113,7 @@ def read_snapshot_data(path: str | os.PathLike) -> dict:
     """Only the JSON part of a snapshot (cheap: the tensors are not read), upgraded to the
     current format."""
     path = Path(path)
-    if not path.is_file():
-        raise SnapshotError(f"{path}: no such snapshot file")
+    check_regular_file(path, "snapshot file", SnapshotError)  # a FIFO would block in open()
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

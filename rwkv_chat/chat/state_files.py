@@ -15,7 +15,7 @@ import torch
 
 from ..engine.state import ModelShape, RWKVState
 from ..errors import ModelLoadError
-from ..files import load_tensors
+from ..files import check_regular_file, load_tensors
 from . import locations
 
 STATE_FILE_SUFFIX = ".pth"
@@ -80,6 +80,7 @@ def read_state_file_info(path: str | os.PathLike, source: str = "user") -> State
 
 
 def _load_lazily(file: Path) -> dict:
+    check_regular_file(file, "state file")  # a FIFO would block in open()
     try:
         data = load_tensors(file)
     except FileNotFoundError:
@@ -144,6 +145,7 @@ def save_state_file(state: RWKVState, path: str | os.PathLike, dtype: torch.dtyp
     Only the [H, N, N] wkv states are stored (that is the format); the token-shift part of the
     state is not, so a loaded file starts with it at zero. float32 by default, which keeps the
     round trip exact (files from state tuning are usually bf16, pass dtype=torch.bfloat16 for
-    half the size). Written atomically. Raises StateMismatchError for v4 states."""
+    half the size). Written atomically. Raises StateMismatchError for v4 states, FileWriteError
+    (naming the file and the reason) when it cannot be written."""
     tensors = {key: value.to(dtype).clone() for key, value in state.to_time_state().items()}
     return locations.write_atomically(path, lambda temp: torch.save(tensors, temp))

@@ -2,9 +2,10 @@
 
 `get()` returns the loaded kernels, or None when they cannot be used (no compiler, not x86/ARM
 Linux/macOS, a failed build, or `RWKV_CPU_KERNELS=0`); every caller then takes a plain-torch
-path that computes the same thing. The shared library is cached under the user cache folder
-(`RWKV_CHAT_KERNEL_DIR` overrides), keyed by a hash of the source, the compiler and the CPU, so
-a build (~2 s) happens once per machine.
+path that computes the same thing. The shared library is cached in a private folder under the
+user cache folder (`RWKV_CHAT_KERNEL_DIR` overrides), keyed by a hash of the source, the compiler
+and the CPU, so a build (~2 s) happens once per machine; kernel_cache.py checks the folder and
+the file (owner, permissions, recorded SHA-256) before anything is loaded.
 
 Threads: the kernels run on the calling thread plus `torch.get_num_threads() - 1` helper threads
 of their own, which join a call only when they are awake (see the C source). While one token is
@@ -17,16 +18,14 @@ import ctypes
 import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from . import kernel_cache
 from .cpu_kernels_src import SOURCE
 
 K_F32, K_BF16, K_I8 = 0, 1, 2
@@ -49,15 +48,7 @@ def _enabled() -> bool:
 
 
 def _cache_dir() -> Path:
-    override = os.environ.get("RWKV_CHAT_KERNEL_DIR", "").strip()
-    if override:
-        return Path(override)
-    try:
-        from platformdirs import user_cache_dir
-
-        return Path(user_cache_dir("rwkv-chat")) / "kernels"
-    except ImportError:  # pragma: no cover - platformdirs is a dependency
-        return Path.home() / ".cache" / "rwkv-chat" / "kernels"
+    return kernel_cache.default_root()
 
 
 def _cpu_signature() -> str:
@@ -71,40 +62,25 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC", "").strip(), "cc", "gcc", "clang"):
-        if name and shutil.which(name):
-            return shutil.which(name)
-    return None
+def library_name(cc: list[str]) -> str:
+    """The cache file name: a hash of the source, the compiler (and its version), the flags and the CPU."""
+    proc = kernel_cache.run_compiler([cc[0], "--version"])
+    key = hashlib.sha256("\0".join([SOURCE, " ".join(cc), proc.stdout, " ".join(_FLAGS),
+                                     _cpu_signature()]).encode()).hexdigest()[:16]
+    return f"rwkv_cpu_{key}.so"
 
 
-def _build() -> Path:
-    cc = _compiler()
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE, cc, version, " ".join(_FLAGS), _cpu_signature()]).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    target = folder / f"rwkv_cpu_{key}.so"
-    if target.is_file():
-        return target
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder, prefix="build-") as tmp:
-        src = Path(tmp, "rwkv_cpu.c")
-        src.write_text(SOURCE)
-        out = Path(tmp, "rwkv_cpu.so")
-        proc = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out), "-lm"], capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"compiling the CPU kernels failed: {(proc.stderr or proc.stdout)[-2000:]}")
-        os.replace(out, target)  # atomic: concurrent builders just overwrite each other
-    return target
+def _load() -> Kernels:
+    """Build (once per machine) and load the kernels through the verified cache (kernel_cache.py)."""
+    name = library_name(kernel_cache.compiler())
+    return kernel_cache.load_or_build(_cache_dir(), name, SOURCE, [*_FLAGS, "{src}", "-o", "{out}", "-lm"], Kernels)
 
 
 class Kernels:
     """Thin ctypes wrappers; every tensor argument must be a contiguous CPU tensor."""
 
-    def __init__(self, path: Path):
-        lib = ctypes.CDLL(str(path))
+    def __init__(self, library: kernel_cache.Library):
+        lib = ctypes.CDLL(library.load_path)  # the file kernel_cache opened and verified
         lib.rk_gemv.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
         lib.rk_gemv.restype = ctypes.c_int
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
@@ -122,7 +98,8 @@ class Kernels:
         lib.rk_set_spin.argtypes = [ctypes.c_int]
         lib.rk_set_spin.restype = None
         self.lib = lib
-        self.path = path
+        self.library = library  # holds the verified file open while the library is in use
+        self.path = library.path
         self._threads: int | None = None  # the kernels' thread count while torch is held at one
 
     def threads(self) -> int:
@@ -246,7 +223,7 @@ def get() -> Kernels | None:
             try:
                 if sys.platform not in ("linux", "darwin"):
                     raise RuntimeError(f"not built on {sys.platform}")
-                _loaded = Kernels(_build())
+                _loaded = _load()
             except Exception as error:  # any failure: fall back to plain torch
                 warnings.warn(f"rwkv-chat: CPU kernels unavailable, using plain torch ({error})", RuntimeWarning,
                               stacklevel=2)

@@ -2,9 +2,11 @@
 
 Sources: `kernels/` at the repository root (shipped inside the package as `rwkv_chat/kernels`). With `RWKV_CUDA_ON=1` and a CUDA device, the first call that needs
 a kernel builds it with torch's cpp_extension (a minute or so; needs nvcc and ninja) and loads it.
-Builds are cached in torch's extension folder (`TORCH_EXTENSIONS_DIR`, default
-`~/.cache/torch_extensions`) between runs: one build for v4 + int8 (`rwkv_chat_ops`) and one per
-head size for v5.2/v6/v7 (`rwkv_chat_wkv_hs<N>`, compiled with `-DRWKV_HEAD_SIZE=N`).
+Builds are cached between runs in private folders `cuda-<name>` inside the kernel cache
+(`RWKV_CHAT_KERNEL_DIR`, default `<user cache dir>/rwkv-chat/kernels`), which follow the rules of
+kernel_cache.py: created 0700, refused when a symlink, owned by someone else or writable by
+others. One build for v4 + int8 (`rwkv_chat_ops`) and one per head size for v5.2/v6/v7
+(`rwkv_chat_wkv_hs<N>`, compiled with `-DRWKV_HEAD_SIZE=N`).
 `RWKV_CUDA_VERBOSE=1` shows the build log.
 
 If a build fails, ONE RuntimeWarning names the compiler's first error line, `available_for`
@@ -192,6 +194,7 @@ def _build(name: str, head_size: int | None) -> None:
     log.info("building RWKV CUDA kernels %s (cached after the first time)", name)
     load_extension(
         name=name,
+        build_directory=str(build_folder(name)),
         sources=[str(KERNEL_DIR / s) for s in sources],
         extra_include_paths=[str(KERNEL_DIR)],
         # hidden symbols: builds for several head sizes share kernel and launcher names, and one
@@ -201,6 +204,15 @@ def _build(name: str, head_size: int | None) -> None:
         is_python_module=False,
         verbose=env_flag("RWKV_CUDA_VERBOSE"),
     )
+
+
+def build_folder(name: str) -> Path:
+    """The private folder a CUDA library is built and cached in (kernel_cache.UnsafeCacheError
+    when it or the cache folder could be written by someone else)."""
+    from . import kernel_cache
+
+    root = kernel_cache.private_folder(kernel_cache.default_root())
+    return kernel_cache.private_folder(root / f"cuda-{name}")
 
 
 def _record_failure(error: BaseException) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
-from ..files import load_tensors
+from ..errors import ModelLoadError, NotARegularFileError
+from ..files import load_tensors, regular_file_problem
 from . import v4, v5_2, v6, v7
 
 VERSION_MODULES = {"4": v4, "5.2": v5_2, "6": v6, "7": v7}
@@ -38,14 +38,24 @@ class Dims:
 def resolve_path(path: str | os.PathLike) -> Path:
     """The checkpoint file, accepting a path with or without the .pth suffix."""
     p = Path(os.path.expanduser(str(path).strip()))
-    if p.is_file():
+    problem = regular_file_problem(p)  # never opens: a FIFO cannot block
+    if problem is None:
         return p
-    with_suffix = p.with_name(p.name + ".pth")
-    if p.suffix != ".pth" and with_suffix.is_file():
-        return with_suffix
-    if p.is_dir():
-        raise ModelLoadError(f"{p}: is a directory, not a checkpoint file (.pth)")
-    raise ModelLoadError(f"{p}: no such file" + ("" if p.suffix == ".pth" else f" (nor {with_suffix.name})"))
+    with_suffix = p.with_name(p.name + ".pth") if p.name else p
+    missing = problem.endswith("no such file")
+    if p.name and p.suffix != ".pth" and (missing or problem.endswith("is a directory, not a regular file")):
+        other = regular_file_problem(with_suffix)
+        if other is None:
+            return with_suffix
+        if missing and not other.endswith("no such file"):
+            problem = other  # model.pth exists but is a FIFO, a folder, ...
+        elif missing and p.name:
+            problem += f" (nor {with_suffix.name})"
+    if problem.endswith("is a directory, not a regular file"):
+        raise NotARegularFileError(problem.replace("not a regular file", "not a checkpoint file (.pth)"))
+    if problem.endswith("not a regular file"):
+        raise NotARegularFileError(problem)
+    raise ModelLoadError(problem)
 
 
 def read_tensors(path: Path) -> dict[str, torch.Tensor]:

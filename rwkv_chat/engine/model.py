@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError
+from ..files import check_regular_file
 from . import cpu_kernels, loader, memory
 from .common import layer_norm, pair
 from .placement import rescale_every, resolve_device
@@ -165,8 +166,7 @@ class RWKV:
     def load_state(self, path: str | os.PathLike) -> RWKVState:
         """A tuned state file (RWKV-PEFT state tuning) as a fresh starting state for this model."""
         file = Path(os.path.expanduser(str(path)))
-        if not file.is_file():
-            raise ModelLoadError(f"{file}: no such state file")
+        check_regular_file(file, "state file")  # a FIFO would block in open()
         sd = loader.read_tensors(file)
         wkv = loader.time_state_tensors(sd, self.dims, file, self.version)
         extra = [k for k in sd if not k.endswith(".att.time_state")]
