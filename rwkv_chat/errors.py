@@ -23,3 +23,8 @@ class StateMismatchError(RWKVChatError, ValueError):
 
 class SnapshotError(RWKVChatError, ValueError):
     """A saved conversation could not be read or written."""
+
+
+class StoreError(RWKVChatError):
+    """The conversation history could not be read or written (read-only folder, full disk,
+    damaged or missing file)."""
