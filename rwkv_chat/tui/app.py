@@ -49,8 +49,8 @@ class ChatApp(App):
             return
         commands = [
             ("New conversation", "Start over from the starting state", chat.action_new_conversation),
-            ("Save snapshot", "Save this conversation", chat.action_save_snapshot),
-            ("Open snapshot", "Open a saved conversation", chat.action_open_snapshot),
+            ("Save snapshot", "Export this conversation to a .rwkvchat file", chat.action_save_snapshot),
+            ("Conversations", "Open, rename, delete, search or export kept conversations", chat.action_open_snapshot),
             ("Regenerate", "Generate the last reply again", chat.action_regenerate),
             ("Continue", "Generate more of the last reply", chat.action_continue_reply),
             ("Edit last message", "Change the last message and send it again", chat.action_edit_last),
@@ -71,6 +71,9 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.session.stop()
+        close = getattr(self.session, "close", None)
+        if close is not None:
+            close()  # what is waiting to be stored is written before the process ends
 
 
 def default_state_choices(shape, folders: list[Path] | None = None) -> Callable[[], list[StateChoice]]:
