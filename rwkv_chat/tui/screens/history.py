@@ -234,7 +234,9 @@ class HistoryScreen(ModalScreen[HistoryEntry | None]):
 
     @on(OptionList.OptionHighlighted, "#history-list")
     def _moved(self) -> None:
-        self._disarm()
+        entry = self.highlighted
+        if entry is None or entry.key != self.armed:
+            self._disarm()
 
     def _disarm(self) -> None:
         self.armed = None
