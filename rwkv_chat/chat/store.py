@@ -461,7 +461,3 @@ def conversation_markdown(title: str, messages: list[dict], model: str = "", upd
         role = "User" if message.get("role") == "user" else "Assistant"
         lines += [f"**{role}:**", "", str(message.get("text", "")), ""]
     return "\n".join(lines)
-
-
-def open_store(folder: str | os.PathLike | None = None) -> ConversationStore:
-    return ConversationStore(folder)

@@ -1,6 +1,7 @@
 """The Textual app. `make_app(session, ...)` is the one way the CLI and the tests build it."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from textual.binding import Binding
 from ..chat.config import DEFAULT_KEYS, Config, default_config_path
 from .screens.chat import ChatScreen
 from .widgets.state_files import StateChoice
+
+QUIT_WAIT_S = 3.0  # how long quitting waits for a stopped reply to settle (it is stored then)
 
 
 class ChatApp(App):
@@ -71,6 +74,9 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.session.stop()
+        deadline = time.monotonic() + QUIT_WAIT_S
+        while self.session.busy and time.monotonic() < deadline:  # the stopped reply settles and is kept
+            time.sleep(0.01)
         close = getattr(self.session, "close", None)
         if close is not None:
             close()  # what is waiting to be stored is written before the process ends

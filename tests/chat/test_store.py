@@ -64,6 +64,7 @@ def test_every_reply_edit_regenerate_and_setting_is_stored_and_resumes_exactly(p
     for s in (session, resumed):  # the resumed one goes on exactly like the original
         list(s.regenerate())
     assert resumed.messages[-1].text == session.messages[-1].text
+    assert resumed.wait_stored() and session.wait_stored()
     assert len(revision_files(store, session.conversation_id)) == 2  # newest and the one before
     resumed.close()
     session.close()
