@@ -5,11 +5,14 @@ import errno
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 # temp files are named ".{target name}.{pid}.{random}.tmp": the pid tells whether their writer still runs
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+_OLD_TEMP_NAME = re.compile(r"^\..+\.[^.]+\.tmp$")  # written before temp names carried the pid
+OLD_TEMP_AGE_S = 3600.0  # such a file untouched this long belongs to no running save
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
@@ -102,7 +105,8 @@ def is_temp_file(path: Path) -> bool:
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     """Delete the temp files in `folder` left by writers that are no longer running (a killed
-    save); returns them. Files of running processes and names without a pid are left alone."""
+    save); returns them. Files of running processes are left alone; a temp name without a pid
+    (older versions) goes once it is OLD_TEMP_AGE_S old."""
     removed = []
     try:
         entries = list(Path(folder).iterdir())
@@ -110,7 +114,10 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
-        if match is None or _process_alive(int(match.group(1))):
+        if match is not None:
+            if _process_alive(int(match.group(1))):
+                continue
+        elif not _OLD_TEMP_NAME.match(entry.name) or not _older_than(entry, OLD_TEMP_AGE_S):
             continue
         try:
             entry.unlink()
@@ -118,6 +125,13 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
         except OSError:
             pass
     return removed
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
 
 
 def _process_alive(pid: int) -> bool:

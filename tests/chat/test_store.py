@@ -218,10 +218,12 @@ def test_temp_files_of_running_processes_are_kept(tmp_path):
     mine = tmp_path / f".x.rwkvchat.{os.getpid()}.abc.tmp"
     dead = tmp_path / ".x.rwkvchat.999999999.abc.tmp"
     other = tmp_path / "notes.tmp"
-    for path in (mine, dead, other):
+    old_style, recent_old_style = tmp_path / ".y.rwkvchat.k2j_x8.tmp", tmp_path / ".z.rwkvchat.q1w2e3.tmp"
+    for path in (mine, dead, other, old_style, recent_old_style):
         path.write_bytes(b"x")
-    assert files_module.remove_stale_temp_files(tmp_path) == [dead]
-    assert mine.exists() and other.exists()
+    os.utime(old_style, (1e9, 1e9))  # 2001: no save is still writing it
+    assert sorted(files_module.remove_stale_temp_files(tmp_path)) == sorted([dead, old_style])
+    assert mine.exists() and other.exists() and recent_old_style.exists()
 
 
 # ------------------------------------------------------------------ disk full, read-only
