@@ -336,14 +336,16 @@ class ChatSession:
             self._changed()
 
     # ------------------------------------------------------------------ history
-    def attach_store(self, store) -> None:
+    def attach_store(self, store, *, store_now: bool = True) -> None:
         """Keep this conversation (and every later one) in `store` (a ConversationStore) from
-        now on; stores the current conversation if it has messages."""
+        now on; stores the current conversation if it has messages (unless `store_now` is
+        False: it was just read from there)."""
         with self._lock:
             self.store = store
             if self._saver is None:
                 self._saver = _Saver(self._report_store_error)
-            self._changed()
+            if store_now:
+                self._changed()
 
     def rename(self, title: str) -> None:
         """Give the conversation a title (instead of its first message) and store it."""
@@ -405,7 +407,7 @@ class ChatSession:
         """A new session continuing a stored conversation, attached to `store`."""
         session = cls(pipeline)
         session.open_stored(store, conversation_id)
-        session.attach_store(store)
+        session.attach_store(store, store_now=False)
         return session
 
     # ------------------------------------------------------------------ snapshots

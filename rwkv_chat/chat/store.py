@@ -307,11 +307,13 @@ class ConversationStore:
         return previous
 
     def _remove_old_revisions(self, conversation_id: str, keep: set) -> None:
-        """Revisions older than the ones kept (a newer one may be another process's)."""
-        oldest_kept = min(rev for rev in keep if rev is not None)
+        """Every revision but the ones kept, up to the newest kept one (a newer file may be a
+        save still under way)."""
+        keep = {rev for rev in keep if rev is not None}
+        newest_kept = max(keep)
         for path in self._files_by_id().get(conversation_id, []):
             rev = _parse_name(path)[1]
-            if rev is not None and rev < oldest_kept:
+            if rev is not None and rev not in keep and rev < newest_kept:
                 path.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ reading
