@@ -150,16 +150,36 @@ class ConversationStore:
         try:
             self._db = self._open_db()
             self._db.execute("SELECT count(*) FROM conversations").fetchone()
-        except sqlite3.DatabaseError as error:
-            if self._db is not None:
-                self._db.close()
-            self._db = None
+            return
+        except sqlite3.OperationalError as error:  # cannot write (full disk, read-only) or no index yet
+            self._close_db()
+            if self.read_only:
+                return
+            self.read_only = True
+            self.problem = (f"{self.index_path}: the history cannot be written ({error}); "
+                            "conversations are not being kept")
+        except sqlite3.DatabaseError as error:  # not a database, or a damaged one
+            self._close_db()
             if self.read_only:
                 if self.index_path.exists():
                     self.problem = (self.problem or "") + f"; the history index is damaged ({error})"
                 return
             self._set_aside_damaged_index(error)
+        try:
             self._db = self._open_db()
+        except sqlite3.Error as error:
+            self._close_db()
+            self.read_only = True
+            self.problem = (f"{self.index_path}: the history cannot be written ({error}); "
+                            "conversations are not being kept")
+
+    def _close_db(self) -> None:
+        if self._db is not None:
+            try:
+                self._db.close()
+            except sqlite3.Error:
+                pass
+        self._db = None
 
     def _open_db(self) -> sqlite3.Connection:
         if self.read_only:

@@ -319,3 +319,23 @@ def test_write_new_file_never_replaces_a_file(tmp_path):
     assert [p.name for p in written] == ["chat.rwkvchat", "chat-2.rwkvchat", "chat-3.rwkvchat"]
     assert [p.read_text() for p in written] == ["0", "1", "2"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in written)  # no temp files left
+
+
+def test_an_index_that_cannot_be_written_opens_read_only_and_is_not_set_aside(pipe, store, monkeypatch):
+    session = stored_session(pipe, store, "still listed")
+    session.close()
+    store.close()
+    original = ConversationStore._open_db
+
+    def full(self):
+        if not self.read_only:
+            raise sqlite3.OperationalError("database or disk is full")
+        return original(self)
+
+    monkeypatch.setattr(ConversationStore, "_open_db", full)
+    reopened = ConversationStore()
+    assert reopened.read_only and "disk is full" in reopened.problem
+    assert not list(reopened.folder.glob("*.damaged-*"))
+    assert [i.title for i in reopened.list()] == ["still listed"]
+    with pytest.raises(StoreError, match="disk is full"):
+        reopened.save("x", {"messages": []}, {})
