@@ -167,11 +167,12 @@ class ConversationStore:
             self._set_aside_damaged_index(error)
         try:
             self._db = self._open_db()
+            self._db.execute("SELECT count(*) FROM conversations").fetchone()
         except sqlite3.Error as error:
             self._close_db()
             self.read_only = True
-            self.problem = (f"{self.index_path}: the history cannot be written ({error}); "
-                            "conversations are not being kept")
+            self.problem = self.problem or (f"{self.index_path}: the history cannot be written ({error}); "
+                                            "conversations are not being kept")
 
     def _close_db(self) -> None:
         if self._db is not None:
@@ -249,7 +250,10 @@ class ConversationStore:
         if self._db is None:
             return set()
         with self._lock:
-            return {row[0] for row in self._db.execute("SELECT id FROM conversations")}
+            try:
+                return {row[0] for row in self._db.execute("SELECT id FROM conversations")}
+            except sqlite3.Error:
+                return set()
 
     def _adopt(self, conversation_id: str, path: Path, data: dict) -> None:
         meta = data.get("conversation") if isinstance(data.get("conversation"), dict) else {}
@@ -375,8 +379,11 @@ class ConversationStore:
         if self._db is None:
             raise StoreError(f"no conversation {conversation_id} in the history")
         with self._lock:
-            row = self._db.execute("SELECT title, rev, prev_rev, messages, model, created, updated FROM conversations "
-                                   "WHERE id = ?", (conversation_id,)).fetchone()
+            try:
+                row = self._db.execute("SELECT title, rev, prev_rev, messages, model, created, updated "
+                                       "FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            except sqlite3.Error as error:
+                raise StoreError(f"{self.index_path}: cannot read the history ({error})") from error
         if row is None:
             raise StoreError(f"no conversation {conversation_id} in the history")
         return row
@@ -412,7 +419,11 @@ class ConversationStore:
 
     def _custom(self, conversation_id: str) -> bool:
         with self._lock:
-            row = self._db.execute("SELECT custom_title FROM conversations WHERE id = ?", (conversation_id,)).fetchone()
+            try:
+                row = self._db.execute("SELECT custom_title FROM conversations WHERE id = ?",
+                                       (conversation_id,)).fetchone()
+            except sqlite3.Error:
+                return False
         return bool(row and row[0])
 
     def messages(self, conversation_id: str) -> list[dict]:
