@@ -23,6 +23,7 @@ from .errors import ModelLoadError, RWKVChatError
 DEBUG_KEY = "rwkv_chat.debug"
 GROUP_CONFIG_KEY = "rwkv_chat.config"  # `rwkv-chat --config FILE <command>`: the command reads FILE
 SNAPSHOT_SUFFIX = ".rwkvchat"
+DEMO_FILE_PREFIX = "rwkv7-demo-"  # the expanded demo model's file name (rwkv_chat/training/demo.py)
 DEMO_STATUS = "Tiny demo model (it knows nothing). For real answers: rwkv-chat --model PATH.pth"
 
 
@@ -209,20 +210,24 @@ def sampling_overrides(**values) -> dict[str, Any]:
               help="Start from a tuned state file (RWKV-PEFT state tuning).")
 @click.option("--snapshot", "snapshot_path", type=click.Path(dir_okay=False, path_type=Path),
               help="Resume a saved conversation (.rwkvchat). Without --model, its own model is used.")
+@click.option("--continue", "-c", "continue_last", is_flag=True,
+              help="Reopen the most recent conversation from the history (with its own model unless --model).")
 @config_option
 @click.version_option(__version__, "--version", "-V", prog_name="rwkv-chat")
 @debug_option
 @click.pass_context
-def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_path, config_path) -> None:
+def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_path, continue_last, config_path) -> None:
     """Chat with a local RWKV model (v4, v5.2, v6, v7) in the terminal.
 
     With no command, opens the chat. Enter sends, Ctrl+J adds a new line, Esc stops a reply,
-    F1 lists every key. Keys, default model and sampling values can be set in config.toml in
-    the user config dir (see --config).
+    Ctrl+O lists the kept conversations, F1 lists every key. Every conversation is kept as it
+    happens (`rwkv-chat history` lists them). Keys, default model and sampling values can be
+    set in config.toml in the user config dir (see --config).
 
     \b
     Examples:
       rwkv-chat                                   # the tiny built-in demo model
+      rwkv-chat -c                                # reopen the most recent conversation
       rwkv-chat -m ~/models/RWKV-x070-World-1.5B-v3.pth
       rwkv-chat -m model.pth -s "cuda fp16i8 *12 -> cpu fp32"
       rwkv-chat -m model.pth --state states/chinese-chat.pth
@@ -234,21 +239,39 @@ def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_pat
         ctx.meta[GROUP_CONFIG_KEY] = config_path
         return
     run_chat(model_path=model_path, strategy=strategy, demo=demo, state_path=state_path,
-             snapshot_path=snapshot_path, config_path=config_path)
+             snapshot_path=snapshot_path, config_path=config_path, continue_last=continue_last)
 
 
-def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_path) -> None:
+def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_path, continue_last=False) -> None:
     from .chat.config import load_config
+    from .chat.store import ConversationStore
 
-    if state_path is not None and snapshot_path is not None:
-        raise click.UsageError("--state and --snapshot cannot be combined (a snapshot remembers its own state file)")
+    if sum(option is not None and option is not False for option in (state_path, snapshot_path, continue_last)) > 1:
+        raise click.UsageError("--state, --snapshot and --continue cannot be combined "
+                               "(a saved conversation remembers its own state file)")
     config = load_config(config_path)
+    store = ConversationStore()
+    continue_id = None
+    if continue_last:
+        latest = store.most_recent()
+        if latest is None:
+            raise click.ClickException("there is no conversation to continue yet; start one with rwkv-chat")
+        continue_id = latest.id
+        snapshot_path = store.load(continue_id)[0].path
     if snapshot_path is not None and model_path is None and not demo:
         model_path = snapshot_model_path(snapshot_path)
+        demo = model_path is None
     path, demo_note = choose_model(model_path, demo, config)
     strategy = strategy or config.strategy or default_strategy()
     model = load_model(path, strategy)
-    session = make_session(model, config, state_path=state_path, snapshot_path=snapshot_path)
+    if continue_id is not None:
+        from . import Pipeline
+        from .chat.session import ChatSession
+
+        session = ChatSession.from_store(Pipeline(model), store, continue_id)
+    else:
+        session = make_session(model, config, state_path=state_path, snapshot_path=snapshot_path)
+        session.attach_store(store)
 
     from .tui.app import make_app
 
@@ -258,13 +281,16 @@ def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_pa
     app.run()
 
 
-def snapshot_model_path(snapshot_path: Path) -> Path:
-    """The model a snapshot was saved with; ModelLoadError when that file is gone."""
+def snapshot_model_path(snapshot_path: Path) -> Path | None:
+    """The model a snapshot was saved with (None: the built-in demo model); ModelLoadError when
+    that file is gone."""
     from .chat.snapshot import read_snapshot_data
     from .engine.state import ModelShape
 
     model = read_snapshot_data(snapshot_path)["model"]
     path = Path(model.get("path") or "")
+    if str(model.get("name", "")).startswith(DEMO_FILE_PREFIX):
+        return None  # the built-in demo model (its cached file may have moved or been renamed)
     if not model.get("path") or not path.is_file():
         shape = ModelShape.from_dict(model["shape"]).describe()
         raise ModelLoadError(
@@ -543,6 +569,114 @@ def describe_snapshot(path: Path) -> dict[str, Any]:
         "tokens": data["tokens"],
         "size": _size(path),
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# history
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per conversation.")
+@click.option("--search", "-s", help="Only conversations whose title or messages contain this text.")
+@debug_option
+@click.pass_context
+def history(ctx: click.Context, as_json, search) -> None:
+    """List the kept conversations, newest first (id, date, messages, model, title).
+
+    Every conversation in the chat is kept as it happens. Ids may be shortened to any unique
+    prefix in the commands below.
+
+    \b
+    Examples:
+      rwkv-chat history                       # list them
+      rwkv-chat history -s haiku --json       # those mentioning "haiku", as JSON lines
+      rwkv-chat history export 3f2a chat.md   # Markdown (or .rwkvchat to share it)
+      rwkv-chat history import chat.rwkvchat  # keep a shared conversation
+      rwkv-chat history delete 3f2a
+      rwkv-chat -c                            # reopen the most recent one in the chat
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from .chat.store import ConversationStore
+
+    store = ConversationStore()
+    if store.problem:
+        click.echo(f"Note: {store.problem}", err=True)
+    infos = store.list(search)
+    for info in infos:
+        if as_json:
+            click.echo(json.dumps(info.to_dict(), ensure_ascii=False))
+            continue
+        when = info.updated.strftime("%Y-%m-%d %H:%M") if info.updated else "-" * 16
+        if info.problem:
+            click.echo(f"{info.id[:8]}  {'unreadable':<16}  {info.problem}")
+        else:
+            click.echo(f"{info.id[:8]}  {when}  {info.n_messages:>3} msgs  {info.model_name}  {info.title}")
+    if not infos and not as_json:
+        click.echo("No conversations match." if search else "No conversations yet.", err=True)
+
+
+@history.command("export")
+@click.argument("conversation_id")
+@click.argument("file", type=click.Path(dir_okay=False, path_type=Path))
+@debug_option
+def history_export(conversation_id, file) -> None:
+    """Write a conversation to FILE: Markdown for .md, else a shareable .rwkvchat snapshot.
+
+    An existing FILE is never replaced: a free name (FILE-2, ...) is used and printed.
+
+    \b
+    Examples:
+      rwkv-chat history export 3f2a chat.md
+      rwkv-chat history export 3f2a chat.rwkvchat
+    """
+    from .chat.store import ConversationStore
+    from .files import write_new_file
+
+    store = ConversationStore()
+    conversation_id = store.resolve(conversation_id)
+    if file.suffix.lower() in (".md", ".markdown"):
+        text = store.markdown(conversation_id)
+        try:
+            written = write_new_file(file, lambda temp: temp.write_text(text, encoding="utf-8"))
+        except OSError as error:
+            raise click.ClickException(f"{file}: cannot write ({error.strerror or error})") from error
+    else:
+        written = store.export_snapshot(conversation_id, file)
+    click.echo(str(written))
+
+
+@history.command("import")
+@click.argument("file", type=click.Path(dir_okay=False, exists=True, path_type=Path))
+@debug_option
+def history_import(file) -> None:
+    """Keep a .rwkvchat snapshot FILE as a new conversation in the history; prints its id.
+
+    \b
+    Examples:
+      rwkv-chat history import shared.rwkvchat
+    """
+    from .chat.store import ConversationStore
+
+    click.echo(ConversationStore().import_snapshot(file))
+
+
+@history.command("delete")
+@click.argument("conversation_id")
+@debug_option
+def history_delete(conversation_id) -> None:
+    """Delete a conversation (its messages and state) from the history.
+
+    \b
+    Examples:
+      rwkv-chat history delete 3f2a
+    """
+    from .chat.store import ConversationStore
+
+    store = ConversationStore()
+    conversation_id = store.resolve(conversation_id)
+    store.delete(conversation_id)
+    click.echo(f"Deleted {conversation_id}")
 
 
 def _is_safetensors(path: Path) -> bool:

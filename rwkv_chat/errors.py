@@ -33,3 +33,6 @@ class FileWriteError(RWKVChatError, OSError):
 class NotARegularFileError(ModelLoadError):
     """A path names a FIFO, device, socket or folder where a file was expected (opening it could
     block forever or read endless data)."""
+class StoreError(RWKVChatError):
+    """The conversation history could not be read or written (read-only folder, full disk,
+    damaged or missing file)."""

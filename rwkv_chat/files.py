@@ -1,5 +1,6 @@
-"""File helpers every layer shares: atomic writes, code-free tensor loading, and the check that
-a user-named path is a regular file before anything opens it."""
+"""File helpers every layer shares: atomic writes (never-overwriting ones too), cleanup of temp files a
+killed save left, code-free tensor loading, and the check that a user-named path is a regular file
+before anything opens it."""
 from __future__ import annotations
 
 import errno
@@ -7,10 +8,18 @@ import os
 import re
 import stat
 import tempfile
+import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FileWriteError, ModelLoadError, NotARegularFileError
+
+# temp files are named ".{target name}.{pid}.{random}.tmp": the pid tells whether their writer still runs
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+_OLD_TEMP_NAME = re.compile(r"^\..+\.[^.]+\.tmp$")  # written before temp names carried the pid
+OLD_TEMP_AGE_S = 3600.0  # such a file untouched this long belongs to no running save
+
 
 _SPECIAL_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
                   (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
@@ -106,32 +115,160 @@ def write_atomically(path: str | os.PathLike, write: Callable[[Path], None]) -> 
     half-written one. The temp file is removed when `write` fails (or is interrupted).
     FileWriteError names the file and the system's reason (read-only folder, full disk, ...)."""
     path = Path(path)
-    temp: Path | None = None
-    try:
+    with _write_errors(path):
+        temp = _write_temp(path, write)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except FileExistsError:  # a file where the folder should be
-            raise NotADirectoryError(errno.ENOTDIR, f"{display_path(path.parent)} is not a folder") from None
-        descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(descriptor)
-        temp = Path(temp_name)
+            os.replace(temp, path)
+        except BaseException:
+            temp.unlink(missing_ok=True)
+            raise
+        _fsync_folder(path.parent)
+    return path
+
+
+def write_new_file(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Like `write_atomically`, but never replaces an existing file: when `path` is taken, the
+    first free name of "stem-2.suffix", "stem-3.suffix", ... is used. Two processes writing the
+    same name at once both keep their files. Returns the path written."""
+    path = Path(path)
+    with _write_errors(path):
+        temp = _write_temp(path, write)
+        try:
+            counter = 2
+            candidate = path
+            while True:
+                try:
+                    os.link(temp, candidate)  # atomic and fails when the name exists
+                    break
+                except FileExistsError:
+                    candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+                    counter += 1
+                except OSError as error:  # a file system without hard links
+                    if error.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                        raise
+                    candidate = _claim_by_exclusive_create(path, temp)
+                    break
+        finally:
+            temp.unlink(missing_ok=True)
+        _fsync_folder(path.parent)
+    return candidate
+
+
+@contextmanager
+def _write_errors(path: Path):
+    """Turn a failed write into FileWriteError naming `path` and the system's reason; a bug in
+    the writer passes through unchanged."""
+    try:
+        yield
+    except BaseException as error:
+        reason = None if isinstance(error, FileWriteError) else _os_reason(error, path.parent)
+        if reason is None:
+            raise
+        raise _write_failure(path, reason) from error
+
+
+def _write_failure(path: Path, reason: tuple[int, str]) -> FileWriteError:
+    failure = FileWriteError(f"{display_path(path)}: cannot write it ({reason[1]})")
+    failure.errno, failure.reason = reason
+    return failure
+
+
+def _claim_by_exclusive_create(path: Path, temp: Path) -> Path:
+    counter, candidate = 2, path
+    while True:
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+            counter += 1
+            continue
+        os.replace(temp, candidate)
+        return candidate
+
+
+def _write_temp(path: Path, write: Callable[[Path], None]) -> Path:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:  # a file where the folder should be
+        raise NotADirectoryError(errno.ENOTDIR, f"{display_path(path.parent)} is not a folder") from None
+    descriptor, temp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    temp = Path(temp_name)
+    try:
         write(temp)
         with open(temp, "rb+") as file:
             os.fsync(file.fileno())
-        os.replace(temp, path)
     except BaseException as error:
-        reason = None if isinstance(error, FileWriteError) else _os_reason(error, path.parent)  # before the unlink
-        if temp is not None:
-            try:
-                temp.unlink(missing_ok=True)
-            except OSError:
-                pass
+        reason = _os_reason(error, path.parent)  # before the unlink frees the space it took
+        try:
+            temp.unlink(missing_ok=True)
+        except OSError:
+            pass
         if reason is None:
             raise
-        failure = FileWriteError(f"{display_path(path)}: cannot write it ({reason[1]})")
-        failure.errno, failure.reason = reason
-        raise failure from error
-    return path
+        raise _write_failure(path, reason) from error
+    return temp
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in `folder` durable (where the platform allows opening folders)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def is_temp_file(path: Path) -> bool:
+    return _TEMP_NAME.match(path.name) is not None
+
+
+def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
+    """Delete the temp files in `folder` left by writers that are no longer running (a killed
+    save); returns them. Files of running processes are left alone; a temp name without a pid
+    (older versions) goes once it is OLD_TEMP_AGE_S old."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.match(entry.name)
+        if match is not None:
+            if _process_alive(int(match.group(1))):
+                continue
+        elif not _OLD_TEMP_NAME.match(entry.name) or not _older_than(entry, OLD_TEMP_AGE_S):
+            continue
+        try:
+            entry.unlink()
+            removed.append(entry)
+        except OSError:
+            pass
+    return removed
+
+
+def _older_than(path: Path, seconds: float) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime > seconds
+    except OSError:
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True  # exists (another user's) or cannot tell: leave it
+    return True
 
 
 def load_tensors(path: str | os.PathLike):

@@ -2,7 +2,9 @@
 
 By default the platform's user folders (platformdirs, app name "rwkv-chat"):
 
-    data dir      snapshots/   saved conversations (*.rwkvchat)
+    data dir      conversations/  every conversation, kept as it happens (index.sqlite3 + states)
+                  snapshots/   conversations exported with Ctrl+S (*.rwkvchat)
+                  exports/     conversations exported as Markdown
                   states/      the user's tuned state files (*.pth)
     config dir    config.toml
 
@@ -19,7 +21,7 @@ from pathlib import Path
 
 import platformdirs
 
-from ..files import write_atomically  # noqa: F401  (re-exported: chat code writes through locations)
+from ..files import write_atomically, write_new_file  # noqa: F401  (re-exported: chat code writes through locations)
 
 APP_NAME = "rwkv-chat"
 HOME_ENV_VAR = "RWKV_CHAT_HOME"
@@ -47,6 +49,16 @@ def config_dir() -> Path:
 def snapshots_dir() -> Path:
     """Saved conversations (created on first save, not here)."""
     return data_dir() / "snapshots"
+
+
+def conversations_dir() -> Path:
+    """The conversation history: index.sqlite3 and one state file per conversation."""
+    return data_dir() / "conversations"
+
+
+def exports_dir() -> Path:
+    """Conversations exported as Markdown from the history screen."""
+    return data_dir() / "exports"
 
 
 def user_states_dir() -> Path:

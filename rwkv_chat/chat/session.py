@@ -16,6 +16,12 @@ The model sees (ChatRWKV's chat format):
 
 Threads: a UI may iterate the object `send()` returns in a worker thread while it calls `stop()`
 or assigns `settings` from its own thread; the new settings apply from the next token on.
+
+History: with a store attached (`attach_store`), the conversation is stored after every
+finished or stopped reply (edit, regenerate and continue included), settings change and
+rename, by a background thread, so no caller waits for the disk. `wait_stored()` waits for it;
+`close()` flushes it. A failed store is reported through `store_error` / `on_store_error`;
+the conversation in memory is never touched by it.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from ..errors import SnapshotError
 from ..pipeline import Generation, GenerationStats, Pipeline
 from ..sampling import END_OF_TEXT, SamplingSettings
 from . import snapshot as snapshots
+from .store import new_conversation_id
 
 TURN_END = "\n\n"
 ROLES = ("user", "assistant")
@@ -129,6 +136,13 @@ class ChatSession:
         self._needs_turn_end = False
         self._starting_state: RWKVState | None = None
         self._cached_reply_settings: tuple[SamplingSettings, SamplingSettings] | None = None
+        self.conversation_id = new_conversation_id()
+        self.title: str | None = None  # a title the user gave; None: the first message
+        self.created = time.time()
+        self.store = None
+        self.store_error: str | None = None
+        self.on_store_error: Callable[[str], None] | None = None  # called from the saver thread
+        self._saver: _Saver | None = None
         self.state: RWKVState = self._conversation_start()
 
     @property
@@ -144,7 +158,10 @@ class ChatSession:
         """Safe from any thread; a running reply uses the new settings from its next token."""
         if not isinstance(value, SamplingSettings):
             raise TypeError(f"settings must be SamplingSettings, not {type(value).__name__}")
+        changed = value != self._settings
         self._settings = value
+        if changed and self._reply is None:  # a running reply stores them when it ends
+            self._changed()
 
     @property
     def busy(self) -> bool:
@@ -165,6 +182,12 @@ class ChatSession:
         self._turn = None
         self._needs_turn_end = False
         self.snapshot_path = None
+        self._new_identity()
+
+    def _new_identity(self) -> None:
+        self.conversation_id = new_conversation_id()
+        self.title = None
+        self.created = time.time()
 
     def reset(self) -> None:
         """An empty conversation from the starting state (the state file is kept)."""
@@ -324,6 +347,82 @@ class ChatSession:
             self._turn.ended_by_stop = reply.message.finish_reason == "stop"
             self._needs_turn_end = not fed_text.endswith(TURN_END)
             self._reply = None
+            self._changed()
+
+    # ------------------------------------------------------------------ history
+    def attach_store(self, store, *, store_now: bool = True) -> None:
+        """Keep this conversation (and every later one) in `store` (a ConversationStore) from
+        now on; stores the current conversation if it has messages (unless `store_now` is
+        False: it was just read from there)."""
+        with self._lock:
+            self.store = store
+            if self._saver is None:
+                self._saver = _Saver(self._report_store_error)
+            if store_now:
+                self._changed()
+
+    def rename(self, title: str) -> None:
+        """Give the conversation a title (instead of its first message) and store it."""
+        title = " ".join(str(title).split())
+        if not title:
+            raise ValueError("the title cannot be empty")
+        with self._lock:
+            self.title = title
+            self._changed()
+
+    def wait_stored(self, timeout: float | None = 30.0) -> bool:
+        """Wait until every change so far is stored (or failed); False on timeout."""
+        return True if self._saver is None else self._saver.wait(timeout)
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        """Store what is pending and stop the saver thread (the app calls this on exit)."""
+        saver, self._saver = self._saver, None
+        if saver is not None:
+            saver.close(timeout)
+
+    def _changed(self) -> None:
+        """Queue the conversation for storing (nothing to do without a store or messages)."""
+        with self._lock:
+            store, saver = self.store, self._saver
+            if store is None or saver is None or not self.messages or self._reply is not None:
+                return
+            data, states = self._snapshot_parts()
+            conversation_id, title, created = self.conversation_id, self.title, self.created
+
+        def job() -> None:
+            tensors = {name: state.to_tensors() for name, state in states.items()}
+            store.save(conversation_id, data, tensors, title=title, created=created)
+
+        saver.submit(conversation_id, job)
+
+    def _report_store_error(self, error: str | None) -> None:
+        self.store_error = error
+        callback = self.on_store_error
+        if error is not None and callback is not None:
+            callback(error)
+
+    def open_stored(self, store, conversation_id: str) -> None:
+        """Replace this conversation with one from the history (see `restore`); it goes on
+        being stored under its own id."""
+        with self._lock:
+            self._require_idle()
+            file, title = store.load(conversation_id)
+            loaded = _LoadedSnapshot.from_file(file, self.model)
+            self._apply(loaded)
+            self.snapshot_path = None
+            meta = file.data.get("conversation") if isinstance(file.data.get("conversation"), dict) else {}
+            self.conversation_id = conversation_id
+            self.title = title
+            created = meta.get("created")
+            self.created = float(created) if isinstance(created, (int, float)) else time.time()
+
+    @classmethod
+    def from_store(cls, pipeline: Pipeline, store, conversation_id: str) -> ChatSession:
+        """A new session continuing a stored conversation, attached to `store`."""
+        session = cls(pipeline)
+        session.open_stored(store, conversation_id)
+        session.attach_store(store, store_now=False)
+        return session
 
     # ------------------------------------------------------------------ snapshots
     def save(self, path=None) -> Path:
@@ -331,13 +430,20 @@ class ChatSession:
         timestamped file in the user's snapshots folder). Returns the path."""
         with self._lock:
             self._require_idle()
-            target = Path(path) if path is not None else (self.snapshot_path or snapshots.default_snapshot_path())
             data, states = self._snapshot_contents()
-            snapshots.write_snapshot(target, data, states)
+            if path is not None or self.snapshot_path is not None:
+                target = snapshots.write_snapshot(Path(path) if path is not None else self.snapshot_path, data, states)
+            else:  # a new name that nobody else can take meanwhile (another instance saving too)
+                target = snapshots.write_snapshot(snapshots.default_snapshot_path(), data, states, new_file=True)
             self.snapshot_path = target
             return target
 
     def _snapshot_contents(self) -> tuple[dict, dict]:
+        data, states = self._snapshot_parts()
+        return data, {name: state.to_tensors() for name, state in states.items()}
+
+    def _snapshot_parts(self) -> tuple[dict, dict[str, RWKVState]]:
+        """The snapshot's JSON part and its states (unconverted: states are never mutated)."""
         model = self.model
         turn = self._turn
         data = {
@@ -353,9 +459,9 @@ class ChatSession:
                 "prompt": turn.prompt, "raw_reply": turn.raw_reply, "ended_by_stop": turn.ended_by_stop,
                 "tokens_before": turn.state_before_user.tokens},
         }
-        states = {snapshots.MAIN_STATE: self.state.to_tensors()}
+        states = {snapshots.MAIN_STATE: self.state}
         if turn is not None:
-            states[snapshots.TURN_START_STATE] = turn.state_before_user.to_tensors()
+            states[snapshots.TURN_START_STATE] = turn.state_before_user
         return data, states
 
     def restore(self, path) -> None:
@@ -364,15 +470,19 @@ class ChatSession:
         with self._lock:
             self._require_idle()
             loaded = _LoadedSnapshot.read(path, self.model)
-            self.settings = loaded.settings
-            self.user, self.assistant, self.preamble = loaded.user, loaded.assistant, loaded.preamble
-            self.state_file = loaded.state_file
-            self._starting_state = None  # rebuilt on reset, from the state file and preamble
-            self.messages = loaded.messages
-            self.state = loaded.state
-            self._turn = loaded.turn
-            self._needs_turn_end = loaded.needs_turn_end
+            self._apply(loaded)
             self.snapshot_path = Path(path)
+            self._new_identity()  # kept in the history as a new conversation from its next change
+
+    def _apply(self, loaded: _LoadedSnapshot) -> None:
+        self._settings = loaded.settings
+        self.user, self.assistant, self.preamble = loaded.user, loaded.assistant, loaded.preamble
+        self.state_file = loaded.state_file
+        self._starting_state = None  # rebuilt on reset, from the state file and preamble
+        self.messages = loaded.messages
+        self.state = loaded.state
+        self._turn = loaded.turn
+        self._needs_turn_end = loaded.needs_turn_end
 
     @classmethod
     def open(cls, pipeline: Pipeline, path) -> ChatSession:
@@ -398,7 +508,10 @@ class _LoadedSnapshot:
 
     @classmethod
     def read(cls, path, model) -> _LoadedSnapshot:
-        file = snapshots.read_snapshot(path)
+        return cls.from_file(snapshots.read_snapshot(path), model)
+
+    @classmethod
+    def from_file(cls, file: snapshots.SnapshotFile, model) -> _LoadedSnapshot:
         file.require_shape(model.shape)
         data = file.data
         try:
@@ -423,7 +536,7 @@ class _LoadedSnapshot:
             )
         except SnapshotError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as error:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as error:
             detail = f"missing {error}" if isinstance(error, KeyError) else str(error)
             raise SnapshotError(f"{file.path}: the snapshot is damaged ({detail})") from error
 
@@ -571,3 +684,52 @@ def _combined(first: GenerationStats, second: GenerationStats) -> GenerationStat
         seconds=first.seconds + second.seconds,
         tokens_per_second=generated / decode_seconds if decode_seconds else 0.0,
     )
+
+
+class _Saver:
+    """A background thread running store jobs in order; a newer job for the same conversation
+    replaces one still waiting. Errors go to `report(message)`, success to `report(None)`."""
+
+    def __init__(self, report: Callable[[str | None], None]):
+        self._report = report
+        self._condition = threading.Condition()
+        self._pending: dict[str, Callable[[], None]] = {}
+        self._running = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="rwkv-chat-store", daemon=True)
+        self._thread.start()
+
+    def submit(self, key: str, job: Callable[[], None]) -> None:
+        with self._condition:
+            self._pending.pop(key, None)
+            self._pending[key] = job
+            self._condition.notify_all()
+
+    def wait(self, timeout: float | None) -> bool:
+        with self._condition:
+            return self._condition.wait_for(lambda: not self._pending and not self._running, timeout)
+
+    def close(self, timeout: float | None) -> None:
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._pending or self._closed)
+                if not self._pending:
+                    return
+                key = next(iter(self._pending))
+                job = self._pending.pop(key)
+                self._running = True
+            try:
+                job()
+                self._report(None)
+            except Exception as error:  # never lost silently, never fatal: the conversation stays in memory
+                self._report(str(error) or type(error).__name__)
+            finally:
+                with self._condition:
+                    self._running = False
+                    self._condition.notify_all()

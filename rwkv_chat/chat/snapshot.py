@@ -14,6 +14,7 @@ writes the JSON dict and named states; `ChatSession` gives them meaning.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -73,7 +74,8 @@ class SnapshotInfo:
 
 
 def default_snapshot_path(folder: Path | None = None) -> Path:
-    """A new timestamped file name in `folder` (default: the user's snapshots folder)."""
+    """A new timestamped file name in `folder` (default: the user's snapshots folder). Write it
+    with `write_snapshot(..., new_file=True)`: another process may take the name meanwhile."""
     folder = Path(folder) if folder is not None else locations.snapshots_dir()
     stem = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     path, counter = folder / f"{stem}{SUFFIX}", 2
@@ -82,8 +84,12 @@ def default_snapshot_path(folder: Path | None = None) -> Path:
     return path
 
 
-def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[str, torch.Tensor]]) -> Path:
-    """Write `data` (JSON-safe; format fields and saved_at are added) and the named states."""
+def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[str, torch.Tensor]],
+                   *, new_file: bool = False) -> Path:
+    """Write `data` (JSON-safe; format fields and saved_at are added) and the named states,
+    atomically. `new_file`: never replace an existing file; a taken name gets "-2", "-3", ...
+    (the path written is returned). Any failure is a SnapshotError naming the file; the file
+    that was there before stays intact."""
     document = {"format": FORMAT, "format_version": FORMAT_VERSION, "saved_at": datetime.now().astimezone().isoformat(),
                 **data}
     metadata = {METADATA_KEY: json.dumps(document, ensure_ascii=False)}
@@ -92,10 +98,20 @@ def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[s
         for name, state in states.items()
         for key, tensor in state.items()
     }
+    write = locations.write_new_file if new_file else locations.write_atomically
     try:
-        return locations.write_atomically(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
-    except OSError as error:
-        raise SnapshotError(f"{path}: cannot save the conversation ({getattr(error, 'reason', error)})") from error
+        return write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
+    except Exception as error:  # OSError, or safetensors' own error for a failed write
+        raise SnapshotError(f"{path}: cannot save the conversation ({_write_problem(error)})") from error
+
+
+def _write_problem(error: Exception) -> str:
+    text = str(error)
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
+        return "the disk is full"
+    if getattr(error, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM) or "os error 30" in text:
+        return f"the folder cannot be written: {error.strerror if isinstance(error, OSError) else text}"
+    return text
 
 
 def read_snapshot(path: str | os.PathLike) -> SnapshotFile:
@@ -122,10 +138,15 @@ def read_snapshot_data(path: str | os.PathLike) -> dict:
     if METADATA_KEY not in metadata:
         raise SnapshotError(f"{path}: not an rwkv-chat snapshot (no {METADATA_KEY!r} metadata)")
     try:
-        data = json.loads(metadata[METADATA_KEY])
-    except ValueError as error:
-        raise SnapshotError(f"{path}: the snapshot's description is damaged ({error})") from error
+        data = json.loads(metadata[METADATA_KEY], parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as error:
+        problem = "nested too deeply" if isinstance(error, RecursionError) else error
+        raise SnapshotError(f"{path}: the snapshot's description is damaged ({problem})") from error
     return _upgrade(path, data)
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not a valid value")
 
 
 def _tensor_name(state_name: str, key: str) -> str:
@@ -175,30 +196,39 @@ def _check_fields(path: Path, data: dict) -> None:
         raise SnapshotError(f"{path}: the snapshot does not say which model shape it was made with")
     try:
         ModelShape.from_dict(data["model"]["shape"])
-    except (KeyError, TypeError, ValueError) as error:
+    except (KeyError, TypeError, ValueError, OverflowError) as error:
         raise SnapshotError(f"{path}: the snapshot's model shape is damaged ({error})") from error
 
 
 # ------------------------------------------------------------------ listing
 def list_snapshots(folder: str | os.PathLike | None = None) -> list[SnapshotInfo]:
     """Saved conversations in `folder` (default: the user's snapshots folder), newest first.
-    Files that cannot be read as snapshots are left out."""
+    Files that cannot be read as snapshots are left out (`scan_snapshots` lists them too)."""
+    return scan_snapshots(folder)[0]
+
+
+def scan_snapshots(folder: str | os.PathLike | None = None) -> tuple[list[SnapshotInfo], list[tuple[Path, str]]]:
+    """(readable snapshots newest first, [(path, why it cannot be read)]) in `folder`."""
     folder = Path(folder) if folder is not None else locations.snapshots_dir()
-    if not folder.is_dir():
-        return []
-    infos = []
-    for path in folder.glob(f"*{SUFFIX}"):
+    try:
+        paths = sorted(folder.glob(f"*{SUFFIX}"))
+    except OSError:
+        return [], []
+    infos, unreadable = [], []
+    for path in paths:
         try:
             infos.append(_info(path, read_snapshot_data(path)))
-        except SnapshotError:
-            continue
-    return sorted(infos, key=lambda info: (info.saved_at.timestamp() if info.saved_at else 0.0, info.path.name),
-                  reverse=True)
+        except SnapshotError as error:
+            unreadable.append((path, str(error).removeprefix(f"{path}: ")))
+        except (OSError, ValueError, TypeError, RecursionError) as error:
+            unreadable.append((path, str(error) or type(error).__name__))
+    infos.sort(key=lambda info: (info.saved_at.timestamp() if info.saved_at else 0.0, info.path.name), reverse=True)
+    return infos, unreadable
 
 
 def _info(path: Path, data: dict) -> SnapshotInfo:
     messages = data["messages"]
-    first_user = next((m.get("text", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"), "")
+    first_user = str(next((m.get("text", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"), ""))
     return SnapshotInfo(
         path=path,
         saved_at=_parse_time(data.get("saved_at")),

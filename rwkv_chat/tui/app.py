@@ -1,6 +1,7 @@
 """The Textual app. `make_app(session, ...)` is the one way the CLI and the tests build it."""
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from ..chat.config import DEFAULT_KEYS, Config, default_config_path
 from ..chat.prefs import load_prefs, save_prefs
 from .screens.chat import ChatScreen
 from .widgets.state_files import StateChoice
+
+QUIT_WAIT_S = 3.0  # how long quitting waits for a stopped reply to settle (it is stored then)
 
 
 class ChatApp(App):
@@ -63,8 +66,8 @@ class ChatApp(App):
             return
         commands = [
             ("New conversation", "Start over from the starting state", chat.action_new_conversation),
-            ("Save snapshot", "Save this conversation", chat.action_save_snapshot),
-            ("Open snapshot", "Open a saved conversation", chat.action_open_snapshot),
+            ("Save snapshot", "Export this conversation to a .rwkvchat file", chat.action_save_snapshot),
+            ("Conversations", "Open, rename, delete, search or export kept conversations", chat.action_open_snapshot),
             ("Regenerate", "Generate the last reply again", chat.action_regenerate),
             ("Continue", "Generate more of the last reply", chat.action_continue_reply),
             ("Edit last message", "Change the last message and send it again", chat.action_edit_last),
@@ -85,6 +88,12 @@ class ChatApp(App):
 
     def on_unmount(self) -> None:
         self.session.stop()
+        deadline = time.monotonic() + QUIT_WAIT_S
+        while self.session.busy and time.monotonic() < deadline:  # the stopped reply settles and is kept
+            time.sleep(0.01)
+        close = getattr(self.session, "close", None)
+        if close is not None:
+            close()  # what is waiting to be stored is written before the process ends
 
 
 def default_state_choices(shape, folders: list[Path] | None = None) -> Callable[[], list[StateChoice]]:

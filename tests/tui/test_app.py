@@ -13,7 +13,7 @@ from rich.console import Console
 from rwkv_chat.chat.config import DEFAULT_KEYS, Config
 from rwkv_chat.tui.screens.chat import ChatScreen
 from rwkv_chat.tui.screens.help import HelpScreen, keys_table
-from rwkv_chat.tui.screens.snapshots import SnapshotDialog
+from rwkv_chat.tui.screens.history import HistoryScreen
 from rwkv_chat.tui.widgets.conversation import MessageView
 from rwkv_chat.tui.widgets.prompt import PromptInput
 from rwkv_chat.tui.widgets.settings import SettingsPane
@@ -308,14 +308,12 @@ def test_save_then_open_restores_the_conversation_on_screen(make_session, app_fo
         await wait_for_reply(pilot)
         saved = in_session(session)
         await pilot.press("ctrl+s")
-        await pilot.pause()
-        files = list((user_home / "snapshots").glob("*.rwkvchat"))
-        assert len(files) == 1
+        await wait_until(pilot, lambda: len(list((user_home / "snapshots").glob("*.rwkvchat"))) == 1)
         await pilot.press("ctrl+n")
         await pilot.pause()
         assert shown(pilot) == []
         await pilot.press("ctrl+o")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SnapshotDialog))
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded)
         await pilot.press("enter")
         await wait_until(pilot, lambda: shown(pilot) == saved)
         assert in_session(session) == saved
@@ -333,26 +331,28 @@ def test_delete_in_the_open_dialog_asks_once_then_deletes_the_highlighted_file(m
             await send(pilot, text)
             await wait_for_reply(pilot)
             await pilot.press("ctrl+s")
-            await pilot.pause()
+            await wait_until(pilot, lambda: len(list(folder.glob("*.rwkvchat"))) == (1 if text == "Keep me" else 2))
         before = in_session(session)
-        assert len(list(folder.glob("*.rwkvchat"))) == 2
         await pilot.press("ctrl+o")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SnapshotDialog))
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded)
         dialog = pilot.app.screen
-        options = dialog.query_one("#snapshot-list")
+        options = dialog.query_one("#history-list")
+        files = [entry for entry in dialog.entries if entry.path is not None]
+        options.highlighted = dialog.entries.index(files[0])
+        await pilot.pause()
         await pilot.press("delete")
         assert len(list(folder.glob("*.rwkvchat"))) == 2  # the first press only asks
-        assert "again" in str(dialog.query_one("#snapshot-box").border_subtitle)
+        assert "again" in str(dialog.query_one("#history-box").border_subtitle)
         await pilot.press("down")  # moving on forgets the question
         await pilot.pause()
         assert dialog.armed is None
-        second = Path(dialog.snapshots[int(options.get_option_at_index(options.highlighted).id)].path)
+        second = dialog.highlighted.path
         await pilot.press("delete", "delete")
-        await pilot.pause()
-        assert not second.exists() and len(list(folder.glob("*.rwkvchat"))) == 1
-        assert options.option_count == 1
+        await wait_until(pilot, lambda: not second.exists())
+        await wait_until(pilot, lambda: len(dialog.entries) == 1)
+        assert len(list(folder.glob("*.rwkvchat"))) == 1 and options.option_count == 1
         await pilot.press("delete", "delete")
-        await wait_until(pilot, lambda: dialog.query_one("#snapshot-empty").display)
+        await wait_until(pilot, lambda: dialog.query_one("#history-empty").display)
         assert list(folder.glob("*.rwkvchat")) == [] and not options.display
         await pilot.press("escape")
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen))
@@ -369,8 +369,8 @@ def test_open_dialog_escape_keeps_the_conversation(make_session, app_for):
         await wait_for_reply(pilot)
         before = in_session(session)
         await pilot.press("ctrl+o")
-        await wait_until(pilot, lambda: isinstance(pilot.app.screen, SnapshotDialog))
-        assert "No saved conversations" in str(pilot.app.screen.query_one("#snapshot-empty").render())
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded)
+        assert "No conversations yet" in str(pilot.app.screen.query_one("#history-empty").render())
         await pilot.press("escape")
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen))
         assert in_session(session) == before and shown(pilot) == before

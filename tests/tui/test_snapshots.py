@@ -1,8 +1,8 @@
-"""SVG snapshots of the main screen, the help screen, the snapshot dialog and the state pane
+"""SVG snapshots of the main screen, the help screen, the history screen and the state pane
 (tests/tui/__snapshots__; update with `pytest tests/tui --snapshot-update` and look at them).
 
 Everything on screen is fixed: messages and their stats are set directly, file names are fixed,
-RWKV_CHAT_HOME is a fixed folder and the snapshot list is a fixed list."""
+RWKV_CHAT_HOME is a fixed folder and the history list is a fixed list."""
 from __future__ import annotations
 
 from datetime import datetime
@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from rwkv_chat.chat import snapshot as snapshot_module
 from rwkv_chat.chat.session import Message
-from rwkv_chat.chat.snapshot import SnapshotInfo
 from rwkv_chat.pipeline import GenerationStats
+from rwkv_chat.tui.screens import history as history_module
+from rwkv_chat.tui.screens.history import HistoryEntry, HistoryScreen
+
+from .helpers import wait_until
 
 FIXED_HOME = "/tmp/rwkv-chat-test-home"
 
@@ -63,12 +65,19 @@ def test_state_pane(snap_compare, conversation_app):
     assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f3", "down"])
 
 
-def test_snapshot_dialog(snap_compare, conversation_app, monkeypatch):
-    saved = [
-        SnapshotInfo(Path(FIXED_HOME) / "snapshots/2024-05-02_09-30-00.rwkvchat", datetime(2024, 5, 2, 9, 30),
-                     "Write a haiku about the sea, please, with a long first message that gets cut", "tiny-v7.pth", 6),
-        SnapshotInfo(Path(FIXED_HOME) / "snapshots/2024-05-01_18-00-00.rwkvchat", datetime(2024, 5, 1, 18, 0),
-                     "What is RWKV?", "tiny-v7.pth", 2),
+def test_history_screen(snap_compare, conversation_app, monkeypatch):
+    entries = [
+        HistoryEntry("Write a haiku about the sea, please, with a long first message that gets cut",
+                     datetime(2024, 5, 2, 9, 30), "tiny-v7.pth", 6, conversation_id="0f3c"),
+        HistoryEntry("What is RWKV?", datetime(2024, 5, 1, 18, 0), "tiny-v7.pth", 2,
+                     path=Path(FIXED_HOME) / "snapshots/2024-05-01_18-00-00.rwkvchat"),
+        HistoryEntry("broken.rwkvchat", None, "", 0, path=Path(FIXED_HOME) / "snapshots/broken.rwkvchat",
+                     problem="not a readable rwkv-chat snapshot (header too large)"),
     ]
-    monkeypatch.setattr(snapshot_module, "list_snapshots", lambda folder=None: saved)
-    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["ctrl+o"])
+    monkeypatch.setattr(history_module, "load_entries", lambda store, search="", folder=None: entries)
+
+    async def open_history(pilot):
+        await pilot.press("ctrl+o")
+        await wait_until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded)
+
+    assert snap_compare(conversation_app, terminal_size=(100, 30), run_before=open_history)

@@ -17,7 +17,6 @@ from textual.screen import Screen
 from textual.widgets import Footer
 
 from ...chat import locations
-from ...chat import snapshot as snapshots
 from ...chat.config import DEFAULT_KEYS, DESCRIPTIONS
 from ...errors import RWKVChatError
 from ..streaming import PieceBatcher
@@ -27,8 +26,8 @@ from ..widgets.settings import SettingsPane
 from ..widgets.state_files import StateChoice, StateFilesPane
 from ..widgets.status import StatusInfo, StatusLine
 from .help import HelpScreen, key_label
+from .history import HistoryEntry, HistoryScreen
 from .persona import PersonaDialog
-from .snapshots import SnapshotDialog
 
 NARROW_WIDTH = 100  # below this the side panes are hidden until toggled
 
@@ -123,6 +122,19 @@ class ChatScreen(Screen):
         self.conversation.show([Shown.of(m) for m in self.session.messages])
         self.refresh_status()
         self.query_one(PromptInput).focus()
+        self.session.on_store_error = self._store_failed
+        store = getattr(self.session, "store", None)
+        if store is not None and store.problem:
+            self.notify(store.problem, title="Conversation history", severity="warning", timeout=10)
+
+    def _store_failed(self, problem: str) -> None:
+        """From the saver thread: the conversation could not be stored (it is still here)."""
+        try:
+            self.app.call_from_thread(self.notify, f"{problem}\nThe conversation is still here; "
+                                      f"{self.key_of('save')} exports it to a file.",
+                                      title="Could not keep the conversation", severity="error", timeout=10)
+        except RuntimeError:  # the app has ended
+            pass
 
     def on_resize(self, event) -> None:
         self.set_class(event.size.width < NARROW_WIDTH, "-narrow")
@@ -278,42 +290,75 @@ class ChatScreen(Screen):
         self.prompt.focus()
 
     def action_new_conversation(self) -> None:
+        """A new conversation (the current one is already in the history)."""
         if self.busy_notice():
             return
-        self.session.reset()
+        try:
+            self.session.reset()
+        except (RWKVChatError, OSError) as error:  # e.g. the conversation's state file is gone
+            self.notify(f"{error}\nThe conversation was kept; pick another state file (F3) to start over.",
+                        title="Could not start a new conversation", severity="error")
+            return
         self.show_conversation()
         self.notify("New conversation" + (f" from state {Path(self.session.state_file).stem}"
                                           if self.session.state_file else ""))
 
     def action_save_snapshot(self) -> None:
+        """Export the conversation to a shareable .rwkvchat file (in a thread)."""
         if self.busy_notice():
             return
+        self.save_snapshot()
+
+    @work(thread=True, group="disk", exit_on_error=False)
+    def save_snapshot(self) -> None:
         try:
             path = self.session.save()
-        except RWKVChatError as error:
-            self.notify(str(error), title="Could not save", severity="error")
+        except (RWKVChatError, OSError, RuntimeError) as error:
+            self.app.call_from_thread(self.notify, str(error), title="Could not save", severity="error")
             return
-        self.notify(f"Saved to {path}", title="Conversation saved")
+        self.app.call_from_thread(self.notify, f"Saved to {path}", title="Conversation saved")
 
     def action_open_snapshot(self) -> None:
+        """The history: stored conversations and snapshot files."""
         if self.busy_notice():
             return
-        dialog = SnapshotDialog(snapshots.list_snapshots(), locations.snapshots_dir(), save_key=self.key_of("save"))
-        self.app.push_screen(dialog, self.open_snapshot)
+        dialog = HistoryScreen(self.session.store, snapshot_folder=locations.snapshots_dir(),
+                               current_id=self.session.conversation_id, on_renamed=self._renamed)
+        self.app.push_screen(dialog, self.open_entry)
 
-    def open_snapshot(self, path: Path | None) -> None:
-        if path is None:
+    def _renamed(self, conversation_id: str, title: str) -> None:
+        if conversation_id == self.session.conversation_id:
+            self.session.title = title
+
+    def open_entry(self, entry: HistoryEntry | Path | None) -> None:
+        """Open a history entry or a snapshot file (the current conversation is already stored)."""
+        if entry is None or self.busy_notice():
             return
+        if isinstance(entry, (str, Path)):
+            entry = HistoryEntry(Path(entry).name, None, "", 0, path=Path(entry))
+        self.open_in_thread(entry)
+
+    open_snapshot = open_entry
+
+    @work(thread=True, exclusive=True, group="open", exit_on_error=False)
+    def open_in_thread(self, entry: HistoryEntry) -> None:
         try:
-            self.session.restore(path)
-        except RWKVChatError as error:
-            self.notify(str(error), title="Could not open the snapshot", severity="error")
+            if entry.conversation_id is not None:
+                self.session.open_stored(self.session.store, entry.conversation_id)
+            else:
+                self.session.restore(entry.path)
+        except (RWKVChatError, OSError, RuntimeError) as error:
+            self.app.call_from_thread(self.notify, str(error), title="Could not open the conversation",
+                                      severity="error")
             return
+        self.app.call_from_thread(self._opened, entry)
+
+    def _opened(self, entry: HistoryEntry) -> None:
         self.query_one(SettingsPane).settings = self.session.settings
         self.query_one(StateFilesPane).set_active(self.session.state_file)
         self.conversation.labels = {"user": self.session.user, "assistant": self.session.assistant}
         self.show_conversation()
-        self.notify(f"Opened {Path(path).name}")
+        self.notify(f"Opened {entry.name}")
 
     def action_nudge(self, field: str, delta: float) -> None:
         settings = self.session.settings.nudge(field, delta)
