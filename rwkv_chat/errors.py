@@ -23,3 +23,11 @@ class StateMismatchError(RWKVChatError, ValueError):
 
 class SnapshotError(RWKVChatError, ValueError):
     """A saved conversation could not be read or written."""
+
+
+class TokenError(RWKVChatError, ValueError):
+    """Token ids that are not integers inside the model's vocabulary."""
+
+
+class SamplingError(RWKVChatError, ValueError):
+    """Logits that cannot be sampled from (NaN or infinite values)."""

@@ -138,7 +138,7 @@ class DecodeStep:
         if state is None:
             state = self.model.initial_state()
         else:
-            state.check_compatible(self.model.shape)
+            self.model.check_state(state)
         with torch.inference_mode():
             for buffers, values in zip(self._state.layers, state.layers):
                 for buffer, value in zip(buffers, values):
