@@ -143,10 +143,14 @@ def detect_version(sd: dict[str, torch.Tensor], path: Path) -> str:
     raise ModelLoadError(f"{path}: unknown RWKV layout (block 0 has {sorted(first)[:6]}...)")
 
 
-def _shape(sd, key, path) -> tuple[int, ...]:
+def _shape(sd, key, path, axes: int = 0) -> tuple[int, ...]:
+    """The shape of sd[key], which must have at least `axes` axes."""
     if key not in sd:
         raise ModelLoadError(f"{path}: missing key {key!r}")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) < axes:
+        raise ModelLoadError(f"{path}: {key!r} has shape {list(shape)}, expected at least {axes} axes")
+    return shape
 
 
 def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
@@ -159,24 +163,29 @@ def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
     if len(emb) != 2:
         raise ModelLoadError(f"{path}: 'emb.weight' has shape {list(emb)}, expected [vocab, n_embd]")
     vocab, C = emb
-    ffn_dim = _shape(sd, "blocks.0.ffn.key.weight", path)[0]
+    ffn_dim = _shape(sd, "blocks.0.ffn.key.weight", path, 1)[0]
     extra = {}
     if version == "4":
         n_head, head_size = 1, C
     elif version == "5.2":
-        n_head, head_size = _shape(sd, "blocks.0.att.time_decay", path)
+        n_head, head_size = _shape(sd, "blocks.0.att.time_decay", path, 2)[:2]
     elif version == "6":
-        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", path)[:2]
-        extra["maa_dim"] = _shape(sd, "blocks.0.att.time_maa_w1", path)[-1] // 5
-        extra["decay_dim"] = _shape(sd, "blocks.0.att.time_decay_w1", path)[-1]
+        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", path, 2)[:2]
+        extra["maa_dim"] = _shape(sd, "blocks.0.att.time_maa_w1", path, 1)[-1] // 5
+        extra["decay_dim"] = _shape(sd, "blocks.0.att.time_decay_w1", path, 1)[-1]
     else:
-        n_head, head_size = _shape(sd, "blocks.0.att.r_k", path)[:2]
+        n_head, head_size = _shape(sd, "blocks.0.att.r_k", path, 2)[:2]
         for name in "wag":
-            extra[f"{name}_dim"] = _shape(sd, f"blocks.0.att.{name}1", path)[-1]
+            extra[f"{name}_dim"] = _shape(sd, f"blocks.0.att.{name}1", path, 1)[-1]
         v1 = "blocks.1.att.v1" if len(indices) > 1 else "blocks.0.att.v1"
-        extra["v_dim"] = _shape(sd, v1, path)[-1] if v1 in sd else 0
+        extra["v_dim"] = _shape(sd, v1, path, 1)[-1] if v1 in sd else 0
     if n_head * head_size != C:
         raise ModelLoadError(f"{path}: {n_head} heads x {head_size} != n_embd {C}")
+    sizes = {"vocabulary": vocab, "n_embd": C, "heads": n_head, "head size": head_size, "ffn size": ffn_dim,
+             **{name: value for name, value in extra.items() if name != "v_dim" or len(indices) > 1}}
+    empty = [name for name, value in sizes.items() if value < 1]
+    if empty:
+        raise ModelLoadError(f"{path}: zero-sized model ({', '.join(empty)} of 0)")
     return Dims(len(indices), C, vocab, n_head, head_size, ffn_dim, **extra)
 
 
