@@ -194,7 +194,8 @@ def _squeezed(shape) -> tuple[int, ...]:
 
 
 def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) -> None:
-    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there)."""
+    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there;
+    such entries are reshaped in `sd` to the listed shape)."""
     C, V = dims.n_embd, dims.vocab_size
     expected = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
                 "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
@@ -212,6 +213,8 @@ def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) 
             raise ModelLoadError(f"{path}: {key!r} has shape {list(actual)}, expected {list(shape)}")
         if not sd[key].is_floating_point():
             raise ModelLoadError(f"{path}: {key!r} is {sd[key].dtype}, expected a floating-point tensor")
+        if actual != shape:  # files differ in size-1 axes: from here on every weight has the listed shape
+            sd[key] = sd[key].reshape(shape)
 
 
 def check_finite(key: str, tensor: torch.Tensor, path: Path, chunk: int = 1 << 22) -> None:

@@ -130,12 +130,12 @@ def mutate_tensors(base: dict, ops: list) -> dict:
             out[key] = op[2]
         elif kind == "shape":
             out[key] = torch.ones(op[2]).to(op[3])
-        elif not isinstance(value, torch.Tensor):
+        elif not isinstance(value, torch.Tensor) or value.layout != torch.strided:
             continue
         elif kind == "dtype":
             out[key] = value.to(op[2])
         elif kind == "poison" and value.numel() and value.is_floating_point():
-            value = value.clone()
+            value = value.contiguous().clone()
             value.view(-1)[op[3] % value.numel()] = op[2]
             out[key] = value
         elif kind == "axes":
