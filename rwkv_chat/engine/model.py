@@ -277,8 +277,8 @@ class RWKV:
         if low < 0 or high >= self.vocab_size:
             bad = low if low < 0 else high
             raise TokenError(
-                f"token id {bad} is outside this model's vocabulary of {self.vocab_size} tokens "
-                f"(ids 0..{self.vocab_size - 1})"
+                f"token id {bad} is outside the vocabulary of {self.path.name} ({self.vocab_size} tokens, "
+                f"ids 0..{self.vocab_size - 1})"
                 + ("; was the text encoded with a tokenizer for a larger vocabulary?" if bad > 0 else "")
             )
         return ids.to(torch.long)

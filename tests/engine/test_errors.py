@@ -172,7 +172,7 @@ def test_bad_tokens(tmp_path, v7_weights):
     model = RWKV(write(tmp_path, "m.pth", v7_weights))
     with pytest.raises(ValueError, match="non-empty"):
         model.forward([])
-    with pytest.raises(TokenError, match=r"token id 65536 is outside this model's vocabulary of 65536 tokens"):
+    with pytest.raises(TokenError, match=r"token id 65536 is outside the vocabulary of m.pth .65536 tokens"):
         model.forward([65536])
 
 
