@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import time
+from collections import Counter
 from contextlib import contextmanager
 from datetime import timedelta
 
@@ -47,15 +49,33 @@ def no_hang(seconds: float = HANG_SECONDS):
         signal.signal(signal.SIGALRM, previous)
 
 
+OUTCOMES: Counter = Counter()
+"""(test name, "worked" | "refused") -> cases, for the summary line of each fuzz run."""
+STARTED = time.process_time()
+
+
 def loads_or_our_error(action) -> bool:
     """Run `action()`; True when it worked, False when it raised RWKVChatError. Any other
     exception, or a hang, fails the case."""
+    test = os.environ.get("PYTEST_CURRENT_TEST", "?").split("::")[-1].split(" ")[0]
     with no_hang():
         try:
             action()
         except RWKVChatError:
+            OUTCOMES[test, "refused"] += 1
             return False
+    OUTCOMES[test, "worked"] += 1
     return True
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not OUTCOMES:
+        return
+    tests = sorted({test for test, _ in OUTCOMES})
+    terminalreporter.section("fuzz cases (worked / refused with our error)")
+    for test in tests:
+        terminalreporter.write_line(f"{test}: {OUTCOMES[test, 'worked']} / {OUTCOMES[test, 'refused']}")
+    terminalreporter.write_line(f"process CPU time: {time.process_time() - STARTED:.1f} s")
 
 
 @pytest.fixture(scope="module", autouse=True)
