@@ -67,6 +67,8 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor
         raise ModelLoadError(f"{path}: no such {what} file") from None
     except Exception as error:  # torch raises many types for corrupt or foreign files
         text = str(error).strip()
+        if "weights only load failed" in text.lower():  # never show torch's advice to load unsafely
+            raise ModelLoadError(f"{path}: not a tensors-only {what}" + _unpickle_detail(error)) from None
         reason = text.splitlines()[0][:200] if text else ""
         reason = f"{type(error).__name__}: {reason}" if len(reason) < 20 else reason
         raise ModelLoadError(f"{path}: not a readable PyTorch {what} ({reason})") from error

@@ -281,7 +281,7 @@ class RWKV:
                 f"ids 0..{self.vocab_size - 1})"
                 + ("; was the text encoded with a tokenizer for a larger vocabulary?" if bad > 0 else "")
             )
-        return ids.to(torch.long)
+        return ids.to(device="cpu", dtype=torch.long)
 
     def describe_plan(self) -> list[str]:
         """One line per run of layers sharing a placement, e.g. '0-9: cuda fp16i8'."""
