@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..engine.state import VERSIONS, ModelShape, check_state_tensors
@@ -98,7 +98,7 @@ def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[s
     }
     try:
         return locations.write_atomically(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
-    except OSError as error:
+    except (OSError, SafetensorError) as error:  # SafetensorError: e.g. the disk filled up while writing
         raise SnapshotError(f"{path}: cannot save the conversation ({error})") from error
 
 

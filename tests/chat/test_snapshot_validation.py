@@ -133,3 +133,16 @@ def test_description_size_limit(saved, tmp_path, monkeypatch):
     monkeypatch.setattr(snapshots, "MAX_JSON_BYTES", 1000)
     assert "the limit is 1000" in refused(pipe, write(tmp_path, data, tensors))
     assert snapshots.list_snapshots(tmp_path) == []
+
+
+def test_a_failing_safetensors_write_is_a_snapshot_error(tmp_path, monkeypatch):
+    """Disk full while writing surfaces from safetensors as SafetensorError, not OSError."""
+    from safetensors import SafetensorError
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+
+    monkeypatch.setattr(snapshots, "save_file", full_disk)
+    with pytest.raises(SnapshotError, match="cannot save the conversation .*No space left"):
+        snapshots.write_snapshot(tmp_path / "x.rwkvchat", {}, {"": {"logits": torch.zeros(3)}})
+    assert list(tmp_path.iterdir()) == []
