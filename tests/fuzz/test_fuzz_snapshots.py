@@ -139,7 +139,7 @@ def test_mutated_snapshot_json(pipeline, base, case_file, ops, raw):
         loads_or_our_error(lambda: _open_and_run(pipeline, case_file))
 
 
-@fuzz_settings(600)
+@fuzz_settings(1000)
 @given(ops=st.lists(tensor_op, min_size=1, max_size=3))
 def test_mutated_snapshot_tensors(pipeline, base, case_file, ops):
     data, tensors = base
@@ -148,7 +148,7 @@ def test_mutated_snapshot_tensors(pipeline, base, case_file, ops):
         loads_or_our_error(lambda: _open_and_run(pipeline, case_file))
 
 
-@fuzz_settings(400)
+@fuzz_settings(450)
 @given(ops=st.lists(byte_op, min_size=1, max_size=4))
 def test_mutated_snapshot_bytes(pipeline, base, case_file, ops):
     data, tensors = base
