@@ -33,6 +33,16 @@ class FileWriteError(RWKVChatError, OSError):
 class NotARegularFileError(ModelLoadError):
     """A path names a FIFO, device, socket or folder where a file was expected (opening it could
     block forever or read endless data)."""
+
+
 class StoreError(RWKVChatError):
     """The conversation history could not be read or written (read-only folder, full disk,
     damaged or missing file)."""
+
+
+class TokenError(RWKVChatError, ValueError):
+    """Token ids that are not integers inside the model's vocabulary."""
+
+
+class SamplingError(RWKVChatError, ValueError):
+    """Logits that cannot be sampled from (NaN or infinite values)."""

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from .errors import SamplingError
+
 END_OF_TEXT = 0
 """Token id of end-of-text in the world vocabulary; banned by default in chat."""
 
@@ -325,6 +327,13 @@ class Sampler:
             raise ValueError(f"logits must be one-dimensional [vocab], got shape {tuple(logits.shape)}")
         scores = logits.detach().to(device="cpu", dtype=torch.float32, copy=True)
         vocab = scores.numel()
+        if vocab == 0:
+            raise SamplingError("logits are empty: there is no token to sample")
+        if not math.isfinite(float(scores.sum())):  # one cheap pass; only then look closer (the sum may overflow)
+            bad = int((~torch.isfinite(scores)).sum())
+            if bad:
+                raise SamplingError(f"logits contain {bad} NaN or infinite value(s) of {vocab}; "
+                                    "the model or the state fed to it is broken")
         if settings.token_ban:
             if max(settings.token_ban) >= vocab:
                 raise ValueError(f"token_ban id {max(settings.token_ban)} is outside the vocabulary of {vocab} tokens")

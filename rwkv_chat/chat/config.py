@@ -86,6 +86,12 @@ KEY_BINDINGS: tuple[KeyBinding, ...] = (
 DEFAULT_KEYS: dict[str, str] = {binding.id: binding.key for binding in KEY_BINDINGS}
 DESCRIPTIONS: dict[str, str] = {binding.id: binding.description for binding in KEY_BINDINGS}
 
+MAX_PREAMBLE = 16_000
+"""The longest [chat] preamble accepted, in characters."""
+MAX_NAME = 200
+"""The longest user / assistant name accepted, in characters."""
+_MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
+
 _SECTIONS = {
     "model": {"path", "strategy"},
     "chat": {"user", "assistant", "preamble", "theme"},
@@ -163,10 +169,19 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
         for name, value in table.items():
             if not isinstance(value, str):
                 raise fail(f"[{section}] {name} must be a string, got {value!r}")
+            if "\0" in value:
+                raise fail(f"[{section}] {name} contains a NUL character")
     sampling = dict(data.get("sampling", {}))
     for name in ("user", "assistant"):
-        if name in chat and (not chat[name].strip() or "\n" in chat[name]):
-            raise fail(f"[chat] {name} must be a non-empty single line, got {chat[name]!r}")
+        if name in chat and (not chat[name].strip() or "\n" in chat[name] or len(chat[name]) > MAX_NAME):
+            raise fail(f"[chat] {name} must be a non-empty single line of at most {MAX_NAME} characters, "
+                       f"got {_short(chat[name])}")
+    if len(chat.get("preamble", "")) > MAX_PREAMBLE:
+        raise fail(f"[chat] preamble is {len(chat['preamble'])} characters; the limit is {MAX_PREAMBLE}")
+    if "theme" in chat:
+        themes = _theme_names()
+        if themes and chat["theme"] not in themes:
+            raise fail(f"[chat] theme {_short(chat['theme'])} is not a theme; known: {', '.join(sorted(themes))}")
     try:
         SamplingSettings.from_dict(sampling)
     except (TypeError, ValueError) as error:
@@ -175,8 +190,13 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
     keys = dict(DEFAULT_KEYS)
     for binding_id, value in data.get("keys", {}).items():
         if not isinstance(value, str) or not all(part.strip() for part in value.split(",")):
-            raise fail(f"[keys] {binding_id} must be a key name like \"f5\" or \"ctrl+r,f9\", got {value!r}")
-        keys[binding_id] = ",".join(part.strip().lower() for part in value.split(","))
+            raise fail(f"[keys] {binding_id} must be a key name like \"f5\" or \"ctrl+r,f9\", got {_short(value)}")
+        names = [part.strip().lower() for part in value.split(",")]
+        for name in names:
+            if not is_key_name(name):
+                raise fail(f"[keys] {binding_id}: {_short(name)} is not a key name (examples: \"f5\", \"ctrl+r\", "
+                           "\"escape\", \"shift+enter\", \"question_mark\")")
+        keys[binding_id] = ",".join(names)
     _check_no_clash(keys, fail)
 
     return Config(
@@ -199,3 +219,39 @@ def _check_no_clash(keys: dict[str, str], fail) -> None:
             if key in owner:
                 raise fail(f"[keys] {key!r} is bound to both {owner[key]} and {binding_id}")
             owner[key] = binding_id
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def is_key_name(name: str) -> bool:
+    """Whether Textual can bind `name` (lower case): modifiers joined by "+" to one key, given
+    as a Textual key name ("f5", "escape", "pageup"), a character ("a", "?") or its Unicode
+    name ("question_mark"). True for anything when Textual is not installed."""
+    try:
+        from textual.keys import KEY_ALIASES, KEY_NAME_REPLACEMENTS, Keys, key_to_character
+    except ImportError:
+        return True
+    *modifiers, key = name.split("+")
+    if not key or any(m not in _MODIFIERS for m in modifiers) or len(set(modifiers)) != len(modifiers):
+        return False
+    named = {k.value.split("+")[-1] for k in Keys if not k.value.startswith("<")}
+    if key in named or key in KEY_ALIASES or key in KEY_NAME_REPLACEMENTS.values() or key == "newline":
+        return True
+    if len(key) == 1:
+        return key.isprintable() and not key.isspace()
+    try:
+        return key_to_character(key) is not None
+    except Exception:
+        return False
+
+
+def _theme_names() -> set[str]:
+    """Textual's built-in theme names (empty when Textual is not installed: nothing to check)."""
+    try:
+        from textual.theme import BUILTIN_THEMES
+    except ImportError:
+        return set()
+    return set(BUILTIN_THEMES)

@@ -23,10 +23,10 @@ from datetime import datetime
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from ..engine.state import ModelShape
+from ..engine.state import VERSIONS, ModelShape, check_state_tensors
 from ..errors import SnapshotError, StateMismatchError
 from ..files import check_regular_file
 from . import locations
@@ -37,6 +37,11 @@ METADATA_KEY = "rwkv-chat-snapshot"
 SUFFIX = ".rwkvchat"
 MAIN_STATE = ""
 TURN_START_STATE = "turn_start"
+MAX_JSON_BYTES = 32 << 20
+"""The largest description (JSON) a snapshot may carry."""
+MAX_JSON_DEPTH = 16
+"""The deepest nesting of lists and objects accepted in a snapshot's JSON."""
+_MAX_SIZE = {"n_layer": 1 << 12, "n_embd": 1 << 17, "n_head": 1 << 17, "head_size": 1 << 17, "vocab_size": 1 << 24}
 
 
 @dataclass
@@ -121,8 +126,27 @@ def read_snapshot(path: str | os.PathLike) -> SnapshotFile:
     try:
         tensors = load_file(str(path))
     except Exception as error:
-        raise SnapshotError(f"{path}: the saved states are damaged ({error})") from error
-    return SnapshotFile(path, data, _split_states(tensors))
+        raise SnapshotError(f"{path}: the saved states are damaged ({str(error)[:200]})") from error
+    states = _split_states(tensors)
+    _check_states(path, data, states)
+    return SnapshotFile(path, data, states)
+
+
+def _check_states(path: Path, data: dict, states: dict[str, dict[str, torch.Tensor]]) -> None:
+    """The states the JSON promises, no others, each a valid state of the snapshot's model shape."""
+    wanted = {MAIN_STATE} | ({TURN_START_STATE} if data.get("last_turn") is not None else set())
+    unexpected = sorted(set(states) - wanted)
+    if unexpected:
+        raise SnapshotError(f"{path}: unexpected saved state(s) {unexpected[:3]}")
+    shape = ModelShape.from_dict(data["model"]["shape"])
+    for name in sorted(wanted):
+        label = "the main state" if name == MAIN_STATE else f"the {name!r} state"
+        if name not in states:
+            raise SnapshotError(f"{path}: {label} is missing")
+        try:
+            check_state_tensors(shape, states[name])
+        except StateMismatchError as error:
+            raise SnapshotError(f"{path}: {label} is damaged ({error})") from None
 
 
 def read_snapshot_data(path: str | os.PathLike) -> dict:
@@ -137,12 +161,39 @@ def read_snapshot_data(path: str | os.PathLike) -> dict:
         raise SnapshotError(f"{path}: not a readable rwkv-chat snapshot ({error})") from error
     if METADATA_KEY not in metadata:
         raise SnapshotError(f"{path}: not an rwkv-chat snapshot (no {METADATA_KEY!r} metadata)")
+    return _upgrade(path, parse_description(path, metadata[METADATA_KEY]))
+
+
+def parse_description(path: Path, text: str):
+    """The snapshot's JSON, refusing what json.loads would accept but we never write: more than
+    MAX_JSON_BYTES, nesting deeper than MAX_JSON_DEPTH, NaN / Infinity constants."""
+    if len(text) > MAX_JSON_BYTES:
+        raise SnapshotError(f"{path}: the snapshot's description is {len(text)} bytes; the limit is {MAX_JSON_BYTES}")
+
+    def refuse_constant(name):
+        raise ValueError(f"{name} is not allowed")
+
     try:
-        data = json.loads(metadata[METADATA_KEY], parse_constant=_refuse_constant)
-    except (ValueError, RecursionError) as error:
-        problem = "nested too deeply" if isinstance(error, RecursionError) else error
-        raise SnapshotError(f"{path}: the snapshot's description is damaged ({problem})") from error
-    return _upgrade(path, data)
+        data = json.loads(text, parse_constant=refuse_constant)
+    except RecursionError:
+        raise SnapshotError(f"{path}: the snapshot's description is nested too deeply") from None
+    except ValueError as error:  # JSONDecodeError, our constants, integers of thousands of digits
+        raise SnapshotError(f"{path}: the snapshot's description is damaged ({str(error)[:200]})") from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise SnapshotError(f"{path}: the snapshot's description is nested deeper than {MAX_JSON_DEPTH} levels")
+    return data
+
+
+def _depth(value, limit: int = MAX_JSON_DEPTH) -> int:
+    """Nesting depth of lists and objects ({"a": 1} is 1), counted no further than limit + 1."""
+    level, current = 0, [value]
+    while level <= limit:
+        containers = [v for v in current if isinstance(v, (list, dict))]
+        if not containers:
+            break
+        level += 1
+        current = [c for v in containers for c in (v.values() if isinstance(v, dict) else v)]
+    return level
 
 
 def _refuse_constant(name: str):
@@ -175,7 +226,7 @@ def _upgrade(path: Path, data) -> dict:
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not an rwkv-chat snapshot (format is not {FORMAT!r})")
     version = data.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
         raise SnapshotError(f"{path}: the snapshot has no valid format_version ({version!r})")
     if version > FORMAT_VERSION:
         raise SnapshotError(
@@ -189,15 +240,74 @@ def _upgrade(path: Path, data) -> dict:
 
 
 def _check_fields(path: Path, data: dict) -> None:
+    """Every field of a current-format document: types, values, and that they agree."""
+    def fail(message: str) -> SnapshotError:
+        return SnapshotError(f"{path}: the snapshot's {message}")
+
     for name, kind in _REQUIRED_V1.items():
-        if not isinstance(data.get(name), kind):
-            raise SnapshotError(f"{path}: the snapshot's {name!r} entry is missing or not a {kind.__name__}")
-    if not isinstance(data["model"].get("shape"), dict):
+        if not isinstance(data.get(name), kind) or isinstance(data.get(name), bool):
+            raise fail(f"{name!r} entry is missing or not a {kind.__name__}")
+    model = data["model"]
+    if not isinstance(model.get("shape"), dict):
         raise SnapshotError(f"{path}: the snapshot does not say which model shape it was made with")
-    try:
-        ModelShape.from_dict(data["model"]["shape"])
-    except (KeyError, TypeError, ValueError, OverflowError) as error:
-        raise SnapshotError(f"{path}: the snapshot's model shape is damaged ({error})") from error
+    _check_shape(model["shape"], fail)
+    for key in ("name", "path", "version", "fingerprint"):
+        if key in model and not isinstance(model[key], str):
+            raise fail(f"model {key} is not a string")
+    if data["tokens"] < 0:
+        raise fail(f"token count {data['tokens']} is negative")
+    for i, message in enumerate(data["messages"]):
+        if not isinstance(message, dict):
+            raise fail(f"message {i} is a {_kind(message)}, not an object")
+        if message.get("role") not in ("user", "assistant") or not isinstance(message.get("text"), str):
+            raise fail(f"message {i} needs a role of \"user\" or \"assistant\" and a string text")
+        if message.get("stats") is not None and not _is_stats(message["stats"]):
+            raise fail(f"message {i} has damaged stats")
+        if not isinstance(message.get("finish_reason"), (str, type(None))):
+            raise fail(f"message {i} finish_reason is not a string")
+    for key, kinds in (("saved_at", str), ("state_file", str), ("needs_turn_end", bool), ("chat", dict),
+                       ("last_turn", dict)):
+        if data.get(key) is not None and not isinstance(data[key], kinds):
+            raise fail(f"{key!r} entry is a {_kind(data[key])}, not a {kinds.__name__}")
+    if "\0" in (data.get("state_file") or ""):
+        raise fail("state_file path contains a NUL character")
+    for key, value in (data.get("chat") or {}).items():
+        if key not in ("user", "assistant", "preamble") or not isinstance(value, str):
+            raise fail(f"chat entry {key!r} is unknown or not a string")
+    turn = data.get("last_turn")
+    if turn is not None:
+        for key, kind in (("prompt", str), ("raw_reply", str), ("tokens_before", int)):
+            if not isinstance(turn.get(key), kind) or isinstance(turn.get(key), bool):
+                raise fail(f"last_turn {key!r} is missing or not a {kind.__name__}")
+        if not isinstance(turn.get("ended_by_stop", False), bool):
+            raise fail("last_turn 'ended_by_stop' is not true or false")
+        if not 0 <= turn["tokens_before"] <= data["tokens"]:
+            raise fail(f"last_turn starts at token {turn['tokens_before']}, outside 0..{data['tokens']}")
+
+
+def _check_shape(shape: dict, fail) -> None:
+    """Strict: exactly the ModelShape fields, a known version, positive integers that agree."""
+    fields = {"version", *_MAX_SIZE}
+    if set(shape) != fields:
+        raise fail(f"model shape has fields {sorted(map(str, shape))[:8]}, expected {sorted(fields)}")
+    if shape["version"] not in VERSIONS:
+        raise fail(f"model shape has version {str(shape['version'])[:20]!r}, not one of {', '.join(VERSIONS)}")
+    for key, limit in _MAX_SIZE.items():
+        value = shape[key]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= limit:
+            raise fail(f"model shape {key} is {str(value)[:20]!r}, not an integer from 1 to {limit}")
+    if shape["n_head"] * shape["head_size"] != shape["n_embd"]:
+        raise fail(f"model shape has {shape['n_head']} heads of {shape['head_size']}, not n_embd {shape['n_embd']}")
+
+
+def _is_stats(stats) -> bool:
+    return isinstance(stats, dict) and all(
+        isinstance(value, (int, float, type(None))) and not isinstance(value, bool) for value in stats.values()
+    )
+
+
+def _kind(value) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
 
 
 # ------------------------------------------------------------------ listing

@@ -7,19 +7,18 @@ weights-only load), so a folder of large files lists quickly.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..engine import loader
 from ..engine.state import ModelShape, RWKVState
 from ..errors import ModelLoadError
-from ..files import check_regular_file, load_tensors
+from ..files import check_regular_file
 from . import locations
 
 STATE_FILE_SUFFIX = ".pth"
-_TIME_STATE_KEY = re.compile(r"blocks\.(\d+)\.att\.time_state")
 
 
 @dataclass(frozen=True)
@@ -72,49 +71,11 @@ class StateFileInfo:
 def read_state_file_info(path: str | os.PathLike, source: str = "user") -> StateFileInfo:
     """Describe one state file; raise ModelLoadError when it is not a readable state file."""
     file = Path(path)
-    tensors = _load_lazily(file)
-    layers = _time_state_shapes(file, tensors)
-    n_head, head_size, _ = layers[0][0]
-    return StateFileInfo(file, n_layer=len(layers), n_head=n_head, head_size=head_size,
-                         dtype=str(layers[0][1]).removeprefix("torch."), source=source)
-
-
-def _load_lazily(file: Path) -> dict:
     check_regular_file(file, "state file")  # a FIFO would block in open()
-    try:
-        data = load_tensors(file)
-    except FileNotFoundError:
-        raise ModelLoadError(f"{file}: no such state file") from None
-    except Exception as error:
-        raise ModelLoadError(f"{file}: cannot read it as a tuned state file ({error})") from error
-    if not isinstance(data, dict):
-        raise ModelLoadError(f"{file}: not a tuned state file (holds a {type(data).__name__}, not a dict of tensors)")
-    return data
-
-
-def _time_state_shapes(file: Path, tensors: dict) -> list[tuple[tuple[int, ...], torch.dtype]]:
-    """[(shape, dtype)] per layer, after checking the file holds exactly one [H, N, N] time state
-    per layer, numbered from 0, all of the same shape."""
-    by_layer = {}
-    for key, value in tensors.items():
-        match = _TIME_STATE_KEY.fullmatch(str(key))
-        if match is None or not isinstance(value, torch.Tensor):
-            raise ModelLoadError(f"{file}: not a tuned state file (unexpected entry {key!r})")
-        by_layer[int(match.group(1))] = (tuple(value.shape), value.dtype)
-    if not by_layer:
-        raise ModelLoadError(f"{file}: not a tuned state file (no blocks.N.att.time_state entries)")
-    if sorted(by_layer) != list(range(len(by_layer))):
-        raise ModelLoadError(f"{file}: layers {sorted(by_layer)} are not numbered 0..{len(by_layer) - 1}")
-    layers = [by_layer[i] for i in range(len(by_layer))]
-    first_shape = layers[0][0]
-    if len(first_shape) != 3 or first_shape[1] != first_shape[2]:
-        raise ModelLoadError(f"{file}: time_state has shape {list(first_shape)}, expected [heads, N, N]")
-    for i, (shape, _) in enumerate(layers):
-        if shape != first_shape:
-            raise ModelLoadError(
-                f"{file}: layer {i} time_state has shape {list(shape)}, layer 0 has {list(first_shape)}"
-            )
-    return layers
+    layers = loader.time_state_layers(loader.read_tensors(file, "state file"), file, state_file=True)
+    n_head, head_size, _ = layers[0].shape
+    return StateFileInfo(file, n_layer=len(layers), n_head=n_head, head_size=head_size,
+                         dtype=str(layers[0].dtype).removeprefix("torch."), source=source)
 
 
 def list_state_files(folders: list[Path] | None = None) -> list[StateFileInfo]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import TokenError
 from .common import layer_norm
 from .state import RWKVState
 
@@ -113,9 +114,10 @@ class DecodeStep:
 
     def __call__(self, token: int) -> torch.Tensor:
         """Feed one token; return the float32 logits buffer (valid until the next call)."""
-        token = int(token)
+        if isinstance(token, bool) or not isinstance(token, int):
+            token = int(self.model._check_tokens([token])[0])
         if not 0 <= token < self.model.vocab_size:
-            raise ValueError(f"token id {token} is outside [0, {self.model.vocab_size})")
+            raise TokenError(f"token id {token} is outside [0, {self.model.vocab_size})")
         row = self.model.emb[token].unsqueeze(0)
         with torch.inference_mode():
             if self._graph is None:
@@ -138,7 +140,7 @@ class DecodeStep:
         if state is None:
             state = self.model.initial_state()
         else:
-            state.check_compatible(self.model.shape)
+            self.model.check_state(state)
         with torch.inference_mode():
             for buffers, values in zip(self._state.layers, state.layers):
                 for buffer, value in zip(buffers, values):

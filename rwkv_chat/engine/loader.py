@@ -4,19 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ..errors import ModelLoadError, NotARegularFileError
-from ..files import load_tensors, regular_file_problem
+from ..files import check_regular_file, load_tensors, regular_file_problem
 from . import v4, v5_2, v6, v7
 
 VERSION_MODULES = {"4": v4, "5.2": v5_2, "6": v6, "7": v7}
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
 TIME_STATE = "att.time_state"
+_TIME_STATE_KEY = re.compile(r"blocks\.(\d+)\.att\.time_state")
+_MAX_AXES = 4  # the most any RWKV weight has ([1, 1, C] mixes, v6 [5, C, D] LoRA)
 
 
 @dataclass(frozen=True)
@@ -58,24 +62,62 @@ def resolve_path(path: str | os.PathLike) -> Path:
     raise ModelLoadError(problem)
 
 
-def read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load with weights_only (no code runs), memory-mapped when the format allows."""
+def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """torch.load with weights_only (no code runs), memory-mapped when the format allows; then
+    every entry checked: string keys, dense (strided) tensors with at most 4 axes."""
+    check_regular_file(path, f"{what} file")  # a FIFO would block in open()
     try:
-        data = load_tensors(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 5": our error says it better
+            data = load_tensors(path)
+    except pickle.UnpicklingError as error:
+        raise ModelLoadError(f"{path}: not a tensors-only {what}" + _unpickle_detail(error)) from None
+    except IsADirectoryError:
+        raise ModelLoadError(f"{path}: is a directory, not a {what} file") from None
+    except FileNotFoundError:
+        raise ModelLoadError(f"{path}: no such {what} file") from None
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelLoadError(f"{path}: not a readable PyTorch checkpoint ({reason[:200]})") from error
+        text = str(error).strip()
+        if "weights only load failed" in text.lower():  # never show torch's advice to load unsafely
+            raise ModelLoadError(f"{path}: not a tensors-only {what}" + _unpickle_detail(error)) from None
+        reason = text.splitlines()[0][:200] if text else ""
+        reason = f"{type(error).__name__}: {reason}" if len(reason) < 20 else reason
+        raise ModelLoadError(f"{path}: not a readable PyTorch {what} ({reason})") from error
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
     if "_strategy" in data:
         raise ModelLoadError(
-            f"{path}: was pre-converted by ChatRWKV for strategy {data['_strategy']!r}; "
+            f"{path}: was pre-converted by ChatRWKV for strategy {str(data['_strategy'])[:80]!r}; "
             "load the original .pth instead (rwkv-chat converts at load time)"
         )
     for key, value in data.items():
+        if not isinstance(key, str):
+            raise ModelLoadError(f"{path}: has a key {_short(key)} of type {type(key).__name__}; keys must be names")
         if not isinstance(value, torch.Tensor):
-            raise ModelLoadError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
-    return data
+            raise ModelLoadError(f"{path}: entry {_short(key)} is a {type(value).__name__}, not a tensor")
+        if value.layout != torch.strided:
+            raise ModelLoadError(f"{path}: entry {_short(key)} is a {value.layout} tensor; only dense tensors are supported")
+        if value.dim() > _MAX_AXES:
+            raise ModelLoadError(f"{path}: entry {_short(key)} has {value.dim()} axes (shape {list(value.shape)[:8]})")
+    return dict(data)
+
+
+def _short(key) -> str:
+    text = repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unpickle_detail(error: Exception) -> str:
+    """Why a weights-only load stopped, in our words (never torch's advice to load unsafely)."""
+    text = str(error)
+    if match := re.search(r"GLOBAL\s+([\w.]+)", text):
+        return f"; rwkv-chat refuses to unpickle code (the file asks for {match[1]})"
+    if "global" in text.lower() or "class" in text.lower():
+        return "; rwkv-chat refuses to unpickle code"
+    if match := re.search(r"Unsupported operand (\d+)", text):
+        return f" (damaged or foreign data: pickle opcode {match[1]} is not allowed in a tensors-only load)"
+    first = text.strip().splitlines()[0][:120] if text.strip() else type(error).__name__
+    return f" (damaged or foreign data: {first})" if "weights only" not in first.lower() else ""
 
 
 def split_blocks(sd: dict[str, torch.Tensor]) -> tuple[dict[int, dict[str, torch.Tensor]], dict[str, torch.Tensor]]:
@@ -114,10 +156,14 @@ def detect_version(sd: dict[str, torch.Tensor], path: Path) -> str:
     raise ModelLoadError(f"{path}: unknown RWKV layout (block 0 has {sorted(first)[:6]}...)")
 
 
-def _shape(sd, key, path) -> tuple[int, ...]:
+def _shape(sd, key, path, axes: int = 0) -> tuple[int, ...]:
+    """The shape of sd[key], which must have at least `axes` axes."""
     if key not in sd:
         raise ModelLoadError(f"{path}: missing key {key!r}")
-    return tuple(sd[key].shape)
+    shape = tuple(sd[key].shape)
+    if len(shape) < axes:
+        raise ModelLoadError(f"{path}: {key!r} has shape {list(shape)}, expected at least {axes} axes")
+    return shape
 
 
 def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
@@ -130,24 +176,29 @@ def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
     if len(emb) != 2:
         raise ModelLoadError(f"{path}: 'emb.weight' has shape {list(emb)}, expected [vocab, n_embd]")
     vocab, C = emb
-    ffn_dim = _shape(sd, "blocks.0.ffn.key.weight", path)[0]
+    ffn_dim = _shape(sd, "blocks.0.ffn.key.weight", path, 1)[0]
     extra = {}
     if version == "4":
         n_head, head_size = 1, C
     elif version == "5.2":
-        n_head, head_size = _shape(sd, "blocks.0.att.time_decay", path)
+        n_head, head_size = _shape(sd, "blocks.0.att.time_decay", path, 2)[:2]
     elif version == "6":
-        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", path)[:2]
-        extra["maa_dim"] = _shape(sd, "blocks.0.att.time_maa_w1", path)[-1] // 5
-        extra["decay_dim"] = _shape(sd, "blocks.0.att.time_decay_w1", path)[-1]
+        n_head, head_size = _shape(sd, "blocks.0.att.time_faaaa", path, 2)[:2]
+        extra["maa_dim"] = _shape(sd, "blocks.0.att.time_maa_w1", path, 1)[-1] // 5
+        extra["decay_dim"] = _shape(sd, "blocks.0.att.time_decay_w1", path, 1)[-1]
     else:
-        n_head, head_size = _shape(sd, "blocks.0.att.r_k", path)[:2]
+        n_head, head_size = _shape(sd, "blocks.0.att.r_k", path, 2)[:2]
         for name in "wag":
-            extra[f"{name}_dim"] = _shape(sd, f"blocks.0.att.{name}1", path)[-1]
+            extra[f"{name}_dim"] = _shape(sd, f"blocks.0.att.{name}1", path, 1)[-1]
         v1 = "blocks.1.att.v1" if len(indices) > 1 else "blocks.0.att.v1"
-        extra["v_dim"] = _shape(sd, v1, path)[-1] if v1 in sd else 0
+        extra["v_dim"] = _shape(sd, v1, path, 1)[-1] if v1 in sd else 0
     if n_head * head_size != C:
         raise ModelLoadError(f"{path}: {n_head} heads x {head_size} != n_embd {C}")
+    sizes = {"vocabulary": vocab, "n_embd": C, "heads": n_head, "head size": head_size, "ffn size": ffn_dim,
+             **{name: value for name, value in extra.items() if name != "v_dim" or len(indices) > 1}}
+    empty = [name for name, value in sizes.items() if value < 1]
+    if empty:
+        raise ModelLoadError(f"{path}: zero-sized model ({', '.join(empty)} of 0)")
     return Dims(len(indices), C, vocab, n_head, head_size, ffn_dim, **extra)
 
 
@@ -156,7 +207,8 @@ def _squeezed(shape) -> tuple[int, ...]:
 
 
 def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) -> None:
-    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there)."""
+    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there;
+    such entries are reshaped in `sd` to the listed shape)."""
     C, V = dims.n_embd, dims.vocab_size
     expected = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
                 "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
@@ -174,6 +226,8 @@ def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) 
             raise ModelLoadError(f"{path}: {key!r} has shape {list(actual)}, expected {list(shape)}")
         if not sd[key].is_floating_point():
             raise ModelLoadError(f"{path}: {key!r} is {sd[key].dtype}, expected a floating-point tensor")
+        if actual != shape:  # files differ in size-1 axes: from here on every weight has the listed shape
+            sd[key] = sd[key].reshape(shape)
 
 
 def check_finite(key: str, tensor: torch.Tensor, path: Path, chunk: int = 1 << 22) -> None:
@@ -182,36 +236,57 @@ def check_finite(key: str, tensor: torch.Tensor, path: Path, chunk: int = 1 << 2
         raise ModelLoadError(f"{path}: {key!r} contains NaN or infinite values")
 
 
-def time_state_tensors(sd: dict[str, torch.Tensor], dims: Dims, path: Path, version: str) -> list[torch.Tensor] | None:
-    """The tuned-state entries of a state file or of a checkpoint with a merged state, validated."""
-    blocks, other = split_blocks(sd)
-    found = {i: b[TIME_STATE] for i, b in blocks.items() if TIME_STATE in b}
+def time_state_layers(sd: dict[str, torch.Tensor], path: Path, *, state_file: bool) -> list[torch.Tensor] | None:
+    """The one home of the tuned-state rule: the `blocks.N.att.time_state` tensors in layer order,
+    checked to be numbered 0..n-1 and floating-point [H, N, N] of one shape. None when there are
+    none (a checkpoint without a merged state). state_file=True: `sd` is a tuned state file, so
+    it must hold these entries and nothing else."""
+    found: dict[int, torch.Tensor] = {}
+    for key, value in sd.items():
+        m = _TIME_STATE_KEY.fullmatch(key)
+        if m:
+            found[int(m[1])] = value
+        elif state_file:
+            raise ModelLoadError(f"{path}: not a tuned state file (unexpected entry {_short(key)}; "
+                                 "expects only blocks.N.att.time_state entries)")
     if not found:
+        if state_file:
+            raise ModelLoadError(f"{path}: not a tuned state file (no blocks.N.att.time_state entries)")
+        return None
+    order = sorted(found)
+    if order != list(range(len(order))):
+        raise ModelLoadError(f"{path}: time_state layers {order[:6]} are not numbered 0..{len(order) - 1}")
+    layers = [found[i] for i in order]
+    first = tuple(layers[0].shape)
+    if len(first) != 3 or first[1] != first[2] or 0 in first:
+        raise ModelLoadError(f"{path}: blocks.0.att.time_state has shape {list(first)}, expected [heads, N, N]")
+    for i, tensor in enumerate(layers):
+        if tuple(tensor.shape) != first:
+            raise ModelLoadError(f"{path}: blocks.{i}.att.time_state has shape {list(tensor.shape)}, "
+                                 f"blocks.0 has {list(first)}")
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"{path}: blocks.{i}.att.time_state is {tensor.dtype}, expected floating point")
+    return layers
+
+
+def time_state_tensors(sd: dict[str, torch.Tensor], dims: Dims, path: Path, version: str) -> list[torch.Tensor] | None:
+    """The tuned-state entries of a state file or of a checkpoint with a merged state, checked
+    against the model's dims, finite, as float32."""
+    layers = time_state_layers(sd, path, state_file=False)
+    if layers is None:
         return None
     if version == "4":
         raise ModelLoadError(f"{path}: tuned states exist for v5.2, v6 and v7 only; this model is v4")
     H, N = dims.n_head, dims.head_size
-    if sorted(found) != list(range(dims.n_layer)):
-        raise ModelLoadError(
-            f"{path}: has time_state for {len(found)} layer(s) (blocks {sorted(found)[:4]}...), "
-            f"the model has {dims.n_layer} layers"
-        )
-    states = []
-    for i in range(dims.n_layer):
-        t = found[i]
-        if t.dim() != 3 or t.shape[1] != t.shape[2] or t.shape[0] * t.shape[1] != dims.n_embd:
-            raise ModelLoadError(
-                f"{path}: blocks.{i}.att.time_state has shape {list(t.shape)}; this model needs "
-                f"[{H}, {N}, {N}] (n_embd {dims.n_embd})"
-            )
-        if tuple(t.shape) != (H, N, N):
-            raise ModelLoadError(
-                f"{path}: blocks.{i}.att.time_state is [{t.shape[0]} heads x {t.shape[1]}], the model has "
-                f"{H} heads of {N}"
-            )
+    if len(layers) != dims.n_layer:
+        raise ModelLoadError(f"{path}: has time_state for {len(layers)} layer(s), the model has {dims.n_layer} layers")
+    shape = tuple(layers[0].shape)
+    if shape != (H, N, N):
+        raise ModelLoadError(f"{path}: time_state is [{shape[0]} heads x {shape[1]}], the model has {H} heads of {N} "
+                             f"(needs [{H}, {N}, {N}])")
+    for i, t in enumerate(layers):
         check_finite(f"blocks.{i}.att.time_state", t, path)
-        states.append(t.float())
-    return states
+    return [t.float() for t in layers]
 
 
 def fingerprint(path: Path) -> str:

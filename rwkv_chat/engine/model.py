@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, StateMismatchError, TokenError
 from ..files import check_regular_file
 from . import cpu_kernels, loader, memory
 from .common import layer_norm, pair
@@ -20,6 +20,20 @@ from .strategy import LayerPlan, parse_strategy, plan_layers
 
 ProgressCallback = Callable[[int, int, str], None]
 _LARGE_FILE = 256 << 20
+
+
+_INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+
+def _state_tensor_problem(i: int, j: int, tensor, shape, dtype, device) -> str:
+    where = f"state layer {i} tensor {j}"
+    if not isinstance(tensor, torch.Tensor):
+        return f"{where} is a {type(tensor).__name__}, not a tensor"
+    for what, got, want in (("shape", list(tensor.shape), list(shape)), ("dtype", tensor.dtype, dtype),
+                            ("device", tensor.device, device), ("layout", tensor.layout, torch.strided)):
+        if got != want:
+            return f"{where} has {what} {got}, expected {want}"
+    return f"{where} is not contiguous (call .contiguous() on it)"
 
 
 class QuantizedRows:
@@ -94,6 +108,7 @@ class RWKV:
         merged = loader.time_state_tensors(sd, dims, self.path, self.version)
         self._load_weights(sd, self._progress(progress))
         self._initial_wkv = merged
+        self._state_spec = [[(tuple(t.shape), t.dtype, t.device) for t in layer] for layer in self.zero_state().layers]
 
     # ------------------------------------------------------------------ loading
     def _progress(self, progress) -> ProgressCallback | None:
@@ -167,17 +182,34 @@ class RWKV:
         """A tuned state file (RWKV-PEFT state tuning) as a fresh starting state for this model."""
         file = Path(os.path.expanduser(str(path)))
         check_regular_file(file, "state file")  # a FIFO would block in open()
-        sd = loader.read_tensors(file)
+        sd = loader.read_tensors(file, "state file")
+        loader.time_state_layers(sd, file, state_file=True)
         wkv = loader.time_state_tensors(sd, self.dims, file, self.version)
-        extra = [k for k in sd if not k.endswith(".att.time_state")]
-        if wkv is None or extra:
-            raise ModelLoadError(
-                f"{file}: not a tuned state file (expects only blocks.N.att.time_state entries"
-                + (f", found {extra[:3]}" if extra else "") + ")"
-            )
         state = self.zero_state()
         self._install_wkv(state, wkv)
         return state
+
+    def check_state(self, state: RWKVState) -> None:
+        """Raise StateMismatchError unless `state` fits this model exactly: the same model shape,
+        one entry per layer, and every tensor of the shape, dtype and device a kernel expects
+        (strided, contiguous). Cheap enough for every forward call (a few µs per layer)."""
+        if not isinstance(state, RWKVState):
+            raise StateMismatchError(f"expected an RWKVState, got {type(state).__name__}")
+        state.check_compatible(self.shape)
+        if isinstance(state.tokens, bool) or not isinstance(state.tokens, int) or state.tokens < 0:
+            raise StateMismatchError(f"state.tokens must be an integer >= 0, got {state.tokens!r}")
+        layers, spec = state.layers, self._state_spec
+        if not isinstance(layers, (list, tuple)) or len(layers) != len(spec):
+            got = len(layers) if isinstance(layers, (list, tuple)) else type(layers).__name__
+            raise StateMismatchError(f"state has {got} layers; {self.shape.describe()} needs {len(spec)}")
+        for i, (layer, expected) in enumerate(zip(layers, spec)):
+            if not isinstance(layer, (list, tuple)) or len(layer) != len(expected):
+                got = f"{len(layer)} tensors" if isinstance(layer, (list, tuple)) else f"a {type(layer).__name__}"
+                raise StateMismatchError(f"state layer {i} has {got}; this model needs {len(expected)}")
+            for j, (tensor, (shape, dtype, device)) in enumerate(zip(layer, expected)):
+                if not (isinstance(tensor, torch.Tensor) and tensor.shape == shape and tensor.dtype == dtype
+                        and tensor.device == device and tensor.layout == torch.strided and tensor.is_contiguous()):
+                    raise StateMismatchError(_state_tensor_problem(i, j, tensor, shape, dtype, device))
 
     def _install_wkv(self, state: RWKVState, wkv: list[torch.Tensor]) -> None:
         for i, tensor in enumerate(wkv):
@@ -197,7 +229,7 @@ class RWKV:
         if state is None:
             state = self.initial_state()
         else:
-            state.check_compatible(self.shape)
+            self.check_state(state)
         with self._thread_mode(len(ids)):
             return self._forward(ids, state, full_output)
 
@@ -233,12 +265,23 @@ class RWKV:
     def _check_tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, int):
             tokens = [tokens]
-        ids = torch.as_tensor(list(tokens), dtype=torch.long)
+        try:
+            ids = torch.as_tensor(tokens if isinstance(tokens, torch.Tensor) else list(tokens))
+        except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+            raise TokenError(f"token ids must be a list of integers ({error})") from None
         if ids.dim() != 1 or ids.numel() == 0:
-            raise ValueError("forward() needs a non-empty list of token ids")
-        if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.vocab_size}); got {int(ids.min())}..{int(ids.max())}")
-        return ids
+            raise TokenError(f"forward() needs a non-empty list of token ids, got shape {list(ids.shape)}")
+        if ids.dtype not in _INTEGER_DTYPES:
+            raise TokenError(f"token ids must be integers, got {ids.dtype} values")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise TokenError(
+                f"token id {bad} is outside the vocabulary of {self.path.name} ({self.vocab_size} tokens, "
+                f"ids 0..{self.vocab_size - 1})"
+                + ("; was the text encoded with a tokenizer for a larger vocabulary?" if bad > 0 else "")
+            )
+        return ids.to(device="cpu", dtype=torch.long)
 
     def describe_plan(self) -> list[str]:
         """One line per run of layers sharing a placement, e.g. '0-9: cuda fp16i8'."""

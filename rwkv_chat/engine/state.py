@@ -34,6 +34,45 @@ class ModelShape:
         )
 
 
+VERSIONS = ("4", "5.2", "6", "7")
+STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def state_layout(shape: ModelShape) -> list[list[tuple[int, ...]]]:
+    """The tensor shapes of a state of `shape`, per layer (see RWKVState)."""
+    C, H, N = shape.n_embd, shape.n_head, shape.head_size
+    per_layer = [(C,)] * 5 if shape.version == "4" else [(C,), (H, N, N), (C,)]
+    return [list(per_layer) for _ in range(shape.n_layer)]
+
+
+def check_state_tensors(shape: ModelShape, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise StateMismatchError unless `tensors` (as `RWKVState.to_tensors` makes them) hold
+    exactly the entries of a state of `shape`: every layer.{i}.{j} of its shape, plus optional
+    logits [vocab]; all dense floating-point tensors with finite values."""
+    expected = {f"layer.{i}.{j}": s for i, layer in enumerate(state_layout(shape)) for j, s in enumerate(layer)}
+    if not isinstance(tensors, dict):
+        raise StateMismatchError(f"saved state is a {type(tensors).__name__}, not a dict of tensors")
+    extra = sorted(str(k) for k in set(tensors) - set(expected) - {"logits"})
+    if extra:
+        raise StateMismatchError(f"saved state has unexpected entries {extra[:3]} for {shape.describe()}")
+    for key, want in [*expected.items(), ("logits", (shape.vocab_size,))]:
+        if key not in tensors:
+            if key == "logits":
+                continue
+            raise StateMismatchError(f"saved state lacks {key} (expected for {shape.describe()})")
+        tensor = tensors[key]
+        if not isinstance(tensor, torch.Tensor):
+            raise StateMismatchError(f"saved state {key} is a {type(tensor).__name__}, not a tensor")
+        if tuple(tensor.shape) != want:
+            raise StateMismatchError(
+                f"saved state {key} has shape {list(tensor.shape)}, expected {list(want)} for {shape.describe()}"
+            )
+        if tensor.dtype not in STATE_DTYPES or tensor.layout != torch.strided:
+            raise StateMismatchError(f"saved state {key} is {tensor.dtype} ({tensor.layout}), expected floating point")
+        if not bool(torch.isfinite(tensor).all()):
+            raise StateMismatchError(f"saved state {key} contains NaN or infinite values")
+
+
 class RWKVState:
     """Per-layer tensors plus the logits after the last token fed.
 
@@ -76,25 +115,14 @@ class RWKVState:
 
     @classmethod
     def from_tensors(cls, shape: ModelShape, tensors: dict[str, torch.Tensor], like: "RWKVState", tokens: int = 0) -> "RWKVState":
-        """Rebuild a state from `to_tensors` output, with devices and dtypes taken from `like`."""
-        layers = []
-        for i, template_layer in enumerate(like.layers):
-            layer = []
-            for j, template in enumerate(template_layer):
-                key = f"layer.{i}.{j}"
-                if key not in tensors:
-                    raise StateMismatchError(f"saved state lacks {key} (expected for {shape.describe()})")
-                tensor = tensors[key]
-                if tuple(tensor.shape) != tuple(template.shape):
-                    raise StateMismatchError(
-                        f"saved state {key} has shape {list(tensor.shape)}, expected {list(template.shape)} "
-                        f"for {shape.describe()}"
-                    )
-                layer.append(tensor.to(device=template.device, dtype=template.dtype).clone())
-            layers.append(layer)
-        extra = set(tensors) - {f"layer.{i}.{j}" for i, l in enumerate(like.layers) for j in range(len(l))} - {"logits"}
-        if extra:
-            raise StateMismatchError(f"saved state has unexpected entries {sorted(extra)[:3]} for {shape.describe()}")
+        """Rebuild a state from `to_tensors` output (checked by `check_state_tensors`), with
+        devices and dtypes taken from `like`."""
+        check_state_tensors(shape, tensors)
+        layers = [
+            [tensors[f"layer.{i}.{j}"].to(device=template.device, dtype=template.dtype).clone()
+             for j, template in enumerate(template_layer)]
+            for i, template_layer in enumerate(like.layers)
+        ]
         logits = tensors.get("logits")
         return cls(shape, layers, None if logits is None else logits.float().clone(), tokens)
 

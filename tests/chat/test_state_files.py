@@ -138,7 +138,7 @@ def test_listing_the_user_states_folder(chat_home, tmp_path):
     assert [info.n_embd for info in listed[:2]] == [64, 128]
     assert all(info.source == "user" for info in listed)
     assert listed[2].problem and "unexpected entry" in listed[2].problem
-    assert listed[3].problem and "cannot read" in listed[3].problem
+    assert listed[3].problem and "not a tensors-only state file" in listed[3].problem
     assert [info.name for info in list_state_files([folder]) if info.problem is None] == ["a-narrow", "b-wide"]
 
 
