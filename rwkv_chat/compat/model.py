@@ -11,7 +11,7 @@ for v7), so code that builds or edits states by hand keeps working.
 
 Differences from 0.8.32, on purpose:
 - one class for every version (v7 needs no RWKV_V7_ON), and every strategy works for every
-  version (v7 int8, layer splits, streaming);
+  version (v7 int8, layer splits, streaming); `load_state(path)` reads tuned state files;
 - logits are always float32 on the CPU (0.8.32 returns them on the head's device, v7 in the
   strategy's dtype);
 - `forward(None)` starts from the checkpoint's merged tuned state for every version (0.8.32's
@@ -72,6 +72,11 @@ class RWKV:
     def generate_zero_state(self) -> list[torch.Tensor]:
         """An all-zero state list (v4's pp entries at -1e30)."""
         return self._flat(self.engine.zero_state())
+
+    def load_state(self, path) -> list[torch.Tensor]:
+        """A tuned state file (RWKV-PEFT state tuning, v5.2/v6/v7) as a state list for `forward`.
+        Not in 0.8.32, whose scripts build the list by hand (and get v7's layout wrong)."""
+        return self._flat(self.engine.load_state(path))
 
     @staticmethod
     def _flat(state: RWKVState) -> list[torch.Tensor]:

@@ -100,3 +100,13 @@ def test_bad_states_and_options_are_refused_clearly(checkpoint):
         RWKV(model=str(path), strategy="cpu fp32", convert_and_save_and_exit="x.pth")
     with pytest.raises(ModelLoadError, match="no such file"):
         RWKV(model=str(path) + "-missing", strategy="cpu fp32")
+
+
+def test_load_state_gives_the_flat_list_of_the_engines_state(make_model_file, make_state_path):
+    model = RWKV(model=str(make_model_file("7", **SHAPE)), strategy="cpu fp32", verbose=False)
+    state_file = make_state_path("7", n_layer=2, n_embd=64)
+    flat = model.load_state(state_file)
+    engine_state = model.engine.load_state(state_file)
+    assert all(torch.equal(a, b) for a, b in zip(flat, (t for layer in engine_state.layers for t in layer)))
+    assert torch.equal(model.forward([5], flat)[0], model.engine.forward([5], engine_state)[0])
+    assert not torch.equal(model.forward([5], model.load_state(state_file))[0], model.forward([5], None)[0])

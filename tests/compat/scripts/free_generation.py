@@ -37,7 +37,7 @@ settings = [
     dict(temperature=1.5, top_p=0.3, top_k=0, alpha_frequency=0.2, alpha_presence=0.2),
     dict(temperature=0.7, top_p=0.9, top_k=20, alpha_decay=0.99, token_stop=[11]),
     dict(temperature=0, top_p=0.5, top_k=0),
-    dict(temperature=1.0, top_p=0.0, top_k=5, chunk_len=3),
+    dict(temperature=1.0, top_p=0.95, top_k=5, chunk_len=3),
 ]
 for number, options in enumerate(settings):
     np.random.seed(100 + number)
