@@ -155,6 +155,7 @@ class Pipeline:
                        chunk_len: int = DEFAULT_CHUNK_LEN) -> RWKVState:
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be at least 1, got {chunk_len}")
+        state = _state_argument(state, None)
         if state is None:
             state = self.model.initial_state()
         for start in range(0, len(tokens), chunk_len):
