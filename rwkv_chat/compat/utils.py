@@ -120,6 +120,8 @@ class PIPELINE:  # noqa: N801 - the name scripts import
         occurrence: dict[int, float] = {}
         for step in range(token_count):
             pending = self.encode(ctx) if step == 0 else [token]
+            if not pending:
+                raise ValueError("PIPELINE.generate() needs a ctx of at least one token, got an empty string")
             for start in range(0, len(pending), args.chunk_len):
                 out, state = self.model.forward(pending[start : start + args.chunk_len], state)
             for banned in args.token_ban:

@@ -84,13 +84,15 @@ def test_refine_context_matches(text):
     assert our_pipeline().refine_context(text) == oracle_pipeline().refine_context(text)
 
 
-def test_world_vocab_encodes_and_decodes_like_the_oracle_tokenizer():
+def test_world_vocab_round_trip_and_broken_utf8_as_in_0_8_32():
     pipeline = PIPELINE(None, "rwkv_vocab_v20230424")
     assert pipeline.encode("\n\n") == [261] and pipeline.encode("\n") == [11]
     text = "User: 中文 and English\n\nAssistant:"
     assert pipeline.decode(pipeline.encode(text)) == text
-    partial = pipeline.encode("中")[:0] + [229]  # b"\xe4", the first byte of a CJK character
-    assert pipeline.decode(partial) == "\ufffd"  # 0.8.32 returns a lone U+FFFD for broken UTF-8
+    assert pipeline.decode([229]) == "\ufffd"  # b"\xe4" alone: 0.8.32 gives one U+FFFD for broken UTF-8
+    assert pipeline.decode([229, 1131]) == "\ufffd"  # not "\ufffdIg": the whole text is replaced
+    with pytest.raises(ValueError, match="empty string"):
+        pipeline.generate("", token_count=3)  # 0.8.32 fails here with UnboundLocalError
 
 
 def test_other_vocabularies_are_refused_clearly():
