@@ -40,7 +40,7 @@ def ordinary(tensor: torch.Tensor) -> torch.Tensor:
     if not tensor.is_inference():
         return tensor
     try:
-        return torch.empty(0, dtype=tensor.dtype, device=tensor.device).set_(tensor)
+        return tensor.new_empty(0).set_(tensor)  # made out here, so not an inference tensor
     except RuntimeError:  # a backend without set_ (some out-of-tree devices): copy instead
         return tensor.clone()
 
