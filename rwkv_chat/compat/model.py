@@ -21,7 +21,6 @@ Differences from 0.8.32, on purpose:
 """
 from __future__ import annotations
 
-import os
 import types
 
 import torch
