@@ -12,6 +12,8 @@ _LAZY = {
     "ModelShape": ("rwkv_chat.engine.state", "ModelShape"),
     "Tokenizer": ("rwkv_chat.tokenizer", "Tokenizer"),
     "Pipeline": ("rwkv_chat.pipeline", "Pipeline"),
+    "Pipline": ("rwkv_chat.pipeline", "Pipline"),
+    "GenerationResult": ("rwkv_chat.pipeline", "GenerationResult"),
     "SamplingSettings": ("rwkv_chat.sampling", "SamplingSettings"),
     "ChatSession": ("rwkv_chat.chat.session", "ChatSession"),
 }

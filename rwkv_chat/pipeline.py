@@ -7,6 +7,13 @@
         print(piece, end="")
     gen.state, gen.stats, gen.finish_reason
 
+    text, state = pipe.generate("User: hi\\n\\nAssistant:", max_tokens=200, stop=["\\n\\n"])
+    reply = pipe.generate("User: and then?\\n\\nAssistant:", state=state)   # continues the chat
+
+The new_rwkv_pip spellings work too: `states=` for `state=` (a `GenerationResult` may be passed
+back as it is), `gen_len=` for `max_tokens=` (and then, as there, a blank line ends the reply
+unless a stop is given), and the class name `Pipline`.
+
 A `Generation` does its work while it is iterated (the prompt is prefilled on the first `next`),
 so a UI can create it in one thread and run it in another. Every sampled token is fed into the
 model before the next one is drawn, so `gen.state` always holds exactly the tokens whose text
@@ -19,6 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .engine.state import RWKVState
 from .sampling import Sampler, SamplingSettings, penalty_weight
@@ -29,6 +37,41 @@ DEFAULT_CHUNK_LEN = 256
 SettingsSource = SamplingSettings | Callable[[], SamplingSettings] | None
 
 FINISH_REASONS = ("stop", "length", "eos", "cancelled")
+
+BLANK_LINE = "\n\n"
+"""Where a `gen_len=` (new_rwkv_pip style) generation stops when no stop string is given."""
+
+
+class GenerationResult(NamedTuple):
+    """What `Pipeline.generate` returns: unpack it (`text, state = ...`) or pass it back whole as
+    the next call's `state=` / `states=` to continue from where it ended."""
+
+    text: str
+    state: RWKVState
+
+
+def _state_argument(state, states):
+    """The state given as `state=` or its alias `states=` (not both); a GenerationResult stands
+    for its state."""
+    if states is not None:
+        if state is not None:
+            raise TypeError("pass the state once: state= or its alias states=, not both")
+        state = states
+    return state.state if isinstance(state, GenerationResult) else state
+
+
+def _gen_len_overrides(gen_len, settings: SettingsSource, overrides: dict) -> dict:
+    """new_rwkv_pip's `gen_len=N`: max_tokens=N, and a blank line ends the generation unless a
+    stop is given (in `overrides` or in fixed `settings`)."""
+    if gen_len is None:
+        return overrides
+    if "max_tokens" in overrides:
+        raise TypeError("pass the length once: max_tokens= or its alias gen_len=, not both")
+    overrides = dict(overrides, max_tokens=gen_len)
+    stop_given = "stop" in overrides or (isinstance(settings, SamplingSettings) and settings.stop) or callable(settings)
+    if not stop_given:
+        overrides["stop"] = (BLANK_LINE,)
+    return overrides
 
 
 @dataclass(frozen=True)
@@ -100,34 +143,43 @@ class Pipeline:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens)
 
-    def prefill(self, text: str, state: RWKVState | None = None, chunk_len: int = DEFAULT_CHUNK_LEN) -> RWKVState:
+    def prefill(self, text: str, state: RWKVState | None = None, chunk_len: int = DEFAULT_CHUNK_LEN, *,
+                states: RWKVState | None = None) -> RWKVState:
         """A new state after feeding `text` (in chunks of `chunk_len` tokens) to `state` (default:
-        the model's initial state). `state.logits` are the logits after the last token. Empty
-        text returns the starting state itself (states are never mutated, so sharing is safe)."""
-        return self.prefill_tokens(self.encode(text), state, chunk_len)
+        the model's initial state; `states=` is an alias). `state.logits` are the logits after the
+        last token. Empty text returns the starting state itself (states are never mutated, so
+        sharing is safe)."""
+        return self.prefill_tokens(self.encode(text), _state_argument(state, states), chunk_len)
 
     def prefill_tokens(self, tokens: list[int], state: RWKVState | None = None,
                        chunk_len: int = DEFAULT_CHUNK_LEN) -> RWKVState:
         if chunk_len < 1:
             raise ValueError(f"chunk_len must be at least 1, got {chunk_len}")
+        state = _state_argument(state, None)
         if state is None:
             state = self.model.initial_state()
         for start in range(0, len(tokens), chunk_len):
             _, state = self.model.forward(tokens[start : start + chunk_len], state)
         return state
 
-    def stream(self, prompt: str, state: RWKVState | None = None, settings: SettingsSource = None,
-               **overrides) -> Generation:
-        """A `Generation` that prefills `prompt` and generates when iterated."""
-        return Generation(self, prompt, state, settings_reader(settings, overrides))
+    def stream(self, prompt: str, state: RWKVState | None = None, settings: SettingsSource = None, *,
+               states: RWKVState | None = None, gen_len: int | None = None, **overrides) -> Generation:
+        """A `Generation` that prefills `prompt` and generates when iterated. `overrides` are
+        `SamplingSettings` fields; `states=` and `gen_len=` are the aliases described above."""
+        overrides = _gen_len_overrides(gen_len, settings, overrides)
+        return Generation(self, prompt, _state_argument(state, states), settings_reader(settings, overrides))
 
-    def generate(self, prompt: str, state: RWKVState | None = None, settings: SettingsSource = None,
-                 **overrides) -> tuple[str, RWKVState]:
-        """Run a whole generation; return (text, state after it)."""
-        generation = self.stream(prompt, state, settings, **overrides)
+    def generate(self, prompt: str, state: RWKVState | None = None, settings: SettingsSource = None, *,
+                 states: RWKVState | None = None, gen_len: int | None = None, **overrides) -> GenerationResult:
+        """Run a whole generation; return (text, state after it) as a `GenerationResult`."""
+        generation = self.stream(prompt, state, settings, states=states, gen_len=gen_len, **overrides)
         for _ in generation:
             pass
-        return generation.text, generation.state
+        return GenerationResult(generation.text, generation.state)
+
+
+Pipline = Pipeline
+"""new_rwkv_pip's spelling of the class name."""
 
 
 def settings_reader(settings: SettingsSource, overrides: dict) -> Callable[[], SamplingSettings]:

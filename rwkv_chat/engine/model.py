@@ -15,7 +15,7 @@ from . import cpu_kernels, loader, memory
 from .common import layer_norm, pair
 from .placement import rescale_every, resolve_device
 from .quant import make_linear, quantize_rows
-from .state import ModelShape, RWKVState
+from .state import ModelShape, RWKVState, ordinary
 from .strategy import LayerPlan, parse_strategy, plan_layers
 
 ProgressCallback = Callable[[int, int, str], None]
@@ -221,17 +221,18 @@ class RWKV:
         return RWKVState.from_tensors(self.shape, tensors, self.zero_state(), tokens)
 
     # ------------------------------------------------------------------ running
-    @torch.inference_mode()
     def forward(self, tokens: list[int], state: RWKVState | None = None, full_output: bool = False):
         """Feed tokens; return (float32 CPU logits of the last token, or [T, vocab] with full_output,
-        and the new state). The state passed in is left unchanged."""
+        and the new state). The state passed in is left unchanged. Logits and state are ordinary
+        tensors: callers may edit them in place (`logits[0] -= 1e10`)."""
         ids = self._check_tokens(tokens)
         if state is None:
             state = self.initial_state()
         else:
             self.check_state(state)
-        with self._thread_mode(len(ids)):
-            return self._forward(ids, state, full_output)
+        with torch.inference_mode(), self._thread_mode(len(ids)):
+            logits, new_state = self._forward(ids, state, full_output)
+        return ordinary(logits), new_state.made_ordinary()
 
     def decoding(self):
         """A context for one step of a decode loop (sampling included): the single-token thread

@@ -73,6 +73,17 @@ def check_state_tensors(shape: ModelShape, tensors: dict[str, torch.Tensor]) -> 
             raise StateMismatchError(f"saved state {key} contains NaN or infinite values")
 
 
+def ordinary(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself, or when it was made under `torch.inference_mode` (which forbids in-place
+    edits outside that mode) a normal tensor over the same memory: no copy, about a microsecond."""
+    if not tensor.is_inference():
+        return tensor
+    try:
+        return tensor.new_empty(0).set_(tensor)  # made out here, so not an inference tensor
+    except RuntimeError:  # a backend without set_ (some out-of-tree devices): copy instead
+        return tensor.clone()
+
+
 class RWKVState:
     """Per-layer tensors plus the logits after the last token fed.
 
@@ -96,6 +107,14 @@ class RWKVState:
             None if self.logits is None else self.logits.clone(),
             self.tokens,
         )
+
+    def made_ordinary(self) -> "RWKVState":
+        """This state, its tensors turned into normal ones in place (see `ordinary`); call it
+        outside inference mode."""
+        self.layers = [[ordinary(t) for t in layer] for layer in self.layers]
+        if self.logits is not None:
+            self.logits = ordinary(self.logits)
+        return self
 
     def __deepcopy__(self, memo) -> "RWKVState":
         return self.copy()

@@ -130,7 +130,7 @@ def test_snapshot_save_on_a_full_disk(load_model, tmp_path, monkeypatch):
     target = tmp_path / "chat.rwkvchat"
     with pytest.raises(SnapshotError) as refused:
         session.save(target)
-    assert str(refused.value) == f"{target}: cannot save the conversation (No space left on device)"
+    assert str(refused.value) == f"{target}: cannot save the conversation (the disk is full)"
     assert list(tmp_path.iterdir()) == []  # no partial or temp file left
 
 
@@ -204,6 +204,6 @@ def test_real_full_disk(load_model, mount_tmpfs):
         save_state_file(state, folder / "s.pth")
     session = ChatSession(Pipeline(load_model("7", (2, 128))), SamplingSettings(max_tokens=2))
     list(session.send("hi"))
-    with pytest.raises(SnapshotError, match=re.escape("cannot save the conversation (No space left on device)")):
+    with pytest.raises(SnapshotError, match=re.escape("cannot save the conversation (the disk is full)")):
         session.save(folder / "chat.rwkvchat")
     assert list(folder.iterdir()) == []

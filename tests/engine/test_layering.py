@@ -17,6 +17,15 @@ def test_engine_and_chat_core_do_not_import_the_ui():
     assert "rwkv" not in modules, "the reference implementation is a test oracle, never a runtime import"
 
 
+def test_compat_layer_is_engine_side():
+    modules = imported_after("import rwkv_chat.compat.model, rwkv_chat.compat.utils")
+    assert "rwkv_chat.compat.utils" in modules and "rwkv_chat.engine.model" in modules
+    above = sorted(m for m in modules if m.split(".")[0] in ("textual", "click")
+                   or m.startswith(("rwkv_chat.tui", "rwkv_chat.chat")))
+    assert above == []
+    assert "rwkv" not in modules, "the compat layer reimplements the rwkv package's API; it never imports it"
+
+
 def test_package_import_is_lazy():
     modules = imported_after("import rwkv_chat")
     assert "torch" not in modules
