@@ -36,8 +36,6 @@ DEFAULT_CHUNK_LEN = 256
 
 SettingsSource = SamplingSettings | Callable[[], SamplingSettings] | None
 
-FINISH_REASONS = ("stop", "length", "eos", "cancelled")
-
 BLANK_LINE = "\n\n"
 """Where a `gen_len=` (new_rwkv_pip style) generation stops when no stop string is given."""
 

@@ -14,7 +14,7 @@ everything that is left when the budget is spent):
   parity      every version under `cuda fp16`: ours vs rwkv==0.8.32 (RWKV_CUDA_ON=1), and ours vs
               our own fp32
   speed       v7 and v6 at the 1.5B shape (24 x 2048, random weights): prefill and decode tok/s,
-              ours (eager, with the kernels, CUDA-graph decode) beside the reference on the same
+              ours (eager, with the kernels) beside the reference on the same
               card. Targets: decode >= 2x the reference's `cuda fp16`, prefill >= 1x.
 
 Results: printed, and written to $OUT (or --out) as gpu_check.log and gpu_check.json.
@@ -571,24 +571,6 @@ def kernels_patched_in():
             setattr(module, name, function)
 
 
-def graph_decode_speed(model, plan: Plan) -> dict:
-    from rwkv_chat.engine.cuda_graph import make_decode_step
-
-    t0 = time.perf_counter()
-    step = make_decode_step(model, use_graph=plan.gpu)
-    capture_s = time.perf_counter() - t0
-    _, state = model.forward(random_tokens(16, seed=5), None)
-    step.reset(state)
-    tokens = random_tokens(plan.graph_tokens + 4, seed=6)
-    for token in tokens[:4]:
-        step(token).cpu()
-    t0 = time.perf_counter()
-    for token in tokens[4:]:
-        step(token).cpu()  # a sampler needs the logits on the CPU every token
-    seconds = time.perf_counter() - t0
-    return {"decode_tok_s": plan.graph_tokens / seconds, "capture_s": capture_s, "graph": step.uses_graph}
-
-
 def section_speed(report: Report, plan: Plan, bg: Background, big: dict, work: Path) -> None:
     from rwkv_chat.engine import cuda
     from rwkv_chat.engine.model import RWKV
@@ -619,12 +601,10 @@ def section_speed(report: Report, plan: Plan, bg: Background, big: dict, work: P
         before = sum(cuda.kernel_calls().values())
         attempt("rwkv-chat eager", lambda: speed_run(forward, job, plan.device))
         routed = sum(cuda.kernel_calls().values()) > before
-        attempt("rwkv-chat graph decode", lambda: graph_decode_speed(model, plan))
         if not routed:  # the engine does not call the kernels yet: show what they give (on the CPU
             # the patched twins fall through to the originals: the dry run checks the plumbing)
             with kernels_patched_in():
                 attempt("rwkv-chat + kernels (patched in)", lambda: speed_run(forward, job, plan.device))
-                attempt("rwkv-chat + kernels, graph decode", lambda: graph_decode_speed(model, plan))
         del model, forward
         release(plan.device)
         # the reference, alone on the card now

@@ -1,5 +1,8 @@
 """Optional C kernels for the CPU: built once with the system C compiler, loaded with ctypes.
 
+The C source is `kernels/cpu/rwkv_cpu.c` with its header `rwkv_cpu.h` (package data, like the CUDA
+sources); the header describes every kernel.
+
 `get()` returns the loaded kernels, or None when they cannot be used (no compiler, not x86/ARM
 Linux/macOS, a failed build, or `RWKV_CPU_KERNELS=0`); every caller then takes a plain-torch
 path that computes the same thing. The shared library is cached in a private folder under the
@@ -26,7 +29,6 @@ from pathlib import Path
 import torch
 
 from . import kernel_cache
-from .cpu_kernels_src import SOURCE
 
 K_F32, K_BF16, K_I8 = 0, 1, 2
 LAYOUT_COLS = 16
@@ -38,9 +40,22 @@ _lock = threading.Lock()
 _loaded: "Kernels | None | bool" = False  # False: not tried yet
 
 
-class Job(ctypes.Structure):
-    _fields_ = [("w", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("x", ctypes.c_void_p), ("y", ctypes.c_void_p),
-                ("n_out", ctypes.c_int64), ("n_in", ctypes.c_int64), ("flags", ctypes.c_int64), ("tag", ctypes.c_int64)]
+SOURCE_DIR = kernel_cache.KERNEL_DIR / "cpu"
+_MAIN, _HEADER = "rwkv_cpu.c", "rwkv_cpu.h"
+
+
+def source() -> str:
+    """The C source as one text (the header pasted where the .c file includes it): what is
+    compiled and what the cache key hashes."""
+    try:
+        main = (SOURCE_DIR / _MAIN).read_text(encoding="utf-8")
+        header = (SOURCE_DIR / _HEADER).read_text(encoding="utf-8")
+    except OSError as error:
+        raise kernel_cache.KernelCacheError(f"the CPU kernel source is missing ({error})") from error
+    include = f'#include "{_HEADER}"'
+    if include not in main:
+        raise kernel_cache.KernelCacheError(f"{SOURCE_DIR / _MAIN} does not include {_HEADER}")
+    return main.replace(include, header, 1)
 
 
 def _enabled() -> bool:
@@ -65,7 +80,7 @@ def _cpu_signature() -> str:
 def library_name(cc: list[str]) -> str:
     """The cache file name: a hash of the source, the compiler (and its version), the flags and the CPU."""
     proc = kernel_cache.run_compiler([cc[0], "--version"])
-    key = hashlib.sha256("\0".join([SOURCE, " ".join(cc), proc.stdout, " ".join(_FLAGS),
+    key = hashlib.sha256("\0".join([source(), " ".join(cc), proc.stdout, " ".join(_FLAGS),
                                      _cpu_signature()]).encode()).hexdigest()[:16]
     return f"rwkv_cpu_{key}.so"
 
@@ -73,7 +88,7 @@ def library_name(cc: list[str]) -> str:
 def _load() -> Kernels:
     """Build (once per machine) and load the kernels through the verified cache (kernel_cache.py)."""
     name = library_name(kernel_cache.compiler())
-    return kernel_cache.load_or_build(_cache_dir(), name, SOURCE, [*_FLAGS, "{src}", "-o", "{out}", "-lm"], Kernels)
+    return kernel_cache.load_or_build(_cache_dir(), name, source(), [*_FLAGS, "{src}", "-o", "{out}", "-lm"], Kernels)
 
 
 class Kernels:
@@ -131,11 +146,6 @@ class Kernels:
             torch.set_num_threads(n)
             self._threads = None
 
-    def gemv(self, jobs, n: int) -> None:
-        """Run `n` prepared `Job` structs (a ctypes array) in one parallel region."""
-        if self.lib.rk_gemv(n, ctypes.addressof(jobs), self.threads()) != 0:
-            raise RuntimeError("rk_gemv: too many jobs in one call")
-
     def int8_gemm(self, x, q_in_out, scale, out_dtype):
         """x [M, K] (fp32/bf16, contiguous) @ int8 [K, N] weights with per-column scales: activations
         rounded to int8 per row, int32 products (torch._int_mm), rescaled in one pass."""
@@ -151,7 +161,8 @@ class Kernels:
         return y
 
     def gemv_words(self, words) -> None:
-        """Jobs given as an array('q') of 8 words each (the `Job` fields, in order)."""
+        """Weight-times-vector jobs given as an array('q') of 8 words each (job_t in the C source:
+        weight, scale, x, y, n_out, n_in, flags, tag), run in one parallel task."""
         address, length = words.buffer_info()
         if self.lib.rk_gemv(length // 8, address, self.threads()) != 0:
             raise RuntimeError("rk_gemv: too many jobs in one call")
@@ -229,9 +240,3 @@ def get() -> Kernels | None:
                               stacklevel=2)
                 _loaded = None
     return _loaded  # type: ignore[return-value]
-
-
-def reset_for_tests() -> None:
-    global _loaded
-    with _lock:
-        _loaded = False

@@ -20,9 +20,7 @@ Routing, one `if` per call site (same signature as the engine's twins v4.wkv, v5
     else:
         out, state = wkv(r, decay, k, v, kk, a, state)
 
-Layouts (T tokens, H heads of N channels, C = H * N; a leading batch dimension B is optional on
-the token tensors, and then also on the state). The state passed in is never modified unless
-`inplace=True` (it must then be a contiguous float32 tensor, updated in place and returned).
+Layouts (T tokens, H heads of N channels, C = H * N). The state passed in is never modified.
 Outputs have the dtype of `r` (v4: of `k`); token tensors may be float32, float16 or bfloat16 and
 are all converted to r's dtype; decays, bonuses and states are read as float32.
 
@@ -33,7 +31,6 @@ are all converted to r's dtype; decays, bonuses and states are read as float32.
         r, k, v, out [T, H, N]; decay: the factor w in (0, 1), [H, N] or [H, N, 1] (v5.2) or
         [T, H, N] or [T, H, N, 1] (v6, one per token); bonus (u = time_faaaa) [H, N] or [H, N, 1];
         state [H, K, V] float32:  out_t = r_t (u k_t v_t^T + S);  S <- k_t v_t^T + w S.
-    wkv6 = wkv5
     wkv7(r, decay, k, v, kk, a, state)      -> (out, state)
         r, k, v, kk, a, out [T, H, N]; decay: the factor w in (0, 1), [T, H, N];
         kk: unit-length removal key; a: in-context learning rate; state [H, V, K] float32:
@@ -45,7 +42,7 @@ are all converted to r's dtype; decays, bonuses and states are read as float32.
         longer inputs: dequantize 16M weights at a time and use a dense (tensor-core) matmul.
 
 All kernels enqueue on the current stream and never synchronise, so they can be captured in a CUDA
-graph (see cuda_graph.py).
+graph.
 """
 from __future__ import annotations
 
@@ -59,12 +56,10 @@ from pathlib import Path
 
 import torch
 
+from . import kernel_cache
 from .placement import env_flag
 
-_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
-# a source checkout has kernels/ beside the package; an installed wheel has the link's copy inside it
-KERNEL_DIR = next((d for d in (_PACKAGE_ROOT.parent / "kernels", _PACKAGE_ROOT / "kernels") if d.is_dir()),
-                  _PACKAGE_ROOT / "kernels")
+KERNEL_DIR = kernel_cache.KERNEL_DIR
 COMMON_LIBRARY = "rwkv_chat_ops"
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _GEMV_MAX_ROWS = 16  # kInt8GemvMaxRows in kernels/rwkv_kernels.h
@@ -209,8 +204,6 @@ def _build(name: str, head_size: int | None) -> None:
 def build_folder(name: str) -> Path:
     """The private folder a CUDA library is built and cached in (kernel_cache.UnsafeCacheError
     when it or the cache folder could be written by someone else)."""
-    from . import kernel_cache
-
     root = kernel_cache.private_folder(kernel_cache.default_root())
     return kernel_cache.private_folder(root / f"cuda-{name}")
 
@@ -237,16 +230,6 @@ def first_error_line(text: str) -> str:
     return lines[0][:300] if lines else "unknown error"
 
 
-def _forget_for_tests() -> None:
-    """Back to the start-up state (tests only)."""
-    global _failure
-    with _lock:
-        _libraries.clear()
-        _failure = None
-        _unsupported_warned.clear()
-        calls.clear()
-
-
 # ---------------------------------------------------------------------------------------------
 # Kernels (with the twins as fallback)
 
@@ -261,13 +244,9 @@ def _float32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def _state_for(state: torch.Tensor, inplace: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(state_in, state_out) for a kernel that reads one and writes the other (they may alias)."""
-    if inplace:
-        if state.dtype != torch.float32 or not state.is_contiguous() or state.data_ptr() % 16:
-            raise ValueError("inplace=True needs a contiguous, 16-byte aligned float32 state")
-        return state, state
-    state_in = _aligned(_float32(state))
+def _state_for(state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(state_in, state_out) for a kernel that reads one and writes the other, with a batch row."""
+    state_in = _aligned(_float32(state)).unsqueeze(0)
     return state_in, torch.empty_like(state_in)
 
 
@@ -280,69 +259,52 @@ def _batched(*tensors: torch.Tensor) -> list[torch.Tensor]:
     return [t.unsqueeze(0) for t in tensors]
 
 
-def wkv4(k, v, decay, first, aa, bb, pp, *, inplace: bool = False):
+def wkv4(k, v, decay, first, aa, bb, pp):
     """RWKV-4 WKV (see the module docstring for layouts) -> (out, aa, bb, pp)."""
     ops = _ops_for(k, COMMON_LIBRARY, None)
     if ops is None:
-        return _fallback(torch_wkv4, (k, v, decay, first, aa, bb, pp), inplace, states=(4, 5, 6))
-    unbatched = k.dim() == 2
+        return torch_wkv4(k, v, decay, first, aa, bb, pp)
     dtype = k.dtype if k.dtype in _FLOATS else torch.float32
-    k_, v_ = (t.to(dtype).contiguous() for t in (k, v))
-    if unbatched:
-        k_, v_ = _batched(k_, v_)
-    states = [s if inplace else s.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
-              for s in (aa, bb, pp)]
-    if inplace and any(s.dtype != torch.float32 or not s.is_contiguous() for s in states):
-        raise ValueError("inplace=True needs contiguous float32 aa, bb, pp")
+    k_, v_ = _batched(*(t.to(dtype).contiguous() for t in (k, v)))
+    states = [s.to(torch.float32, memory_format=torch.contiguous_format, copy=True).unsqueeze(0) for s in (aa, bb, pp)]
     out = torch.empty_like(k_)
     ops.wkv4(k_, v_, _float32(decay), _float32(first), *states, out)
     calls["wkv4"] += 1
-    return (out[0] if unbatched else out), *states
+    return out[0], *(s[0] for s in states)
 
 
-def wkv5(r, k, v, decay, bonus, state, *, inplace: bool = False):
+def wkv5(r, k, v, decay, bonus, state):
     """RWKV-5.2 / RWKV-6 WKV (see the module docstring for layouts) -> (out, state)."""
     head_size = r.shape[-1]
     ops = _ops_for(r, wkv_library_name(head_size), head_size)
     if ops is None:
-        return _fallback(torch_wkv5, (r, k, v, decay, bonus, state), inplace, states=(5,))
+        return torch_wkv5(r, k, v, decay, bonus, state)
     H, N = r.shape[-2], head_size
-    unbatched = r.dim() == 3
     dtype = r.dtype if r.dtype in _FLOATS else torch.float32
-    r_, k_, v_ = (t.to(dtype).contiguous() for t in (r, k, v))
-    if unbatched:
-        r_, k_, v_ = _batched(r_, k_, v_)
+    r_, k_, v_ = _batched(*(t.to(dtype).contiguous() for t in (r, k, v)))
     per_token = decay.numel() != H * N
     decay_ = _float32(decay).reshape(r_.shape if per_token else (H, N))
-    state_in, state_out = _state_for(state, inplace)
+    state_in, state_out = _state_for(state)
     out = torch.empty_like(r_)
     ops.wkv5(r_, k_, v_, decay_, _float32(bonus).reshape(H, N), state_in, state_out, out)
     calls["wkv6" if per_token else "wkv5"] += 1
-    return (out[0] if unbatched else out), state_out
+    return out[0], state_out[0]
 
 
-wkv6 = wkv5
-
-
-def wkv7(r, decay, k, v, kk, a, state, *, inplace: bool = False):
+def wkv7(r, decay, k, v, kk, a, state):
     """RWKV-7 WKV (see the module docstring for layouts) -> (out, state)."""
     head_size = r.shape[-1]
     ops = _ops_for(r, wkv_library_name(head_size), head_size)
     if ops is None:
-        return _fallback(torch_wkv7, (r, decay, k, v, kk, a, state), inplace, states=(6,))
-    unbatched = r.dim() == 3
+        return torch_wkv7(r, decay, k, v, kk, a, state)
     dtype = r.dtype if r.dtype in _FLOATS else torch.float32
-    tokens = [t.to(dtype).contiguous() for t in (r, k, v, kk, a)]
-    decay_ = _float32(decay).reshape(r.shape)
-    if unbatched:
-        tokens = _batched(*tokens)
-        decay_ = decay_.unsqueeze(0)
-    r_, k_, v_, kk_, a_ = tokens
-    state_in, state_out = _state_for(state, inplace)
+    r_, k_, v_, kk_, a_ = _batched(*(t.to(dtype).contiguous() for t in (r, k, v, kk, a)))
+    decay_ = _float32(decay).reshape(r.shape).unsqueeze(0)
+    state_in, state_out = _state_for(state)
     out = torch.empty_like(r_)
     ops.wkv7(r_, decay_, k_, v_, kk_, a_, state_in, state_out, out)
     calls["wkv7"] += 1
-    return (out[0] if unbatched else out), state_out
+    return out[0], state_out[0]
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -373,16 +335,6 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y.reshape(*x.shape[:-1], N)
 
 
-def _fallback(twin, args, inplace: bool, states: tuple[int, ...]):
-    """The twin's result; with inplace=True also copied into the caller's state tensors."""
-    result = twin(*args)
-    if inplace:
-        for position, index in enumerate(states, start=1):
-            args[index].copy_(result[position])
-        return (result[0], *(args[i] for i in states))
-    return result
-
-
 # ---------------------------------------------------------------------------------------------
 # Plain-torch twins: same signatures and layouts, one token at a time (fallback and test oracle)
 
@@ -392,8 +344,6 @@ def _out_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def torch_wkv4(k, v, decay, first, aa, bb, pp):
-    if k.dim() == 3:
-        return _per_batch(torch_wkv4, (k, v, decay, first, aa, bb, pp), batched=(0, 1, 4, 5, 6))
     from . import v4  # the engine's own loop (imported here: the version modules import this one)
 
     out, aa, bb, pp = v4.wkv_loop(*(t.float() for t in (k, v, decay, first, aa, bb, pp)))
@@ -403,8 +353,6 @@ def torch_wkv4(k, v, decay, first, aa, bb, pp):
 def torch_wkv5(r, k, v, decay, bonus, state):
     H, N = r.shape[-2], r.shape[-1]
     per_token = decay.numel() != H * N
-    if r.dim() == 4:
-        return _per_batch(torch_wkv5, (r, k, v, decay, bonus, state), batched=(0, 1, 2, 5) + ((3,) if per_token else ()))
     from . import v5_2
 
     w = decay.float().reshape((r.shape[0], H, N, 1) if per_token else (H, N, 1))
@@ -412,12 +360,7 @@ def torch_wkv5(r, k, v, decay, bonus, state):
     return out.to(_out_dtype(r)), state
 
 
-torch_wkv6 = torch_wkv5
-
-
 def torch_wkv7(r, decay, k, v, kk, a, state):
-    if r.dim() == 4:
-        return _per_batch(torch_wkv7, (r, decay, k, v, kk, a, state), batched=(0, 1, 2, 3, 4, 5, 6))
     from . import v7
 
     out, state = v7.wkv_loop(r.float(), decay.float().reshape(r.shape), k.float(), v.float(), kk.float(),
@@ -430,9 +373,3 @@ def torch_int8_matmul(x, q, scale):
     y = x.float() @ q.t().float()
     return (y * scale.float()).to(_out_dtype(x))
 
-
-def _per_batch(twin, args, batched: tuple[int, ...]):
-    """Run an unbatched twin once per batch row and stack the results."""
-    B = args[batched[0]].shape[0]
-    results = [twin(*(a[b] if i in batched else a for i, a in enumerate(args))) for b in range(B)]
-    return tuple(torch.stack(parts) for parts in zip(*results))

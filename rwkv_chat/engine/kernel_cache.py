@@ -29,6 +29,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+_PACKAGE_ROOT = Path(__file__).resolve().parent.parent
+# the kernel sources (CUDA, and C in cpu/): rwkv_chat/kernels, a link to kernels/ in a source checkout
+# and a copy (package data) in an installed wheel; kernels/ beside the package where the link is lost
+KERNEL_DIR = next((d for d in (_PACKAGE_ROOT / "kernels", _PACKAGE_ROOT.parent / "kernels") if d.is_dir()),
+                  _PACKAGE_ROOT / "kernels")
 TIMEOUT_ENV = "RWKV_CHAT_CC_TIMEOUT"
 DEFAULT_TIMEOUT = 120.0
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)

@@ -61,9 +61,6 @@ class DenseLinear:
             return x @ self.weight
         return F.linear(x, self.weight)
 
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.weight]
-
 
 class Int8Linear:
     """Weight-only int8: per-output-channel symmetric scales, W ~= q * scale[:, None].
@@ -110,9 +107,6 @@ class Int8Linear:
         if cuda.available_for(x):
             return cuda.int8_matmul(x, self.q, self.scale)
         return (x @ self.q.t().to(x.dtype)) * self.scale.to(x.dtype)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return [self.q, self.scale]
 
 
 def quantize_rows(weight: torch.Tensor, with_rowsum: bool = False):
@@ -187,9 +181,6 @@ class StreamedLinear:
         self.copies += 1
         on_device = _moved(self.inner, self.device)
         return on_device(x)
-
-    def tensors(self) -> list[torch.Tensor]:
-        return self.inner.tensors()
 
 
 def _moved(linear, device):

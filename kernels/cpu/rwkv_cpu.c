@@ -1,25 +1,6 @@
-"""C source of the optional CPU kernels (built by `cpu_kernels.py` with the system C compiler).
+/* The optional CPU kernels (interface and overview: rwkv_cpu.h). */
+#include "rwkv_cpu.h"
 
-Kept as a Python string so it ships inside the package whatever the packaging rules say.
-
-* `rk_gemv`: several weight-times-vector products in one parallel task, weights in fp32, bf16 or
-  int8 (per-output-channel scale), stored either by output row ([out, in], a dot product per
-  output, each row streamed on its own) or by input row ([in, out], one scaled row added per
-  *nonzero* input, which skips the zeros of relu^2 activations in the FFN). int8 rows use
-  AVX-512 VNNI u8 x s8 dot products on the activation rounded to 16 bits and split into two
-  bytes (relative error ~1e-5, far below the int8 weight error); bf16 rows use AVX-512 BF16 dot
-  products with fp32 accumulation. Portable C loops otherwise.
-* `rk_quant_rows` / `rk_dequant`: the activation rounding and rescaling around prefill's int8 GEMM.
-* `rk_wkv4`, `rk_wkv5`, `rk_wkv7`: the exact per-token WKV recurrences for any number of tokens
-  (fp32), parallel over channels / heads; `rk_v7_step` and `rk_group_norm_gate` fuse one token's
-  time-mix tail.
-* Threads: a small pool of its own (see `pool_run`) in which the caller never waits for a helper
-  thread that has not started; OpenMP's barrier does, which costs milliseconds per call when the
-  machine is busy with other work. `rk_set_spin` sets how long idle helpers spin before sleeping.
-"""
-
-SOURCE = r"""
-#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
@@ -164,12 +145,7 @@ static void pool_run(unit_fn fn, void *ctx, int64_t total, int n_threads) {
 
 enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2 };
 
-typedef struct {
-    const void *w; const float *scale; const void *x; void *y;
-    int64_t n_out, n_in, flags, tag;
-} job_t;
-/* flags: bits 0-3 kind, bit 4 layout (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16,
-   bit 9 y is bf16 */
+/* job_t and its flags: see rwkv_cpu.h */
 
 typedef struct {
     float *xf;        /* x as fp32 */
@@ -815,6 +791,3 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
     free(buf);
 }
 
-
-int rk_version(void) { return 1; }
-"""

@@ -1,0 +1,59 @@
+/* The optional CPU kernels of rwkv-chat: the functions rwkv_chat/engine/cpu_kernels.py loads
+   with ctypes. Built once per machine with the system C compiler (see kernel_cache.py):
+
+       cc -O3 -march=native -fopenmp-simd -shared -fPIC -std=gnu11 -pthread rwkv_cpu.c -lm
+
+   Every function has a plain-torch twin in the engine computing the same thing; tensors are
+   contiguous, float32 unless a `*_bf16`/`bf` flag says bfloat16 (stored as uint16).
+
+   * rk_gemv: several weight-times-vector products in one parallel task, weights in fp32, bf16 or
+     int8 (per-output-channel scale), stored either by output row ([out, in], a dot product per
+     output, each row streamed on its own) or by input row ([in, out], one scaled row added per
+     *nonzero* input, which skips the zeros of relu^2 activations in the FFN). int8 rows use
+     AVX-512 VNNI u8 x s8 dot products on the activation rounded to 16 bits and split into two
+     bytes (relative error ~1e-5, far below the int8 weight error); bf16 rows use AVX-512 BF16 dot
+     products with fp32 accumulation. Portable C loops otherwise.
+   * rk_quant_rows / rk_dequant: the activation rounding and rescaling around prefill's int8 GEMM.
+   * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
+     (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
+     time-mix tail.
+   * Threads: a small pool of its own in which the caller never waits for a helper thread that
+     has not started; OpenMP's barrier does, which costs milliseconds per call when the machine is
+     busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. */
+#ifndef RWKV_CPU_H
+#define RWKV_CPU_H
+
+#include <stdint.h>
+
+/* One weight-times-vector product for rk_gemv: y = W x. `tag`: int8 rows layout: the int32 sum of
+   each row of q (the offset correction of u8 x s8 products), else 0.
+   flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8), bit 4 layout (0 rows [out,in], 1 cols [in,out]),
+   bit 8 x is bf16, bit 9 y is bf16. */
+typedef struct {
+    const void *w; const float *scale; const void *x; void *y;
+    int64_t n_out, n_in, flags, tag;
+} job_t;
+
+void rk_set_spin(int limit);
+/* 0, or -1 when n_jobs is over the limit */
+int rk_gemv(int n_jobs, const job_t *jobs, int n_threads);
+void rk_quant_rows(int64_t M, int64_t K, const void *x, int x_bf16, int8_t *q, float *xs, int n_threads);
+void rk_dequant(int64_t M, int64_t N, const int32_t *acc, const float *xs, const float *ws, void *y, int y_bf16,
+                int n_threads);
+void rk_wkv4(int64_t T, int64_t C, const float *k, const float *v, const float *w, const float *u,
+             const float *aa_in, const float *bb_in, const float *pp_in,
+             float *aa_out, float *bb_out, float *pp_out, float *out, int n_threads);
+void rk_wkv5(int64_t T, int64_t H, int64_t N, const float *r, const float *k, const float *v,
+             const float *w, int64_t w_tstride, const float *u, const float *s_in, float *s_out, float *out,
+             int n_threads);
+void rk_wkv7(int64_t T, int64_t H, int64_t N, const float *r, const float *w, const float *k, const float *v,
+             const float *kk, const float *a, const float *s_in, float *s_out, float *out, int n_threads);
+void rk_group_norm_gate(int64_t H, int64_t N, const float *x, const void *ln_w, const void *ln_b, int ln_bf, float eps,
+                        const void *g, int g_mode, int bf, void *y);
+void rk_v7_step(int64_t H, int64_t N, int bf,
+                const void *r, const void *k, const void *v, const void *w_lora, const void *a_lora, const void *g,
+                const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
+                const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
+                const float *s_in, float *s_out, void *y, void *v_out);
+
+#endif

@@ -1,0 +1,106 @@
+"""The reference backend: every recurrence in plain torch, one token at a time (plus the exact
+chunked form of the v5.2/v6 WKV, which is faster for long inputs). The fallback on any device and
+the twin the C and CUDA kernels are tested against.
+
+Layouts (T tokens, H heads of N channels; all float32):
+    wkv4(k, v, decay, first, aa, bb, pp) -> (out, aa, bb, pp)     k, v [T, C]; the rest [C]
+    wkv5(r, k, v, decay, bonus, state)   -> (out, state)          r, k, v [T, H, N]; state [H, K, V];
+        decay [H, K, 1] (v5.2) or [T, H, K, 1] (v6); bonus [H, K, 1]
+    wkv7(r, decay, k, v, kk, a, state)   -> (out, state)          all [T, H, N]; state [H, V, K]
+The state passed in is never modified.
+"""
+from __future__ import annotations
+
+import torch
+
+NAME = "torch"
+CHUNK = 32  # tokens per chunk of wkv5_chunked
+kernels = None  # no CPU kernels (their thread settings): see ops/cpu.py
+
+
+def v7_step(w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state):
+    """No fused single-token step here: None, and v7.py runs the torch math."""
+    return None
+
+
+def group_norm_gate(out, g, w, dtype):
+    """No fused single-token step here: None, and v5_2.py runs the torch math."""
+    return None
+
+
+def wkv4(k, v, decay, first, aa, bb, pp):
+    """out_t = (aa + e^(u+k_t) v_t) / (bb + e^(u+k_t)), then the sums decay by e^decay and take in
+    token t; every exponent is shifted by the running maximum pp."""
+    out = torch.empty_like(k)
+    for t in range(k.shape[0]):
+        boosted = first + k[t]
+        top = torch.maximum(pp, boosted)
+        e_state, e_token = torch.exp(pp - top), torch.exp(boosted - top)
+        out[t] = (e_state * aa + e_token * v[t]) / (e_state * bb + e_token)
+        decayed = decay + pp
+        top = torch.maximum(decayed, k[t])
+        e_state, e_token = torch.exp(decayed - top), torch.exp(k[t] - top)
+        aa, bb, pp = e_state * aa + e_token * v[t], e_state * bb + e_token, top
+    return out, aa, bb, pp
+
+
+def wkv5(r, k, v, decay, bonus, state):
+    """out_t = r_t (u k_t v_t^T + S);  S <- k_t v_t^T + w S: one step for a single token, the
+    chunked form for longer inputs."""
+    if r.shape[0] == 1:
+        return wkv5_loop(r, k, v, decay, bonus, state)
+    return wkv5_chunked(r, k, v, decay, bonus, state)
+
+
+def wkv5_loop(r, k, v, decay, bonus, state):
+    """The v5.2/v6 recurrence one token at a time."""
+    out = torch.empty_like(r)
+    per_token_decay = decay.dim() == 4
+    for t in range(r.shape[0]):
+        kv = k[t].unsqueeze(-1) * v[t].unsqueeze(-2)
+        out[t] = (r[t].unsqueeze(-2) @ (bonus * kv + state)).squeeze(-2)
+        state = kv + (decay[t] if per_token_decay else decay) * state
+    return out, state
+
+
+def wkv5_chunked(r, k, v, decay, bonus, state, chunk: int = CHUNK):
+    """The same recurrence, `chunk` tokens at a time with matrix products (exact up to rounding).
+
+    Inside a chunk, with c_t = sum_{m<=t} log w_m per channel (cumulative log decay):
+      out_t = r_t (u k_t v_t^T) + sum_{s<t} (r_t * e^(c_{t-1} - c_s) . k_s) v_s + (r_t * e^(c_{t-1})) S0
+      S_end = e^(c_last) S0 + sum_s (k_s * e^(c_last - c_s))^T v_s
+    Every exponent is <= 0 (a product of decays), so nothing overflows however small w gets; the
+    [t, s, channel] decay factors are formed explicitly for that reason (chunks stay short)."""
+    T, H, N = r.shape
+    log_w = torch.log(decay.squeeze(-1).float()).clamp_min(-1e4)  # [H,N] or [T,H,N]
+    if log_w.dim() == 2:
+        log_w = log_w.expand(T, H, N)
+    u = bonus.reshape(H, N)
+    out = torch.empty_like(r)
+    for t0 in range(0, T, chunk):
+        t1 = min(T, t0 + chunk)
+        L = t1 - t0
+        rc, kc, vc = (x[t0:t1].transpose(0, 1) for x in (r, k, v))  # [H, L, N]
+        cum = log_w[t0:t1].transpose(0, 1).cumsum(dim=1)  # [H, L, N] inclusive
+        before = cum - log_w[t0:t1].transpose(0, 1)  # c_{t-1}: exclusive
+        exponent = before.unsqueeze(2) - cum.unsqueeze(1)  # [H, t, s, N]
+        causal = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
+        factors = torch.exp(exponent.masked_fill(~causal.view(1, L, L, 1), float("-inf")))
+        scores = torch.einsum("htn,hsn,htsn->hts", rc, kc, factors)
+        diag = (rc * u.unsqueeze(1) * kc).sum(-1)  # [H, L]
+        scores = scores + torch.diag_embed(diag)
+        o = scores @ vc + (rc * torch.exp(before)) @ state  # [H, L, N]
+        out[t0:t1] = o.transpose(0, 1)
+        last = cum[:, -1:, :]  # [H, 1, N]
+        state = torch.exp(last).transpose(1, 2) * state + (kc * torch.exp(last - cum)).transpose(1, 2) @ vc
+    return out, state
+
+
+def wkv7(r, decay, k, v, kk, a, state):
+    """S <- S diag(w) + (S (-kk)) (kk*a)^T + v k^T ;  out = S r, one token at a time."""
+    out = torch.empty_like(r)
+    for t in range(r.shape[0]):
+        removal = (state @ -kk[t].unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)
+        state = state * decay[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) @ k[t].unsqueeze(-2)
+        out[t] = (state @ r[t].unsqueeze(-1)).squeeze(-1)
+    return out, state
