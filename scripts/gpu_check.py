@@ -546,31 +546,6 @@ def measure_strategy(RWKV, path, strategy, batches, plan):
     return peak, resident, logits
 
 
-@contextlib.contextmanager
-def kernels_patched_in():
-    """Route the engine's WKV twins to the CUDA kernels (for an engine that does not route yet)."""
-    from rwkv_chat.engine import cuda, v5_2, v7
-
-    originals = {(v7, "wkv"): v7.wkv, (v5_2, "wkv"): v5_2.wkv}
-
-    def wkv7(r, decay, k, v, kk, a, state):
-        if cuda.available_for(r):
-            return cuda.wkv7(r, decay, k, v, kk, a, state)
-        return originals[(v7, "wkv")](r, decay, k, v, kk, a, state)
-
-    def wkv5(r, k, v, decay, bonus, state):
-        if cuda.available_for(r):
-            return cuda.wkv5(r, k, v, decay, bonus, state)
-        return originals[(v5_2, "wkv")](r, k, v, decay, bonus, state)
-
-    v7.wkv, v5_2.wkv = wkv7, wkv5
-    try:
-        yield
-    finally:
-        for (module, name), function in originals.items():
-            setattr(module, name, function)
-
-
 def section_speed(report: Report, plan: Plan, bg: Background, big: dict, work: Path) -> None:
     from rwkv_chat.engine import cuda
     from rwkv_chat.engine.model import RWKV
@@ -601,10 +576,6 @@ def section_speed(report: Report, plan: Plan, bg: Background, big: dict, work: P
         before = sum(cuda.kernel_calls().values())
         attempt("rwkv-chat eager", lambda: speed_run(forward, job, plan.device))
         routed = sum(cuda.kernel_calls().values()) > before
-        if not routed:  # the engine does not call the kernels yet: show what they give (on the CPU
-            # the patched twins fall through to the originals: the dry run checks the plumbing)
-            with kernels_patched_in():
-                attempt("rwkv-chat + kernels (patched in)", lambda: speed_run(forward, job, plan.device))
         del model, forward
         release(plan.device)
         # the reference, alone on the card now

@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import cpu_kernels
 from .quant import DenseLinear
 
 
@@ -49,8 +48,3 @@ def pair(get, name: str, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
 def lora(weight: torch.Tensor, dtype, device) -> DenseLinear:
     """A LoRA factor stored [in, out] in the checkpoint, as a linear (small: always dense, resident)."""
     return DenseLinear(weight.reshape(-1, weight.shape[-1]).t(), dtype, device)
-
-
-def kernels_for(x: torch.Tensor):
-    """The CPU kernels when x lives on the CPU and they are available, else None."""
-    return cpu_kernels.get() if x.device.type == "cpu" else None

@@ -13,12 +13,8 @@ If a build fails, ONE RuntimeWarning names the compiler's first error line, `ava
 answers False from then on, and the call that hit the failure returns the torch twin's result:
 nothing crashes.
 
-Routing, one `if` per call site (same signature as the engine's twins v4.wkv, v5_2.wkv, v7.wkv):
-
-    if cuda.available_for(r):
-        out, state = cuda.wkv7(r, decay, k, v, kk, a, state)
-    else:
-        out, state = wkv(r, decay, k, v, kk, a, state)
+The engine reaches these through ops/cuda.py, the backend a layer on a CUDA device gets at load
+with RWKV_CUDA_ON=1 (same functions and layouts as ops/torch_ref.py).
 
 Layouts (T tokens, H heads of N channels, C = H * N). The state passed in is never modified.
 Outputs have the dtype of `r` (v4: of `k`); token tensors may be float32, float16 or bfloat16 and
@@ -57,6 +53,7 @@ from pathlib import Path
 import torch
 
 from . import kernel_cache
+from .ops import torch_ref
 from .placement import env_flag
 
 KERNEL_DIR = kernel_cache.KERNEL_DIR
@@ -336,7 +333,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
 
 
 # ---------------------------------------------------------------------------------------------
-# Plain-torch twins: same signatures and layouts, one token at a time (fallback and test oracle)
+# Plain-torch twins: same signatures and layouts, ops/torch_ref.py in the kernels' dtypes (fallback)
 
 
 def _out_dtype(t: torch.Tensor) -> torch.dtype:
@@ -344,26 +341,20 @@ def _out_dtype(t: torch.Tensor) -> torch.dtype:
 
 
 def torch_wkv4(k, v, decay, first, aa, bb, pp):
-    from . import v4  # the engine's own loop (imported here: the version modules import this one)
-
-    out, aa, bb, pp = v4.wkv_loop(*(t.float() for t in (k, v, decay, first, aa, bb, pp)))
+    out, aa, bb, pp = torch_ref.wkv4(*(t.float() for t in (k, v, decay, first, aa, bb, pp)))
     return out.to(_out_dtype(k)), aa, bb, pp
 
 
 def torch_wkv5(r, k, v, decay, bonus, state):
     H, N = r.shape[-2], r.shape[-1]
     per_token = decay.numel() != H * N
-    from . import v5_2
-
     w = decay.float().reshape((r.shape[0], H, N, 1) if per_token else (H, N, 1))
-    out, state = v5_2.wkv_loop(r.float(), k.float(), v.float(), w, bonus.float().reshape(H, N, 1), state.float())
+    out, state = torch_ref.wkv5(r.float(), k.float(), v.float(), w, bonus.float().reshape(H, N, 1), state.float())
     return out.to(_out_dtype(r)), state
 
 
 def torch_wkv7(r, decay, k, v, kk, a, state):
-    from . import v7
-
-    out, state = v7.wkv_loop(r.float(), decay.float().reshape(r.shape), k.float(), v.float(), kk.float(),
+    out, state = torch_ref.wkv7(r.float(), decay.float().reshape(r.shape), k.float(), v.float(), kk.float(),
                              a.float(), state.float())
     return out.to(_out_dtype(r)), state
 

@@ -215,7 +215,7 @@ def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) 
     module = VERSION_MODULES[version]
     per_layer = module.layer_shapes(dims) | {f"ln{i}.{p}": (C,) for i in (1, 2) for p in ("weight", "bias")}
     for layer in range(dims.n_layer):
-        optional = module.optional_in_layer(layer) if hasattr(module, "optional_in_layer") else set()
+        optional = module.optional_in_layer(layer)
         for suffix, shape in per_layer.items():
             if suffix in optional and f"blocks.{layer}.{suffix}" not in sd:
                 continue

@@ -11,8 +11,9 @@ import torch
 
 from ..errors import ModelLoadError, StateMismatchError, TokenError
 from ..files import check_regular_file
-from . import cpu_kernels, loader, memory
+from . import loader, memory
 from .common import layer_norm, pair
+from .ops import select
 from .placement import rescale_every, resolve_device
 from .quant import make_linear, quantize_rows
 from .state import ModelShape, RWKVState, ordinary
@@ -148,10 +149,9 @@ class RWKV:
             plan, device = self.plan[i], self.devices[i]
             get = lambda name, i=i: sd[f"blocks.{i}.{name}"]
             scale = 1.0 / 2 ** (i // self.rescale) if self.rescale else 1.0
-            kwargs = {} if self.version == "4" else {"n_head": self.n_head}
-            if self.version == "7":
-                kwargs["layer"] = i
-            self.layers.append(self._module.prepare_layer(get, plan, device, scale, **kwargs))
+            ops = select.backend(device)
+            self.layers.append(self._module.prepare_layer(get, plan, device, ops, output_scale=scale,
+                                                          n_head=self.n_head, layer=i))
             prefix = f"blocks.{i}."
             for key, tensor in sd.items():
                 if key.startswith(prefix):
@@ -240,7 +240,7 @@ class RWKV:
         return self._thread_mode(1)
 
     def _thread_mode(self, n_tokens: int):
-        kernels = cpu_kernels.get() if self._all_cpu else None
+        kernels = self.layers[0].ops.kernels if self._all_cpu else None
         return kernels.token_mode(n_tokens) if kernels is not None else contextlib.nullcontext()
 
     def _forward(self, ids: torch.Tensor, state: RWKVState, full_output: bool):

@@ -5,8 +5,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import cuda
-from .common import kernels_for, last_row, layer_norm, mixed, pair, shifted, vector
+from .common import last_row, layer_norm, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
 
@@ -19,10 +18,15 @@ def layer_shapes(d) -> dict[str, tuple]:
     return shapes
 
 
-def prepare_layer(get, plan, device, output_scale: float) -> SimpleNamespace:
+def optional_in_layer(layer: int) -> set[str]:
+    return set()
+
+
+def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, layer: int) -> SimpleNamespace:
     dt = plan.dtype
     lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     return SimpleNamespace(
+        ops=ops,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         mix=torch.stack([vector(get(f"att.time_mix_{n}"), dt, device) for n in "rkv"]),  # [3, C]
         decay=-torch.exp(vector(get("att.time_decay"), torch.float32, device)),
@@ -43,39 +47,11 @@ def zero_state(shape, plan, device) -> list[torch.Tensor]:
             torch.full((C,), -1e30, device=device), zeros(plan.dtype)]
 
 
-def wkv(k, v, decay, first, aa, bb, pp):
-    """out_t = (aa + e^(u+k_t) v_t) / (bb + e^(u+k_t)), then the sums decay by e^decay and take in
-    token t; every exponent is shifted by the running maximum pp.  k, v: [T, C] fp32.
-
-    The C kernel when available, else the per-token loop in torch."""
-    if cuda.available_for(k):
-        return cuda.wkv4(k, v, decay, first, aa, bb, pp)
-    kernels = kernels_for(k)
-    if kernels is not None:
-        c = lambda t: t.float().contiguous()
-        return kernels.wkv4(c(k), c(v), c(decay), c(first), c(aa), c(bb), c(pp))
-    return wkv_loop(k, v, decay, first, aa, bb, pp)
-
-
-def wkv_loop(k, v, decay, first, aa, bb, pp):
-    out = torch.empty_like(k)
-    for t in range(k.shape[0]):
-        boosted = first + k[t]
-        top = torch.maximum(pp, boosted)
-        e_state, e_token = torch.exp(pp - top), torch.exp(boosted - top)
-        out[t] = (e_state * aa + e_token * v[t]) / (e_state * bb + e_token)
-        decayed = decay + pp
-        top = torch.maximum(decayed, k[t])
-        e_state, e_token = torch.exp(decayed - top), torch.exp(k[t] - top)
-        aa, bb, pp = e_state * aa + e_token * v[t], e_state * bb + e_token, top
-    return out, aa, bb, pp
-
-
 def time_mix(x, w, att_x, aa, bb, pp):
     prev = shifted(x, att_x)
     xr, xk, xv = mixed(prev, x - prev, w.mix)  # x * m + prev * (1 - m)
     r, k, v = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv)])
-    out, aa, bb, pp = wkv(k.float(), v.float(), w.decay, w.first, aa, bb, pp)
+    out, aa, bb, pp = w.ops.wkv4(k.float(), v.float(), w.decay, w.first, aa, bb, pp)
     return w.output(torch.sigmoid(r) * out.to(x.dtype)), last_row(x), aa, bb, pp
 
 

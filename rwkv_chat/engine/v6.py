@@ -22,12 +22,15 @@ def layer_shapes(d) -> dict[str, tuple]:
     return shapes
 
 
-def prepare_layer(get, plan, device, output_scale: float, n_head: int) -> SimpleNamespace:
+optional_in_layer = v5_2.optional_in_layer
+
+
+def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, layer: int) -> SimpleNamespace:
     dt = plan.dtype
     lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
     return SimpleNamespace(
-        n_head=n_head,
+        ops=ops, n_head=n_head,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         maa_x=vec("att.time_maa_x"),
         maa=torch.stack([vec(f"att.time_maa_{n}") for n in "wkvrg"]),  # [5, C]
@@ -62,7 +65,7 @@ def time_mix(x, w, att_x, state):
     log_decay = w.decay_base + w.decay_w2(torch.tanh(decay_low)).float().view(T, H, -1, 1)
     decay = torch.exp(-torch.exp(log_decay))  # [T, H, K, 1]
     f32 = lambda t: t.float().view(T, H, -1)
-    out, state = v5_2.wkv(f32(r), f32(k), f32(v), decay, w.bonus, state)
+    out, state = w.ops.wkv5(f32(r), f32(k), f32(v), decay, w.bonus, state)
     return v5_2.attention_output(out, g, x, w), last_row(x), state
 
 

@@ -6,8 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from . import cuda
-from .common import head_group_norm, kernels_for, last_row, layer_norm, lora, mixed, pair, shifted, vector
+from .common import head_group_norm, last_row, layer_norm, lora, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
 _DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
@@ -29,13 +28,13 @@ def optional_in_layer(layer: int) -> set[str]:
     return {"att.v0", "att.v1", "att.v2"} if layer == 0 else set()
 
 
-def prepare_layer(get, plan, device, output_scale: float, n_head: int, layer: int) -> SimpleNamespace:
+def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, layer: int) -> SimpleNamespace:
     dt = plan.dtype
     lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
     small = lambda name: lora(get(name), dt, device)
     w = SimpleNamespace(
-        n_head=n_head, first_layer=layer == 0,
+        ops=ops, n_head=n_head, first_layer=layer == 0,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         mix=torch.stack([vec(f"att.x_{n}") for n in "rwkvag"]),  # [6, C]
         w0=vector(get("att.w0"), torch.float32, device), w1=small("att.w1"), w2=small("att.w2"),
@@ -60,29 +59,6 @@ def zero_state(shape, plan, device) -> list[torch.Tensor]:
             torch.zeros(C, dtype=plan.dtype, device=device)]
 
 
-def wkv(r, decay, k, v, kk, a, state):
-    """S <- S diag(w) + (S (-kk)) (kk*a)^T + v k^T ; out = S r, per token.  All [T,H,N] fp32; S [H,V,K].
-
-    The C kernel when available (exact, any T), else the per-token loop in torch."""
-    if cuda.available_for(r):
-        return cuda.wkv7(r, decay, k, v, kk, a, state)
-    kernels = kernels_for(r)
-    if kernels is not None and r.shape[-1] <= 1024:
-        c = lambda t: t.float().contiguous()
-        return kernels.wkv7(c(r), c(decay), c(k), c(v), c(kk), c(a), state.float().contiguous())
-    return wkv_loop(r, decay, k, v, kk, a, state)
-
-
-def wkv_loop(r, decay, k, v, kk, a, state):
-    """The recurrence one token at a time (reference for the kernel and the tests)."""
-    out = torch.empty_like(r)
-    for t in range(r.shape[0]):
-        removal = (state @ -kk[t].unsqueeze(-1)) @ (kk[t] * a[t]).unsqueeze(-2)
-        state = state * decay[t].unsqueeze(-2) + removal + v[t].unsqueeze(-1) @ k[t].unsqueeze(-2)
-        out[t] = (state @ r[t].unsqueeze(-1)).squeeze(-1)
-    return out, state
-
-
 def time_mix(x, w, att_x, state, v_first):
     T, C = x.shape
     H = w.n_head
@@ -96,13 +72,12 @@ def time_mix(x, w, att_x, state, v_first):
     if v_low:
         second.append((w.v2, v_low[0]))
     w_lora, a_lora, g, *v_lora = run_group(second)
-    kernels = kernels_for(x)
-    if T == 1 and kernels is not None and x.dtype in (torch.float32, torch.bfloat16) and state.shape[-1] <= 1024:
-        # one token: everything between the projections and the output projection in one C call
-        v_in = None if w.first_layer else v_first.to(x.dtype).contiguous()
-        y, v, state = kernels.v7_step(w, r, k, v, w_lora, a_lora, g, v_lora[0] if v_lora else None, v_in,
-                                      state.float().contiguous())
-        return w.output(y), last_row(x), state, (v if w.first_layer else v_first)
+    if T == 1:  # one token: everything up to the output projection in one call where the backend fuses it
+        fused = w.ops.v7_step(w, r, k, v, w_lora, a_lora, g, v_lora[0] if v_lora else None,
+                              None if w.first_layer else v_first, state)
+        if fused is not None:
+            y, v, state = fused
+            return w.output(y), last_row(x), state, (v if w.first_layer else v_first)
 
     a = torch.sigmoid(w.a0 + a_lora)  # in-context learning rate
     decay = torch.exp(torch.sigmoid(w.w0 + w_lora.float()).mul_(-_DECAY_SCALE))
@@ -114,7 +89,7 @@ def time_mix(x, w, att_x, state, v_first):
         v = v + (v_first - v) * torch.sigmoid(w.v0 + v_lora[0])
 
     f32 = lambda t: t.float().view(T, H, -1)
-    out, state = wkv(f32(r), decay.view(T, H, -1), f32(k), f32(v), kk.float(), f32(a), state)
+    out, state = w.ops.wkv7(f32(r), decay.view(T, H, -1), f32(k), f32(v), kk.float(), f32(a), state)
 
     out = head_group_norm(out.view(T, C).to(x.dtype), H, w.ln_x)
     bonus = (r * k * w.r_k).view(T, H, -1).sum(dim=-1, keepdim=True) * v.view(T, H, -1)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from rwkv_chat import RWKV
-from rwkv_chat.engine import cpu_kernels, v4, v5_2, v7
+from rwkv_chat.engine import cpu_kernels
+from rwkv_chat.engine.ops import torch_ref
 from rwkv_chat.engine.quant import DenseLinear, Int8Linear, quantize_rows, run_group
 
 from .conftest import VERSIONS
@@ -181,7 +182,7 @@ def test_kernel_wkv5_and_wkv6_match_loop(T, H, N):
     r, k, v, decay, state = random_wkv_inputs(T, H, N, seed=T * H)
     bonus = torch.randn(H, N, 1, generator=gen(1)) * 0.5
     for w in (decay[0].unsqueeze(-1), decay.unsqueeze(-1)):  # v5.2 constant, v6 per token
-        expected_out, expected_state = v5_2.wkv_loop(r, k, v, w, bonus, state)
+        expected_out, expected_state = torch_ref.wkv5_loop(r, k, v, w, bonus, state)
         out, new_state = KERNELS.wkv5(r, k, v, w.squeeze(-1).contiguous(), bonus.squeeze(-1).contiguous(), state)
         assert rel(out, expected_out) <= 1e-5 and rel(new_state, expected_state) <= 1e-5
 
@@ -193,7 +194,7 @@ def test_kernel_wkv7_matches_loop(T, H, N):
     g = gen(2)
     kk = torch.nn.functional.normalize(torch.randn(T, H, N, generator=g), dim=-1)
     a = torch.rand(T, H, N, generator=g)
-    expected_out, expected_state = v7.wkv_loop(r, decay, k, v, kk, a, state * 0.1)
+    expected_out, expected_state = torch_ref.wkv7(r, decay, k, v, kk, a, state * 0.1)
     out, new_state = KERNELS.wkv7(r, decay, k, v, kk, a, state * 0.1)
     assert rel(out, expected_out) <= 1e-4 and rel(new_state, expected_state) <= 1e-4
 
@@ -207,7 +208,7 @@ def test_kernel_wkv4_matches_loop(T):
     decay = -torch.exp(torch.randn(C, generator=g))
     first = torch.randn(C, generator=g)
     aa, bb, pp = torch.zeros(C), torch.zeros(C), torch.full((C,), -1e30)
-    expected = v4.wkv_loop(k, v, decay, first, aa, bb, pp)
+    expected = torch_ref.wkv4(k, v, decay, first, aa, bb, pp)
     got = KERNELS.wkv4(k, v, decay, first, aa, bb, pp)
     for a, b in zip(got, expected):
         assert rel(a, b) <= 1e-5
@@ -221,8 +222,8 @@ def test_chunked_wkv5_matches_loop(T, H, N, chunk, per_token):
     decay[..., 1] = 1e-30  # and one that forgets at once (log decay clamped, still exact)
     w = decay.unsqueeze(-1) if per_token else decay[0].unsqueeze(-1)
     bonus = torch.randn(H, N, 1, generator=gen(3)) * 0.5
-    expected_out, expected_state = v5_2.wkv_loop(r, k, v, w, bonus, state)
-    out, new_state = v5_2.wkv_chunked(r, k, v, w, bonus, state, chunk=chunk)
+    expected_out, expected_state = torch_ref.wkv5_loop(r, k, v, w, bonus, state)
+    out, new_state = torch_ref.wkv5_chunked(r, k, v, w, bonus, state, chunk=chunk)
     assert rel(out, expected_out) <= 1e-4 and rel(new_state, expected_state) <= 1e-4
 
 

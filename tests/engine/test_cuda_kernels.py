@@ -27,7 +27,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.engine import cuda, v4, v5_2, v7
+from rwkv_chat.engine import cpu_kernels, cuda
+from rwkv_chat.engine.ops import torch_ref
+from rwkv_chat.engine.ops.cpu import CpuOps
 from rwkv_chat.engine.model import RWKV
 from rwkv_chat.testing.checkpoints import make_checkpoint, save_checkpoint
 
@@ -404,26 +406,38 @@ def _assert_matches(got, want, what):
         torch.testing.assert_close(g_.double(), w_, rtol=1e-5, atol=1e-5, msg=lambda m: f"{what} {name}: {m}")
 
 
-@pytest.mark.parametrize("impl", ["engine", "engine loop", "cuda twin"])
+def _backend(impl: str, version: str):
+    """One implementation of a version's WKV: the torch reference backend, the C kernels' backend,
+    or cuda.py's twin (used when a kernel build fails)."""
+    if impl == "cpu kernels":
+        kernels = cpu_kernels.get()
+        if kernels is None:
+            pytest.skip("the CPU kernels are not available here")
+        return getattr(CpuOps(kernels), f"wkv{version}")
+    return getattr(torch_ref, f"wkv{version}") if impl == "torch" else getattr(cuda, f"torch_wkv{version}")
+
+
+IMPLS = ["torch", "cpu kernels", "cuda twin"]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
 def test_wkv7_is_the_recurrence(impl):
     case = wkv7_case(None, 7, 3, 16, torch.float32)
-    fn = {"engine": v7.wkv, "engine loop": v7.wkv_loop, "cuda twin": cuda.torch_wkv7}[impl]
-    _assert_matches(fn(**case), loop_wkv7(**case), f"v7 {impl}")
+    _assert_matches(_backend(impl, "7")(**case), loop_wkv7(**case), f"v7 {impl}")
 
 
-@pytest.mark.parametrize("impl", ["engine", "engine loop", "cuda twin"])
+@pytest.mark.parametrize("impl", IMPLS + ["torch loop"])
 @pytest.mark.parametrize("per_token", [False, True], ids=["v5.2", "v6"])
 def test_wkv5_is_the_recurrence(impl, per_token):
     case = wkv5_case(None, 7, 3, 16, torch.float32, per_token)
-    fn = {"engine": v5_2.wkv, "engine loop": v5_2.wkv_loop, "cuda twin": cuda.torch_wkv5}[impl]
+    fn = torch_ref.wkv5_loop if impl == "torch loop" else _backend(impl, "5")
     _assert_matches(fn(**case), loop_wkv5(**case), f"v5 {impl}")
 
 
-@pytest.mark.parametrize("impl", ["engine", "engine loop", "cuda twin"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_wkv4_is_the_recurrence(impl):
     case = wkv4_case(None, 6, 32, torch.float32)
-    fn = {"engine": v4.wkv, "engine loop": v4.wkv_loop, "cuda twin": cuda.torch_wkv4}[impl]
-    _assert_matches(fn(**case), loop_wkv4(**case), f"v4 {impl}")
+    _assert_matches(_backend(impl, "4")(**case), loop_wkv4(**case), f"v4 {impl}")
 
 
 def test_wkv4_loop_matches_the_unshifted_formula():
