@@ -232,7 +232,9 @@ def first_error_line(text: str) -> str:
 
 
 def _ops_for(tensor, name: str, head_size: int | None):
-    if not available_for(tensor):
+    """The built library for a call on `tensor`, or None (then the twin runs). RWKV_CUDA_ON is not
+    read here: the caller decided at load (ops/select.py, Int8Linear) that the kernels are wanted."""
+    if _failure is not None or not _is_cuda(tensor):
         return None
     return _library(name, head_size)
 

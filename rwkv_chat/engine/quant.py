@@ -77,6 +77,7 @@ class Int8Linear:
         self.scale = scale.to(device)
         self._kernels = kernels
         self._cpu = self.q.device.type == "cpu"
+        self._cuda = self.q.device.type == "cuda" and cuda.enabled()  # RWKV_CUDA_ON read once, here
         self._scale_bf16 = self.scale.to(torch.bfloat16) if (self._cpu and _HAS_INT8PACK) else None
         if kernels is not None:
             # the kernel needs every row's sum of q (the offset correction of its u8 x s8 products)
@@ -104,7 +105,7 @@ class Int8Linear:
                 w = self.q.t() if self.layout == "rows" else self.q
                 y = (flat.float() @ w.float()) * self.scale
             return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        if cuda.available_for(x):
+        if self._cuda:
             return cuda.int8_matmul(x, self.q, self.scale)
         return (x @ self.q.t().to(x.dtype)) * self.scale.to(x.dtype)
 
@@ -176,14 +177,15 @@ class StreamedLinear:
                     tensor = tensor.pin_memory()
                 setattr(inner, name, tensor)
         self.copies = 0  # how many times weights crossed to the device (tests and stats read it)
+        self._cuda = torch.device(device).type == "cuda" and cuda.enabled()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.copies += 1
-        on_device = _moved(self.inner, self.device)
+        on_device = _moved(self.inner, self.device, self._cuda)
         return on_device(x)
 
 
-def _moved(linear, device):
+def _moved(linear, device, use_cuda: bool):
     clone = object.__new__(type(linear))
     clone.__dict__.update(linear.__dict__)
     for name in ("weight", "q", "scale", "_scale_bf16"):
@@ -192,6 +194,7 @@ def _moved(linear, device):
             setattr(clone, name, tensor.to(device, non_blocking=True))
     on_cpu = torch.device(device).type == "cpu"
     clone._cpu = on_cpu
+    clone._cuda = use_cuda
     if not on_cpu:
         clone._kernels = None  # streamed weights are "rows" (the inner linear was built for the host)
     elif getattr(clone, "_kernels", None) is not None:
