@@ -10,6 +10,7 @@ from . import v4
 from .common import head_group_norm, last_row, layer_norm, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
+
 def layer_shapes(d) -> dict[str, tuple]:
     C, F_, H, N = d.n_embd, d.ffn_dim, d.n_head, d.head_size
     shapes = {f"att.time_mix_{n}": (C,) for n in "kvrg"}
