@@ -106,7 +106,7 @@ def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[s
     write = locations.write_new_file if new_file else locations.write_atomically
     try:
         return write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
-    except Exception as error:  # OSError, or safetensors' own error for a failed write
+    except (OSError, SafetensorError) as error:  # SafetensorError: a failed write safetensors reports itself
         raise SnapshotError(f"{path}: cannot save the conversation ({_write_problem(error)})") from error
 
 
@@ -115,7 +115,7 @@ def _write_problem(error: Exception) -> str:
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
         return "the disk is full"
     if getattr(error, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM) or "os error 30" in text:
-        return f"the folder cannot be written: {error.strerror if isinstance(error, OSError) else text}"
+        return f"the folder cannot be written: {getattr(error, 'reason', None) or getattr(error, 'strerror', None) or text}"
     return text
 
 
