@@ -3,7 +3,9 @@ folder per test, and a scripted stand-in model whose next token is chosen by a r
 text so far (random weights write gibberish, so exact chat-format checks need forced text)."""
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -160,3 +162,24 @@ def assert_same_state(actual, expected) -> None:
 @pytest.fixture(name="assert_same_state")
 def assert_same_state_fixture():
     return assert_same_state
+
+
+@pytest.fixture
+def mount_tmpfs(tmp_path):
+    """mount_tmpfs(options) -> a fresh tmpfs folder (read-only or tiny); skips without root."""
+    mounted = []
+
+    def mount(options: str) -> Path:
+        folder = tmp_path / f"mnt{len(mounted)}"
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        # lazy: a failed torch.save can leave its (deleted) temp file open until garbage collection
+        done = subprocess.run(["umount", "-l", str(folder)], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr

@@ -167,29 +167,6 @@ def test_new_errors_are_in_the_family():
 # ------------------------------------------------------------------ the same on real file systems (root only)
 
 
-@pytest.fixture
-def mount_tmpfs(tmp_path):
-    """mount_tmpfs(options) -> a fresh tmpfs folder (read-only or tiny); skips without root."""
-    import subprocess
-
-    mounted = []
-
-    def mount(options: str) -> Path:
-        folder = tmp_path / f"mnt{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        # lazy: a failed torch.save can leave its (deleted) temp file open until garbage collection
-        done = subprocess.run(["umount", "-l", str(folder)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
-
-
 def test_real_read_only_file_system(load_model, mount_tmpfs):
     folder = mount_tmpfs("ro,size=1m")
     with pytest.raises(FileWriteError) as refused:
