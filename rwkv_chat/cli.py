@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # an unexpected error (a bug): one line, --debug prints the traceback
     BAD_INPUT = 2  # a file, strategy, device or option that cannot be used (click uses 2 for usage errors too)
     INTERRUPTED = 130  # Ctrl+C
+    PIPE_CLOSED = 141  # the reader of stdout went away (`| head`): quiet, as a process killed by SIGPIPE
 
 
 class InputError(RWKVChatError, ValueError):
@@ -74,12 +76,24 @@ class RWKVChatGroup(click.Group):
                 raise
             click.echo("Interrupted.", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(ExitCode.PIPE_CLOSED)
         except Exception as error:
             if ctx.meta.get(DEBUG_KEY):
                 raise
             expected = isinstance(error, (RWKVChatError, OSError, MemoryError))
             click.echo(f"Error: {error_line(error)}", err=True)
             ctx.exit(ExitCode.BAD_INPUT if expected else ExitCode.FAILED)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _set_debug(ctx: click.Context, _param, value: bool) -> None:
