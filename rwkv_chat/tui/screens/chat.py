@@ -16,7 +16,7 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ...chat import locations
+from ...chat import drafts, locations
 from ...chat.config import DEFAULT_KEYS, DESCRIPTIONS
 from ...errors import RWKVChatError
 from ..streaming import PieceBatcher
@@ -98,6 +98,7 @@ class ChatScreen(Screen):
         self.welcome = welcome
         self.editing = False  # the message box holds an edit of the last user message
         self.replying = False  # a reply worker is running
+        self.last_sent: str | None = None  # kept on disk (chat/drafts.py) until its reply is stored
 
     # ------------------------------------------------------------------ layout
     def compose(self):
@@ -126,6 +127,12 @@ class ChatScreen(Screen):
         store = getattr(self.session, "store", None)
         if store is not None and store.problem:
             self.notify(store.problem, title="Conversation history", severity="warning", timeout=10)
+        unanswered = drafts.recover()
+        if unanswered:
+            self.prompt.text = "\n\n".join(unanswered)
+            self.prompt.move_cursor(self.prompt.document.end)
+            self.notify("rwkv-chat stopped before answering your last message; it is back in the message box.",
+                        title="Unanswered message", timeout=10)
 
     def _store_failed(self, problem: str) -> None:
         """From the saver thread: the conversation could not be stored (it is still here)."""
@@ -213,6 +220,15 @@ class ChatScreen(Screen):
         if event.error is not None:
             self.notify(str(event.error), title="Reply failed", severity="error")
         self.show_conversation()
+        if self.last_sent is not None:
+            self.forget_unanswered(self.last_sent)
+
+    @work(thread=True, group="drafts")
+    def forget_unanswered(self, text: str) -> None:
+        """The message is part of the conversation once the reply is stored (or when there is
+        no history to store it in)."""
+        if self.session.wait_stored(60):
+            drafts.clear(text)
 
     def busy_notice(self) -> bool:
         """True (after telling the user) when a reply is running."""
@@ -231,6 +247,8 @@ class ChatScreen(Screen):
         if self.busy_notice():
             return  # the text stays in the box
         text = event.text
+        drafts.keep(text)
+        self.last_sent = text
         shown = [Shown.of(m) for m in self.session.messages]
         if self.editing:
             cut = self.last_index("user")
