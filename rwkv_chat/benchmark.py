@@ -244,16 +244,20 @@ def format_result(r: BenchResult) -> str:
 
 
 def ratio_lines(ours: BenchResult, references: list[BenchResult]) -> list[str]:
-    lines = []
+    """How many times faster ours is than each reference (and than the best of several); a decode
+    ratio only where both sides decoded."""
+
+    def line(label: str, prefill: float, decode: float) -> str:
+        text = f"  vs {label}: prefill x{ours.prefill_tok_s / prefill:.2f}"
+        if decode > 0 and ours.decode_tok_s > 0:
+            text += f", decode x{ours.decode_tok_s / decode:.2f}"
+        return text
+
     good = [r for r in references if not r.error and r.prefill_tok_s > 0]
-    for ref in good:
-        lines.append(f"  vs reference {ref.strategy!r}: prefill x{ours.prefill_tok_s / ref.prefill_tok_s:.2f}, "
-                     f"decode x{ours.decode_tok_s / ref.decode_tok_s:.2f}" if ref.decode_tok_s else "")
+    lines = [line(f"reference {ref.strategy!r}", ref.prefill_tok_s, ref.decode_tok_s) for ref in good]
     if len(good) > 1:
-        best_p = max(r.prefill_tok_s for r in good)
-        best_d = max(r.decode_tok_s for r in good)
-        lines.append(f"  vs the reference's best: prefill x{ours.prefill_tok_s / best_p:.2f}, "
-                     f"decode x{ours.decode_tok_s / best_d:.2f}")
+        lines.append(line("the reference's best", max(r.prefill_tok_s for r in good),
+                          max(r.decode_tok_s for r in good)))
     return lines
 
 
@@ -300,8 +304,7 @@ def bench(model_path, demo, strategy, prompt_tokens, decode_tokens, chunk_len, r
     for ref in references:
         click.echo(format_result(ref))
     for line in ratio_lines(ours, references):
-        if line:
-            click.echo(line)
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ Without a GPU (any machine):
 * the torch bindings (ops.cpp, ops_wkv.cpp) pass a syntax check against torch's headers;
 * the kernel sources RUN on the CPU through a host emulation (tests/engine/cuda_emulation/) and
   match the plain-torch twins for every dtype, batched and not, in place and not;
-* the twins in cuda.py match the engine's own recurrences;
+* the twins in cuda.py match the recurrences written out in tests/engine/test_recurrences.py;
 * RWKV_CUDA_ON=1 without CUDA, and a failing build, fall back to the torch path with at most
   one warning;
 * the CUDA-graph decode step, run eagerly, matches model.forward token for token.
@@ -28,7 +28,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rwkv_chat.engine import cuda, v4, v5_2, v7
+from rwkv_chat.engine import cuda
 from rwkv_chat.engine.model import RWKV
 from rwkv_chat.testing.checkpoints import make_checkpoint, save_checkpoint
 
@@ -332,32 +332,7 @@ def test_emulated_int8_dequantize(emulators, dtype):
 
 
 # ---------------------------------------------------------------------------------------------
-# The twins in cuda.py are the engine's recurrences
-
-
-def test_twin_wkv7_is_the_engine_recurrence():
-    case = wkv7_case(None, 7, 3, 16, torch.float32)
-    want = v7.wkv(case["r"], case["decay"], case["k"], case["v"], case["kk"], case["a"], case["state"])
-    got = cuda.torch_wkv7(**case)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("per_token", [False, True], ids=["v5.2", "v6"])
-def test_twin_wkv5_is_the_engine_recurrence(per_token):
-    case = wkv5_case(None, 7, 3, 16, torch.float32, per_token)
-    want = v5_2.wkv(case["r"], case["k"], case["v"], case["decay"], case["bonus"], case["state"])
-    got = cuda.torch_wkv5(**case)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
-
-
-def test_twin_wkv4_is_the_engine_recurrence():
-    case = wkv4_case(None, 6, 32, torch.float32)
-    want = v4.wkv(case["k"], case["v"], case["decay"], case["first"], case["aa"], case["bb"], case["pp"])
-    got = cuda.torch_wkv4(**case)
-    for g_, w_ in zip(got, want):
-        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+# The twins in cuda.py (each is also checked against the written-out recurrence: test_recurrences.py)
 
 
 def test_twin_wkv4_matches_the_unshifted_formula():
@@ -501,10 +476,6 @@ def test_first_error_line(log, line):
     assert cuda.first_error_line(log) == line
 
 
-def test_status_names_the_library_names():
-    assert cuda.wkv_library_name(64) == "rwkv_chat_wkv_hs64"
-
-
 # ---------------------------------------------------------------------------------------------
 # CUDA-graph decode step: harmless on CPU, same numbers as forward when run eagerly
 
@@ -517,13 +488,6 @@ def tiny_models(tmp_path_factory):
         paths[version] = save_checkpoint(folder / f"v{version}.pth",
                                          make_checkpoint(version, 2, 128, vocab_size=500, seed=5))
     return paths
-
-
-def test_importing_cuda_graph_is_harmless():
-    import importlib
-
-    module = importlib.import_module("rwkv_chat.engine.cuda_graph")
-    assert callable(module.make_decode_step)
 
 
 def test_graph_capture_is_refused_with_a_reason_on_cpu(tiny_models):
