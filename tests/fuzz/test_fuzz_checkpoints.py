@@ -63,7 +63,7 @@ def test_unmutated_bases_load(case_file):
         assert loads_or_our_error(lambda: _run(RWKV(case_file, progress=None))), key
 
 
-@fuzz_settings(700)
+@fuzz_settings(1500)
 @given(key=st.sampled_from(sorted(BASES)), ops=st.lists(tensor_op, min_size=1, max_size=4))
 def test_mutated_checkpoint_dicts(case_file, key, ops):
     if _save(case_file, mutate_tensors(BASES[key], ops)):
@@ -106,7 +106,7 @@ def _use_state_file(model: RWKV, path) -> None:
         loads_or_our_error(lambda: model.forward([1], state))
 
 
-@fuzz_settings(700)
+@fuzz_settings(1500)
 @given(version=st.sampled_from(sorted(STATE_BASES)), ops=st.lists(tensor_op, min_size=1, max_size=3))
 def test_mutated_state_file_dicts(state_models, case_file, version, ops):
     if _save(case_file, mutate_tensors(STATE_BASES[version], ops)):

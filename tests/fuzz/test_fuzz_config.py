@@ -72,7 +72,7 @@ def test_unmutated_base_loads(case_file):
     assert loads_or_our_error(lambda: load_config(case_file))
 
 
-@fuzz_settings(600)
+@fuzz_settings(1200)
 @given(ops=st.lists(line_op, min_size=1, max_size=5))
 def test_mutated_config_lines(case_file, ops):
     case_file.write_text(_mutated(ops), encoding="utf-8", errors="surrogatepass")

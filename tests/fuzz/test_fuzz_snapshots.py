@@ -122,7 +122,7 @@ def _edit(document, path, value=None, delete=False):
             node[last] = value
 
 
-@fuzz_settings(500)
+@fuzz_settings(1000)
 @given(ops=st.lists(json_op, min_size=1, max_size=4), raw=st.none() | st.tuples(json_path, st.sampled_from(RAW_TEXT)))
 def test_mutated_snapshot_json(pipeline, base, case_file, ops, raw):
     data, tensors = base
