@@ -167,7 +167,7 @@ def is_demo_model(path: Path) -> bool:
 
 def command_config(config_path: Path | None):
     """The config for a subcommand: its own --config, else the group's (`rwkv-chat --config F cmd`)."""
-    from .chat.config import load_config
+    from .config import load_config
 
     if config_path is None:
         context = click.get_current_context(silent=True)
@@ -177,22 +177,11 @@ def command_config(config_path: Path | None):
 
 def load_model(path: Path, strategy: str):
     """RWKV(path, strategy) with a rich progress bar on stderr (shown only on a terminal)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from . import RWKV
+    from .progress import terminal_bar
 
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        return RWKV(path, strategy, progress=None)
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"Reading and checking {Path(path).name} (strategy {strategy})", total=None)
-
-        def update(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"Loading {Path(path).name}: {what}")
-
-        return RWKV(path, strategy, progress=update)
+    with terminal_bar(path, f"Reading and checking {Path(path).name} (strategy {strategy})") as progress:
+        return RWKV(path, strategy, progress=progress)
 
 
 def sampling_overrides(**values) -> dict[str, Any]:
@@ -243,7 +232,7 @@ def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_pat
 
 
 def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_path, continue_last=False) -> None:
-    from .chat.config import load_config
+    from .config import load_config
     from .chat.store import ConversationStore
 
     if sum(option is not None and option is not False for option in (state_path, snapshot_path, continue_last)) > 1:
@@ -491,7 +480,7 @@ def info(paths, as_json, show_paths) -> None:
 def user_paths() -> dict[str, str]:
     """Where rwkv-chat keeps the user's files (RWKV_CHAT_HOME moves them all)."""
     from .chat import locations
-    from .chat.config import default_config_path
+    from .config import default_config_path
 
     return {
         "snapshots": str(locations.snapshots_dir()),

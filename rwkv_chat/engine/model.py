@@ -18,8 +18,7 @@ from .quant import make_linear, quantize_rows
 from .state import ModelShape, RWKVState, ordinary
 from .strategy import LayerPlan, parse_strategy, plan_layers
 
-ProgressCallback = Callable[[int, int, str], None]
-_LARGE_FILE = 256 << 20
+ProgressCallback = Callable[[int, int, str], None]  # progress(done, total, what), once per layer; the caller draws it
 
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
@@ -80,7 +79,7 @@ class RWKV:
     """
 
     def __init__(self, model_path: str | os.PathLike, strategy: str = "cpu fp32", *,
-                 progress: ProgressCallback | str | None = "auto"):
+                 progress: ProgressCallback | None = None):
         segments = parse_strategy(strategy)  # bad strategy: fail before touching the file
         self.strategy = " -> ".join(s.text for s in segments)
         self.path = loader.resolve_path(model_path)
@@ -106,29 +105,11 @@ class RWKV:
         self.rescale = rescale_every(self.strategy, self.version)
         self._module = loader.VERSION_MODULES[self.version]
         merged = loader.time_state_tensors(sd, dims, self.path, self.version)
-        self._load_weights(sd, self._progress(progress))
+        self._load_weights(sd, progress)
         self._initial_wkv = merged
         self._state_spec = [[(tuple(t.shape), t.dtype, t.device) for t in layer] for layer in self.zero_state().layers]
 
     # ------------------------------------------------------------------ loading
-    def _progress(self, progress) -> ProgressCallback | None:
-        if progress != "auto":
-            return progress
-        if not (sys.stderr.isatty() and self.path.stat().st_size > _LARGE_FILE):
-            return None
-        from rich.progress import Progress  # only for big files on a terminal
-
-        bar = Progress(transient=True)
-        task = bar.add_task(f"Loading {self.path.name}", total=self.n_layer + 1)
-        bar.start()
-
-        def update(done, total, what):
-            bar.update(task, completed=done, description=f"Loading {self.path.name}: {what}")
-            if done >= total:
-                bar.stop()
-
-        return update
-
     def _load_weights(self, sd: dict[str, torch.Tensor], progress: ProgressCallback | None) -> None:
         with memory.releasing(self.path):
             self._convert(sd, progress)

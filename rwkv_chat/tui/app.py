@@ -8,7 +8,8 @@ from pathlib import Path
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 
-from ..chat.config import DEFAULT_KEYS, Config, default_config_path
+from ..config import Config, default_config_path
+from .keys import DEFAULT_KEYS
 from ..chat.prefs import load_prefs, save_prefs
 from .screens.chat import ChatScreen
 from .widgets.state_files import StateChoice

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rwkv_chat.chat.config import DEFAULT_KEYS, Config
+from rwkv_chat.config import Config
+from rwkv_chat.tui.keys import DEFAULT_KEYS
 from rwkv_chat.tui.screens.chat import ChatScreen
 from rwkv_chat.tui.screens.help import HelpScreen, keys_table
 from rwkv_chat.tui.screens.history import HistoryScreen

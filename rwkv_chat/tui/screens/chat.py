@@ -17,7 +17,7 @@ from textual.screen import Screen
 from textual.widgets import Footer
 
 from ...chat import locations
-from ...chat.config import DEFAULT_KEYS, DESCRIPTIONS
+from ..keys import DEFAULT_KEYS, DESCRIPTIONS
 from ...errors import RWKVChatError
 from ..streaming import PieceBatcher
 from ..widgets.conversation import Conversation
