@@ -1,6 +1,6 @@
 """A chat conversation over a Pipeline: turns, regenerate / continue / edit, snapshots.
 
-The model sees (ChatRWKV's chat format):
+The model sees (ChatRWKV's chat format, written by `template`):
 
     {preamble}User: {message}\\n\\nAssistant: {reply}\\n\\nUser: {message}\\n\\nAssistant: ...
 
@@ -25,7 +25,6 @@ the conversation in memory is never touched by it.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +37,8 @@ from ..pipeline import Generation, GenerationStats, Pipeline
 from ..sampling import END_OF_TEXT, SamplingSettings
 from . import snapshot as snapshots
 from .store import new_conversation_id
+from .template import TURN_END, clean_user_message, normalise_preamble, turn_prompt
 
-TURN_END = "\n\n"
 ROLES = ("user", "assistant")
 
 
@@ -67,22 +66,6 @@ class Message:
         stats = data.get("stats")
         return cls(data["role"], data["text"], None if stats is None else GenerationStats.from_dict(stats),
                    data.get("finish_reason"))
-
-
-def clean_user_message(text: str) -> str:
-    """The message as the model will see it: newlines normalised, stripped, blank lines removed
-    (so it cannot contain the turn separator "\\n\\n"). ValueError when nothing is left."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
-    text = re.sub(r"\n\s*\n", "\n", text)
-    if not text:
-        raise ValueError("the message is empty")
-    return text
-
-
-def normalise_preamble(preamble: str) -> str:
-    """A non-empty preamble, stripped and followed by the turn separator; "" stays ""."""
-    preamble = preamble.replace("\r\n", "\n").strip()
-    return preamble + TURN_END if preamble else ""
 
 
 def _check_name(what: str, name: str) -> str:
@@ -280,7 +263,7 @@ class ChatSession:
             reply.cancel()
 
     def _turn_prompt(self, message: str, needs_turn_end: bool) -> str:
-        return (TURN_END if needs_turn_end else "") + f"{self.user}: {message}{TURN_END}{self.assistant}:"
+        return turn_prompt(message, self.user, self.assistant, end_previous=needs_turn_end)
 
     def _feed_prompt(self, turn: _Turn) -> tuple[RWKVState, int]:
         tokens = self.pipeline.encode(turn.prompt)

@@ -10,12 +10,11 @@ from pathlib import Path
 import torch
 
 from ..errors import ModelLoadError, StateMismatchError, TokenError
-from ..files import check_regular_file
 from . import cpu_kernels, loader, memory
 from .common import layer_norm, pair
 from .placement import rescale_every, resolve_device
 from .quant import make_linear, quantize_rows
-from .state import ModelShape, RWKVState, ordinary
+from .state import ModelShape, RWKVState, ordinary, time_state_layout
 from .strategy import LayerPlan, parse_strategy, plan_layers
 
 ProgressCallback = Callable[[int, int, str], None]  # progress(done, total, what), once per layer; the caller draws it
@@ -162,10 +161,7 @@ class RWKV:
     def load_state(self, path: str | os.PathLike) -> RWKVState:
         """A tuned state file (RWKV-PEFT state tuning) as a fresh starting state for this model."""
         file = Path(os.path.expanduser(str(path)))
-        check_regular_file(file, "state file")  # a FIFO would block in open()
-        sd = loader.read_tensors(file, "state file")
-        loader.time_state_layers(sd, file, state_file=True)
-        wkv = loader.time_state_tensors(sd, self.dims, file, self.version)
+        wkv = loader.fit_time_state(loader.read_state_file(file), self.dims, file, self.version)
         state = self.zero_state()
         self._install_wkv(state, wkv)
         return state
@@ -194,9 +190,7 @@ class RWKV:
 
     def _install_wkv(self, state: RWKVState, wkv: list[torch.Tensor]) -> None:
         for i, tensor in enumerate(wkv):
-            if self.version in ("5.2", "6"):
-                tensor = tensor.transpose(1, 2)  # files store [h][v][k]; v5/v6 compute in [h][k][v]
-            state.layers[i][1] = tensor.contiguous().to(self.devices[i])
+            state.layers[i][1] = time_state_layout(self.version, tensor).contiguous().to(self.devices[i])
 
     def state_from_tensors(self, tensors: dict[str, torch.Tensor], tokens: int = 0) -> RWKVState:
         return RWKVState.from_tensors(self.shape, tensors, self.zero_state(), tokens)

@@ -61,3 +61,19 @@ def test_the_chat_layer_owns_no_key_bindings_or_app_config():
                              "rwkv_chat.chat.state_files, rwkv_chat.chat.store")
     assert not any(m.startswith("rwkv_chat.tui") for m in modules)
     assert "rwkv_chat.config" not in modules
+
+
+def test_the_runtime_never_imports_the_trainer(tmp_path):
+    """Everything but training/ and testing/ (the CLI with the demo model included) runs without
+    importing rwkv_chat.training."""
+    import pkgutil
+
+    import rwkv_chat
+
+    runtime = sorted(m.name for m in pkgutil.walk_packages(rwkv_chat.__path__, "rwkv_chat.")
+                     if not m.name.startswith(("rwkv_chat.training", "rwkv_chat.testing", "rwkv_chat.tui")))
+    assert "rwkv_chat.demo" in runtime and "rwkv_chat.cli" in runtime
+    modules = imported_after("import " + ", ".join(runtime) + "; import rwkv_chat.tui.app, rwkv_chat.tui.keys\n"
+                             f"from rwkv_chat.demo import demo_model_path; demo_model_path({str(tmp_path)!r})")
+    assert "rwkv_chat.cli" in modules and "rwkv_chat.demo" in modules
+    assert sorted(m for m in modules if m.startswith("rwkv_chat.training")) == []
