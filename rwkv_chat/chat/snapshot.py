@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -162,6 +163,28 @@ def read_snapshot_data(path: str | os.PathLike) -> dict:
     if METADATA_KEY not in metadata:
         raise SnapshotError(f"{path}: not an rwkv-chat snapshot (no {METADATA_KEY!r} metadata)")
     return _upgrade(path, parse_description(path, metadata[METADATA_KEY]))
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a snapshot holds, for `rwkv-chat info` (only the JSON part is read): file, kind,
+    date, model, shape, messages, ...; `size` in bytes."""
+    path = Path(path)
+    data = read_snapshot_data(path)
+    model, messages = data["model"], data["messages"]
+    first = next((m.get("text", "") for m in messages if m.get("role") == "user"), "")
+    return {
+        "file": str(path),
+        "kind": "saved conversation (snapshot)",
+        "saved at": str(data.get("saved_at", "?"))[:19].replace("T", " "),
+        "model": f"{model.get('name', '?')} ({model.get('path', '?')})",
+        "shape": ModelShape.from_dict(model["shape"]).describe(),
+        "fingerprint": model.get("fingerprint", "?"),
+        "state file": data.get("state_file") or "-",
+        "messages": len(messages),
+        "first message": " ".join(first.split())[:80] or "-",
+        "tokens": data["tokens"],
+        "size": path.stat().st_size,
+    }
 
 
 def parse_description(path: Path, text: str):

@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from rwkv_chat import RWKV, Pipeline
 from rwkv_chat.chat import list_state_files, read_state_file_info, save_state_file
 from rwkv_chat.chat import snapshot as snapshots
-from rwkv_chat.chat.config import ConfigError, load_config
+from rwkv_chat.config import ConfigError, load_config
 from rwkv_chat.chat.session import ChatSession
 from rwkv_chat.errors import FileWriteError, NotARegularFileError, RWKVChatError, SnapshotError
 from rwkv_chat.files import regular_file_problem, write_atomically

@@ -31,13 +31,13 @@ def figures(line: str) -> dict[str, float]:
 
 @pytest.fixture(scope="module")
 def demo_path(tmp_path_factory):
-    from rwkv_chat.training.demo import demo_model_path
+    from rwkv_chat.demo import demo_model_path
 
     return demo_model_path(tmp_path_factory.mktemp("demo-cache"))
 
 
 def test_bench_on_the_demo_model_prints_its_figures(runner, demo_path, monkeypatch):
-    import rwkv_chat.training.demo as demo
+    import rwkv_chat.demo as demo
 
     monkeypatch.setattr(demo, "demo_model_path", lambda: demo_path)  # never the real user cache
     output = bench(runner, "--demo", *TINY).splitlines()

@@ -64,6 +64,15 @@ def test_generate_greedy_matches_the_pipeline(runner, model_path):
     assert result.stdout == expected + "\n"
 
 
+def test_generate_chat_format_wraps_the_prompt_in_the_chat_template(runner, model_path):
+    from rwkv_chat import RWKV, Pipeline
+
+    expected, _ = Pipeline(RWKV(model_path, progress=None)).generate(
+        "User: Hi\nthere\n\nAssistant:", temperature=0, max_tokens=6, stop=["\n\n"])
+    result = invoke(runner, "generate", "-m", model_path, "--chat", "-t", 0, "-n", 6, " Hi\n\nthere ")
+    assert result.stdout == expected.lstrip() + "\n"  # blank lines cannot end the user's turn early
+
+
 def test_generate_with_a_state_file(runner, model_path, state_path):
     from rwkv_chat import RWKV, Pipeline
 
@@ -191,7 +200,7 @@ def test_bad_config_file(runner, tmp_path, model_path):
 
 
 def test_no_model_and_no_demo_says_to_pass_model(runner, monkeypatch):
-    monkeypatch.setitem(sys.modules, "rwkv_chat.training.demo", None)  # import fails
+    monkeypatch.setitem(sys.modules, "rwkv_chat.demo", None)  # import fails
     result = runner.invoke(cli, ["generate", "Hi"])
     assert result.exit_code == ExitCode.BAD_INPUT
     assert "demo model is not available" in result.stderr and "--model" in result.stderr
