@@ -29,8 +29,7 @@ from dataclasses import asdict, dataclass, field
 
 import click
 
-REFERENCE_PACKAGE = "rwkv"
-REFERENCE_VERSION = "0.8.32"
+from .testing.reference import REFERENCE_PACKAGE, REFERENCE_VERSION, reference_available, reference_env
 
 
 @dataclass
@@ -155,15 +154,11 @@ torch.set_flush_denormal(True)
 if args["threads"]:
     torch.set_num_threads(args["threads"])
 path = args["model"]
-keys = torch.load(path, map_location="cpu", mmap=True, weights_only=True).keys()
-v7 = "blocks.0.att.r_k" in keys
-del keys
-os.environ["RWKV_V7_ON"] = "1" if v7 else "0"
-os.environ["RWKV_CUDA_ON"] = "0"
-os.environ.setdefault("RWKV_JIT_ON", "1")
-import rwkv.model as reference
-import rwkv
 sys.path.insert(0, args["package_root"])
+from rwkv_chat.testing.reference import is_v7_checkpoint, load_reference_module, open_reference_model
+v7 = is_v7_checkpoint(path)
+reference = load_reference_module(v7, skip_gc=False)  # its load time is measured as it is
+import rwkv
 from rwkv_chat.benchmark import BenchResult, _fill, _timed_runs, prompt_ids, rss_mb
 result = BenchResult(f"rwkv {getattr(rwkv, '__version__', '') or args['reference_version']}", args["strategy"], path,
                      prompt_tokens=args["prompt_tokens"], decode_tokens=args["decode_tokens"],
@@ -171,9 +166,8 @@ result = BenchResult(f"rwkv {getattr(rwkv, '__version__', '') or args['reference
 gc.collect()
 before, _ = rss_mb()
 start = time.perf_counter()
-name = path[:-4] if (v7 and path.endswith(".pth")) else path
 with torch.no_grad():
-    model = reference.RWKV(name, args["strategy"])
+    model = open_reference_model(reference, path, args["strategy"], v7, verbose=True)
     result.load_s = time.perf_counter() - start
     if not v7:
         result.version = str(getattr(model, "version", ""))
@@ -189,12 +183,6 @@ print("RESULT " + json.dumps(result.to_dict()))
 '''
 
 
-def reference_available() -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(REFERENCE_PACKAGE) is not None
-
-
 def bench_reference(model_path: str, strategy: str, prompt_tokens: int = 512, decode_tokens: int = 64,
                     chunk_len: int = 256, repeats: int = 3, threads: int | None = None,
                     timeout: float = 3600) -> BenchResult:
@@ -204,10 +192,13 @@ def bench_reference(model_path: str, strategy: str, prompt_tokens: int = 512, de
         result.error = f"the reference package is not installed (pip install {REFERENCE_PACKAGE}=={REFERENCE_VERSION})"
         return result
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    args = dict(model=os.path.abspath(str(model_path)), strategy=strategy, prompt_tokens=prompt_tokens,
+    model_path = os.path.abspath(os.path.expanduser(str(model_path)))
+    if not model_path.endswith(".pth") and os.path.isfile(model_path + ".pth"):
+        model_path += ".pth"  # our loader's spelling; the reference wants the file name
+    args = dict(model=model_path, strategy=strategy, prompt_tokens=prompt_tokens,
                 decode_tokens=decode_tokens, chunk_len=chunk_len, repeats=repeats, threads=threads or 0,
                 package_root=package_root, reference_version=REFERENCE_VERSION)
-    env = {k: v for k, v in os.environ.items() if k not in ("RWKV_V7_ON", "RWKV_CUDA_ON")}
+    env = reference_env(cuda_on=False, jit=os.environ.get("RWKV_JIT_ON", "1") == "1")
     try:
         proc = subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, json.dumps(args)], capture_output=True,
                               text=True, timeout=timeout, env=env)
@@ -244,16 +235,20 @@ def format_result(r: BenchResult) -> str:
 
 
 def ratio_lines(ours: BenchResult, references: list[BenchResult]) -> list[str]:
-    lines = []
+    """How many times faster ours is than each reference (and than the best of several); a decode
+    ratio only where both sides decoded."""
+
+    def line(label: str, prefill: float, decode: float) -> str:
+        text = f"  vs {label}: prefill x{ours.prefill_tok_s / prefill:.2f}"
+        if decode > 0 and ours.decode_tok_s > 0:
+            text += f", decode x{ours.decode_tok_s / decode:.2f}"
+        return text
+
     good = [r for r in references if not r.error and r.prefill_tok_s > 0]
-    for ref in good:
-        lines.append(f"  vs reference {ref.strategy!r}: prefill x{ours.prefill_tok_s / ref.prefill_tok_s:.2f}, "
-                     f"decode x{ours.decode_tok_s / ref.decode_tok_s:.2f}" if ref.decode_tok_s else "")
+    lines = [line(f"reference {ref.strategy!r}", ref.prefill_tok_s, ref.decode_tok_s) for ref in good]
     if len(good) > 1:
-        best_p = max(r.prefill_tok_s for r in good)
-        best_d = max(r.decode_tok_s for r in good)
-        lines.append(f"  vs the reference's best: prefill x{ours.prefill_tok_s / best_p:.2f}, "
-                     f"decode x{ours.decode_tok_s / best_d:.2f}")
+        lines.append(line("the reference's best", max(r.prefill_tok_s for r in good),
+                          max(r.decode_tok_s for r in good)))
     return lines
 
 
@@ -282,7 +277,7 @@ def bench(model_path, demo, strategy, prompt_tokens, decode_tokens, chunk_len, r
       rwkv-chat bench -m model.pth -s "cpu bf16i8" --compare-reference
     """
     if demo or not model_path:
-        from .training.demo import demo_model_path
+        from .demo import demo_model_path
 
         model_path = str(demo_model_path())
     ours = bench_ours(model_path, strategy, prompt_tokens, decode_tokens, chunk_len, repeats, threads)
@@ -300,8 +295,7 @@ def bench(model_path, demo, strategy, prompt_tokens, decode_tokens, chunk_len, r
     for ref in references:
         click.echo(format_result(ref))
     for line in ratio_lines(ours, references):
-        if line:
-            click.echo(line)
+        click.echo(line)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import functools
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from .errors import ModelLoadError, RWKVChatError
 DEBUG_KEY = "rwkv_chat.debug"
 GROUP_CONFIG_KEY = "rwkv_chat.config"  # `rwkv-chat --config FILE <command>`: the command reads FILE
 SNAPSHOT_SUFFIX = ".rwkvchat"
-DEMO_FILE_PREFIX = "rwkv7-demo-"  # the expanded demo model's file name (rwkv_chat/training/demo.py)
+DEMO_FILE_PREFIX = "rwkv7-demo-"  # the expanded demo model's file name (rwkv_chat/demo.py)
 DEMO_STATUS = "Tiny demo model (it knows nothing). For real answers: rwkv-chat --model PATH.pth"
 
 
@@ -32,6 +33,7 @@ class ExitCode(enum.IntEnum):
     FAILED = 1  # an unexpected error (a bug): one line, --debug prints the traceback
     BAD_INPUT = 2  # a file, strategy, device or option that cannot be used (click uses 2 for usage errors too)
     INTERRUPTED = 130  # Ctrl+C
+    PIPE_CLOSED = 141  # the reader of stdout went away (`| head`): quiet, as a process killed by SIGPIPE
 
 
 class InputError(RWKVChatError, ValueError):
@@ -74,12 +76,24 @@ class RWKVChatGroup(click.Group):
                 raise
             click.echo("Interrupted.", err=True)
             ctx.exit(ExitCode.INTERRUPTED)
+        except BrokenPipeError:
+            _silence_stdout()
+            ctx.exit(ExitCode.PIPE_CLOSED)
         except Exception as error:
             if ctx.meta.get(DEBUG_KEY):
                 raise
             expected = isinstance(error, (RWKVChatError, OSError, MemoryError))
             click.echo(f"Error: {error_line(error)}", err=True)
             ctx.exit(ExitCode.BAD_INPUT if expected else ExitCode.FAILED)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _set_debug(ctx: click.Context, _param, value: bool) -> None:
@@ -128,7 +142,7 @@ def default_strategy() -> str:
 def demo_model() -> tuple[Path, str]:
     """(path, note) of the built-in demo model, or ModelLoadError telling the user to pass --model."""
     try:
-        from .training.demo import DEMO_MODEL_NOTE, demo_model_path, trained_token_count
+        from .demo import DEMO_MODEL_NOTE, demo_model_path, trained_token_count
 
         path = Path(demo_model_path())
         facts = describe_file(path)  # the numbers `rwkv-chat info` prints for it
@@ -155,7 +169,7 @@ def choose_model(model_path: Path | None, demo: bool, config) -> tuple[Path, str
 
 def is_demo_model(path: Path) -> bool:
     """Whether `path` is the expanded built-in demo model (e.g. named by a snapshot)."""
-    from .training.demo import demo_model_path
+    from .demo import demo_model_path
 
     if not Path(path).name.startswith("rwkv7-demo-"):
         return False
@@ -167,7 +181,7 @@ def is_demo_model(path: Path) -> bool:
 
 def command_config(config_path: Path | None):
     """The config for a subcommand: its own --config, else the group's (`rwkv-chat --config F cmd`)."""
-    from .chat.config import load_config
+    from .config import load_config
 
     if config_path is None:
         context = click.get_current_context(silent=True)
@@ -177,22 +191,11 @@ def command_config(config_path: Path | None):
 
 def load_model(path: Path, strategy: str):
     """RWKV(path, strategy) with a rich progress bar on stderr (shown only on a terminal)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from . import RWKV
+    from .progress import terminal_bar
 
-    console = Console(stderr=True)
-    if not console.is_terminal:
-        return RWKV(path, strategy, progress=None)
-    columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console, transient=True) as progress:
-        task = progress.add_task(f"Reading and checking {Path(path).name} (strategy {strategy})", total=None)
-
-        def update(done: int, total: int, what: str) -> None:
-            progress.update(task, completed=done, total=total, description=f"Loading {Path(path).name}: {what}")
-
-        return RWKV(path, strategy, progress=update)
+    with terminal_bar(path, f"Reading and checking {Path(path).name} (strategy {strategy})") as progress:
+        return RWKV(path, strategy, progress=progress)
 
 
 def sampling_overrides(**values) -> dict[str, Any]:
@@ -243,7 +246,7 @@ def cli(ctx: click.Context, model_path, strategy, demo, state_path, snapshot_pat
 
 
 def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_path, continue_last=False) -> None:
-    from .chat.config import load_config
+    from .config import load_config
     from .chat.store import ConversationStore
 
     if sum(option is not None and option is not False for option in (state_path, snapshot_path, continue_last)) > 1:
@@ -371,8 +374,13 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
     if not prompt:
         raise click.UsageError("the prompt is empty")
     if chat_format:
-        prompt = f"User: {prompt.strip()}\n\nAssistant:"
-        stop = (*stop, "\n\n")
+        from .chat.template import TURN_END, clean_user_message, turn_prompt
+
+        try:
+            prompt = turn_prompt(clean_user_message(prompt))
+        except ValueError as error:
+            raise click.UsageError(f"the prompt is empty ({error})") from None
+        stop = (*stop, TURN_END)
 
     config = command_config(config_path)
     try:
@@ -491,7 +499,7 @@ def info(paths, as_json, show_paths) -> None:
 def user_paths() -> dict[str, str]:
     """Where rwkv-chat keeps the user's files (RWKV_CHAT_HOME moves them all)."""
     from .chat import locations
-    from .chat.config import default_config_path
+    from .config import default_config_path
 
     return {
         "snapshots": str(locations.snapshots_dir()),
@@ -503,72 +511,19 @@ def user_paths() -> dict[str, str]:
 
 
 def describe_file(path: Path) -> dict[str, Any]:
-    """Facts about a checkpoint, tuned state file or snapshot, read without building a model."""
+    """Facts about a checkpoint, tuned state file or snapshot, read without building a model;
+    counts and sizes written for people."""
+    from .chat import snapshot
     from .engine import loader
 
     if path.suffix == SNAPSHOT_SUFFIX or _is_safetensors(path):
-        return describe_snapshot(path)
-    path = loader.resolve_path(path)
-    sd = loader.read_tensors(path)  # mmap, weights_only: no code runs, nothing is copied
-    blocks, other = loader.split_blocks(sd)
-    if blocks and not other and all(set(b) == {loader.TIME_STATE} for b in blocks.values()):
-        return describe_state_file(path, sd)
-    version = loader.detect_version(sd, path)
-    dims = loader.read_dims(sd, version, path)
-    has_state = any(loader.TIME_STATE in b for b in blocks.values())
-    return {
-        "file": str(path),
-        "kind": "RWKV model" + (" (with a merged tuned state)" if has_state else ""),
-        "version": version,
-        "layers": dims.n_layer,
-        "width": dims.n_embd,
-        "heads": f"{dims.n_head} x {dims.head_size}" if version != "4" else "- (v4 has no heads)",
-        "ffn": dims.ffn_dim,
-        "vocab": dims.vocab_size,
-        "parameters": _count(sum(t.numel() for t in sd.values())),
-        "dtype": _dtypes(sd),
-        "size": _size(path),
-    }
-
-
-def describe_state_file(path: Path, sd) -> dict[str, Any]:
-    from .chat.state_files import read_state_file_info
-
-    state = read_state_file_info(path)  # validates the layout
-    return {
-        "file": str(path),
-        "kind": "tuned state file",
-        "layers": state.n_layer,
-        "width": state.n_embd,
-        "heads": f"{state.n_head} x {state.head_size}",
-        "fits": f"RWKV v5.2/v6/v7 models of {state.n_layer} layers x {state.n_embd}",
-        "parameters": _count(sum(t.numel() for t in sd.values())),
-        "dtype": _dtypes(sd),
-        "size": _size(path),
-    }
-
-
-def describe_snapshot(path: Path) -> dict[str, Any]:
-    from .chat.snapshot import read_snapshot_data
-    from .engine.state import ModelShape
-
-    data = read_snapshot_data(path)  # the JSON part only; the states are not read
-    model = data["model"]
-    messages = data["messages"]
-    first = next((m.get("text", "") for m in messages if m.get("role") == "user"), "")
-    return {
-        "file": str(path),
-        "kind": "saved conversation (snapshot)",
-        "saved at": str(data.get("saved_at", "?"))[:19].replace("T", " "),
-        "model": f"{model.get('name', '?')} ({model.get('path', '?')})",
-        "shape": ModelShape.from_dict(model["shape"]).describe(),
-        "fingerprint": model.get("fingerprint", "?"),
-        "state file": data.get("state_file") or "-",
-        "messages": len(messages),
-        "first message": " ".join(first.split())[:80] or "-",
-        "tokens": data["tokens"],
-        "size": _size(path),
-    }
+        facts = snapshot.describe(path)
+    else:
+        facts = loader.describe(path)
+    if "parameters" in facts:
+        facts["parameters"] = _count(facts["parameters"])
+    facts["size"] = _size(facts["size"])
+    return facts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -700,20 +655,11 @@ def _count(n: int) -> str:
     return f"{n:,}"
 
 
-def _size(path: Path) -> str:
-    size = path.stat().st_size
+def _size(size: int) -> str:
     for unit, scale in (("GB", 1 << 30), ("MB", 1 << 20), ("KB", 1 << 10)):
         if size >= scale:
             return f"{size / scale:.1f} {unit}"
     return f"{size} bytes"
-
-
-def _dtypes(sd) -> str:
-    counts: dict[str, int] = {}
-    for tensor in sd.values():
-        name = str(tensor.dtype).removeprefix("torch.")
-        counts[name] = counts.get(name, 0) + tensor.numel()
-    return ", ".join(sorted(counts, key=counts.get, reverse=True))
 
 
 def _register_bench() -> None:

@@ -45,4 +45,17 @@ class TokenError(RWKVChatError, ValueError):
 
 
 class SamplingError(RWKVChatError, ValueError):
-    """Logits that cannot be sampled from (NaN or infinite values)."""
+    """Sampling settings out of range, or logits that cannot be sampled from (NaN, +inf, all banned)."""
+
+
+class TextEncodingError(TokenError, UnicodeEncodeError):
+    """Text that cannot be encoded as UTF-8 (a lone surrogate). A UnicodeEncodeError too, as the
+    `rwkv` package raises for it."""
+
+    def __init__(self, error: UnicodeEncodeError) -> None:
+        super().__init__(error.encoding, error.object, error.start, error.end, error.reason)
+        self.message = (f"text cannot be encoded: {error.reason} "
+                        f"({error.object[error.start:error.end]!r} at position {error.start})")
+
+    def __str__(self) -> str:
+        return self.message

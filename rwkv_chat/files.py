@@ -240,7 +240,7 @@ def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:
     for entry in entries:
         match = _TEMP_NAME.match(entry.name)
         if match is not None:
-            if _process_alive(int(match.group(1))):
+            if process_alive(int(match.group(1))):
                 continue
         elif not _OLD_TEMP_NAME.match(entry.name) or not _older_than(entry, OLD_TEMP_AGE_S):
             continue
@@ -259,7 +259,7 @@ def _older_than(path: Path, seconds: float) -> bool:
         return False
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

@@ -60,10 +60,10 @@ class _Bounds:
     def check(self, name: str, value: Any) -> float | int:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or (self.integer and not isinstance(value, int)):
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise SamplingError(f"{name} must be {self.describe()}, got {value!r}")
         value = value if self.integer else float(value)
         if not self.contains(value):  # also refuses NaN
-            raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
+            raise SamplingError(f"{name} must be {self.describe()}, got {value!r}")
         return value
 
     def lowest(self) -> float:
@@ -90,28 +90,28 @@ def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise ValueError(f"seed must be None or an integer from 0 to 2**64 - 1, got {seed!r}")
+        raise SamplingError(f"seed must be None or an integer from 0 to 2**64 - 1, got {seed!r}")
     return seed
 
 
 def _check_token_ban(token_ban: Any) -> tuple[int, ...]:
     message = f"token_ban must be a sequence of token ids (integers >= 0), got {token_ban!r}"
     if not _is_sequence(token_ban):
-        raise ValueError(message)
+        raise SamplingError(message)
     ids = tuple(token_ban)
     if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
-        raise ValueError(message)
+        raise SamplingError(message)
     return ids
 
 
 def _check_stop(stop: Any) -> tuple[str, ...]:
     if isinstance(stop, str):
-        raise ValueError(f"stop must be a sequence of strings, got the single string {stop!r}: wrap it in a list")
+        raise SamplingError(f"stop must be a sequence of strings, got the single string {stop!r}: wrap it in a list")
     if not _is_sequence(stop):
-        raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+        raise SamplingError(f"stop must be a sequence of non-empty strings, got {stop!r}")
     texts = tuple(stop)
     if not all(isinstance(text, str) and text for text in texts):
-        raise ValueError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+        raise SamplingError(f"stop must be a sequence of non-empty strings, got {stop!r}")
     return texts
 
 
@@ -150,7 +150,7 @@ class SamplingSettings:
         unknown = sorted(set(names) - set(cls.field_names()), key=str)
         if unknown:
             listed = ", ".join(repr(name) for name in unknown)
-            raise ValueError(f"unknown sampling setting(s) {listed}; known: {', '.join(cls.field_names())}")
+            raise SamplingError(f"unknown sampling setting(s) {listed}; known: {', '.join(cls.field_names())}")
 
     def replace(self, **changes: Any) -> SamplingSettings:
         """A validated copy with `changes` applied."""
@@ -169,7 +169,7 @@ class SamplingSettings:
     def from_dict(cls, data: Mapping[str, Any]) -> SamplingSettings:
         """Inverse of `to_dict`. Missing keys take their defaults; unknown keys are refused."""
         if not isinstance(data, Mapping):
-            raise ValueError(f"sampling settings must be a mapping, got {type(data).__name__}")
+            raise SamplingError(f"sampling settings must be a mapping, got {type(data).__name__}")
         cls._refuse_unknown(data)
         return cls(**data)
 
@@ -177,11 +177,11 @@ class SamplingSettings:
         """A copy with `field` moved by `delta`, rounded to the field's step and clamped to its range."""
         bounds = _BOUNDS.get(field)
         if bounds is None:
-            raise ValueError(f"{field!r} cannot be nudged; numeric settings: {', '.join(_BOUNDS)}")
+            raise SamplingError(f"{field!r} cannot be nudged; numeric settings: {', '.join(_BOUNDS)}")
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
-            raise ValueError(f"nudge delta for {field} must be a finite number, got {delta!r}")
+            raise SamplingError(f"nudge delta for {field} must be a finite number, got {delta!r}")
         if bounds.integer and not isinstance(delta, int):
-            raise ValueError(f"nudge delta for {field} must be an integer, got {delta!r}")
+            raise SamplingError(f"nudge delta for {field} must be an integer, got {delta!r}")
         old = getattr(self, field)
         new = old + delta if bounds.integer else round(old + delta, bounds.decimals)
         new = max(new, bounds.lowest())
@@ -313,7 +313,7 @@ class Sampler:
         """Book a sampled token: decay every count by `penalty_decay`, then add `weight` to this
         token's count. The token is "present" from now on even with weight 0 (as in ChatRWKV)."""
         if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-            raise ValueError(f"token_id must be an integer >= 0, got {token_id!r}")
+            raise SamplingError(f"token_id must be an integer >= 0, got {token_id!r}")
         _BOUNDS["penalty_decay"].check("penalty_decay", penalty_decay)
         self._fit_vocab(token_id + 1)
         self._counts.mul_(penalty_decay)
@@ -324,23 +324,25 @@ class Sampler:
         """New float32 tensor: logits with bans at -inf and `presence + frequency * count` subtracted
         from every recorded token."""
         if logits.dim() != 1:
-            raise ValueError(f"logits must be one-dimensional [vocab], got shape {tuple(logits.shape)}")
+            raise SamplingError(f"logits must be one-dimensional [vocab], got shape {tuple(logits.shape)}")
         scores = logits.detach().to(device="cpu", dtype=torch.float32, copy=True)
         vocab = scores.numel()
         if vocab == 0:
             raise SamplingError("logits are empty: there is no token to sample")
         if not math.isfinite(float(scores.sum())):  # one cheap pass; only then look closer (the sum may overflow)
-            bad = int((~torch.isfinite(scores)).sum())
+            bad = int((torch.isnan(scores) | torch.isposinf(scores)).sum())  # -inf is a ban, allowed
             if bad:
-                raise SamplingError(f"logits contain {bad} NaN or infinite value(s) of {vocab}; "
+                raise SamplingError(f"logits contain {bad} NaN or +infinite value(s) of {vocab}; "
                                     "the model or the state fed to it is broken")
+            if bool(torch.isneginf(scores).all()):
+                raise SamplingError("every logit is -inf: all tokens are banned, there is none to sample")
         if settings.token_ban:
             if max(settings.token_ban) >= vocab:
-                raise ValueError(f"token_ban id {max(settings.token_ban)} is outside the vocabulary of {vocab} tokens")
+                raise SamplingError(f"token_ban id {max(settings.token_ban)} is outside the vocabulary of {vocab} tokens")
             scores.index_fill_(0, torch.tensor(settings.token_ban), -math.inf)
         if self._counts is not None:
             if self._counts.numel() > vocab:
-                raise ValueError(f"recorded token ids reach {self._counts.numel() - 1}, outside the vocabulary of {vocab} tokens")
+                raise SamplingError(f"recorded token ids reach {self._counts.numel() - 1}, outside the vocabulary of {vocab} tokens")
             self._fit_vocab(vocab)
             scores.sub_(self._seen, alpha=settings.presence).sub_(self._counts, alpha=settings.frequency)
         return scores
@@ -350,7 +352,7 @@ class Sampler:
         scores = self.penalised(logits, settings)
         top_score = scores.max()
         if top_score == -math.inf:
-            raise ValueError("no token can be sampled: every token is banned")
+            raise SamplingError("no token can be sampled: every token is banned")
         if settings.temperature == 0:
             return torch.argmax(scores).reshape(1), torch.ones(1)
         probs = torch.softmax(scores, dim=0)

@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+from .errors import TextEncodingError, TokenError
+
 __all__ = ["Tokenizer", "StreamDecoder", "WORLD_VOCAB_PATH"]
 
 WORLD_VOCAB_PATH = Path(__file__).parent / "data" / "rwkv_vocab_v20230424.txt"
@@ -158,21 +160,25 @@ class Tokenizer:
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode() takes a str, not {type(text).__name__}")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError as error:  # a lone surrogate, e.g. from os.fsdecode of bad bytes
+            raise TextEncodingError(error) from None
         if self.backend == "pyrwkv-tokenizer":
             return self._vocab.wheel.encode(text)
-        return _encode_greedy(text.encode("utf-8"), self._vocab.prefix_ids)
+        return _encode_greedy(data, self._vocab.prefix_ids)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes of one id; b"" for end-of-text (0) and unused ids below vocab_size."""
         if not 0 <= token_id < self.vocab_size:
-            raise ValueError(f"token id {token_id} is outside 0..{self.vocab_size - 1}")
+            raise TokenError(f"token id {token_id} is outside 0..{self.vocab_size - 1}")
         return self._token_bytes[token_id]
 
     def decode_bytes(self, ids: Iterable[int]) -> bytes:
         ids = list(ids)
         if ids and (min(ids) < 0 or max(ids) >= self.vocab_size):
             bad = next(i for i in ids if not 0 <= i < self.vocab_size)
-            raise ValueError(f"token id {bad} is outside 0..{self.vocab_size - 1}")
+            raise TokenError(f"token id {bad} is outside 0..{self.vocab_size - 1}")
         return b"".join(map(self._token_bytes.__getitem__, ids))
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -235,10 +235,10 @@ def reference_command(request: Path, result: Path) -> list[str]:
 
 
 def reference_env(v7: bool, cuda_on: bool) -> dict:
-    env = dict(os.environ)
-    for name in ("RWKV_DE_VERSION", "RWKV_DML_ON", "RWKV_RESCALE_LAYER"):
-        env.pop(name, None)
-    env.update(RWKV_V7_ON="1" if v7 else "0", RWKV_CUDA_ON="1" if cuda_on else "0", RWKV_JIT_ON="1")
+    from rwkv_chat.testing.reference import reference_env as shared_env
+
+    env = shared_env(v7=v7, cuda_on=cuda_on, jit=True, drop=("RWKV_RESCALE_LAYER",))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # this checkout
     return env
 
 
@@ -252,16 +252,15 @@ def reference_worker(request_path: str, result_path: str) -> None:
     jobs = json.loads(Path(request_path).read_text())
     from rwkv import model as reference  # reads RWKV_V7_ON / RWKV_CUDA_ON now (and builds kernels)
 
+    from rwkv_chat.testing.reference import open_reference_model
+
     reference.gc = types.SimpleNamespace(collect=lambda *a: 0)  # its loader gc.collect()s per layer
     v7 = os.environ.get("RWKV_V7_ON") == "1"
     results = []
     for job in jobs:
         t0 = time.perf_counter()
         path = job["path"]
-        if v7:
-            model = reference.RWKV(path[: -len(".pth")], job["strategy"])  # it appends ".pth"
-        else:
-            model = reference.RWKV(path, job["strategy"], verbose=False)
+        model = open_reference_model(reference, path, job["strategy"], v7)
         load_s = time.perf_counter() - t0
         device = "cuda" if job["strategy"].startswith("cuda") else "cpu"
         if job["kind"] == "logits":

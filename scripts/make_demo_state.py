@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rwkv_chat import Pipeline, RWKV
 from rwkv_chat.chat import save_state_file
-from rwkv_chat.training.demo import demo_model_path
+from rwkv_chat.chat.template import exchange
+from rwkv_chat.demo import demo_model_path
 
 EXAMPLES = [
     ("What is your name?", "My name is Goose. I am a tiny demo model."),
@@ -21,7 +22,7 @@ EXAMPLES = [
 
 def main() -> None:
     pipe = Pipeline(RWKV(demo_model_path()))
-    text = "".join(f"User: {q}\n\nAssistant: {a}\n\n" for q, a in EXAMPLES)
+    text = "".join(exchange(q, a) for q, a in EXAMPLES)
     state = pipe.prefill(text)
     out = Path(__file__).resolve().parents[1] / "states" / "demo-prefilled.pth"
     save_state_file(state, out)

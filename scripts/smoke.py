@@ -34,7 +34,7 @@ def main() -> None:
     from rwkv_chat.chat.session import ChatSession
     from rwkv_chat.chat.store import ConversationStore
     from rwkv_chat.sampling import SamplingSettings
-    from rwkv_chat.training.demo import demo_model_path
+    from rwkv_chat.demo import demo_model_path
 
     model = RWKV(demo_model_path(), "cpu fp32", progress=None)
     pipeline = Pipeline(model)

@@ -7,7 +7,7 @@
 Steps: prepare the corpus (rwkv_chat.training.data), train a small RWKV-7 over the corpus's local
 vocabulary (rwkv_chat.training.rwkv7) with AdamW + warmup + cosine LR + gradient clipping, then
 write the compact model file (bf16 safetensors, local vocabulary + world-id map + metadata) that
-rwkv_chat.training.demo expands into an official 65536-row checkpoint on first use.
+rwkv_chat.demo expands into an official 65536-row checkpoint on first use.
 Everything is seeded; with the same torch version and thread count the run is repeatable.
 `--tiny` runs a seconds-long smoke test of the whole pipeline (writes to /tmp by default).
 """
@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from rwkv_chat.training.data import PreparedData, prepare
-from rwkv_chat.training.demo import COMPACT_NAME, save_compact
+from rwkv_chat.demo import COMPACT_NAME, save_compact
 from rwkv_chat.training.rwkv7 import RWKV7, RWKV7Config
 
 PROMPTS = [

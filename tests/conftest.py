@@ -1,12 +1,15 @@
-"""Shared fixtures: tiny random-weight checkpoints (built once per session) and the `gpu` marker."""
+"""Shared fixtures: tiny random-weight checkpoints (built once per session), models and pipelines
+over them, the scripted stand-in model, and the `gpu` marker."""
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pytest
 import torch
 
+from rwkv_chat import RWKV
+from rwkv_chat.pipeline import Pipeline
 from rwkv_chat.testing.checkpoints import (
     VERSIONS,
     make_checkpoint,
@@ -14,10 +17,15 @@ from rwkv_chat.testing.checkpoints import (
     merge_state,
     save_checkpoint,
 )
+from rwkv_chat.tokenizer import Tokenizer
+
+from .scripted_model import ScriptedModel
 
 TINY_LAYERS = 2
 TINY_EMBD = 128  # head size 64 -> 2 heads
 THREE_HEAD_EMBD = 192  # head size 64 -> 3 heads (not a power of two)
+NARROW = (2, 64)  # one head of 64: the cheapest shape, for everything that generates
+WIDE = (2, 128)  # two heads of 64: state-file layouts, and another shape for mismatch checks
 
 
 def pytest_collection_modifyitems(config, items):
@@ -102,3 +110,68 @@ def make_state_path(tmp_path_factory):
         return built[key]
 
     return make
+
+
+# ------------------------------------------------------------------ models and pipelines
+@pytest.fixture(scope="session")
+def tokenizer() -> Tokenizer:
+    return Tokenizer()
+
+
+@pytest.fixture(scope="session")
+def load_model(make_model_file) -> Callable[..., RWKV]:
+    """load_model(version, shape=NARROW) -> RWKV over a random checkpoint (make_model_file),
+    built and loaded once per session."""
+    cache: dict = {}
+
+    def load(version: str, shape: tuple[int, int] = NARROW) -> RWKV:
+        if (version, shape) not in cache:
+            n_layer, n_embd = shape
+            path = make_model_file(version, n_layer=n_layer, n_embd=n_embd)
+            cache[version, shape] = RWKV(path, strategy="cpu fp32", progress=None)
+        return cache[version, shape]
+
+    return load
+
+
+@pytest.fixture(scope="session")
+def make_pipeline(load_model, tokenizer) -> Callable[..., Pipeline]:
+    def make(version: str = "7", shape: tuple[int, int] = NARROW) -> Pipeline:
+        return Pipeline(load_model(version, shape), tokenizer)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def pipe(make_pipeline) -> Pipeline:
+    """The v7 2x64 pipeline most tests use."""
+    return make_pipeline("7")
+
+
+@pytest.fixture
+def scripted(tokenizer) -> Callable[..., Pipeline]:
+    """scripted(rule=None, **ScriptedModel options) -> Pipeline over a ScriptedModel."""
+
+    def make(rule: Callable[[str], str] | None = None, **options) -> Pipeline:
+        return Pipeline(ScriptedModel(tokenizer, rule, **options), tokenizer)
+
+    return make
+
+
+# ------------------------------------------------------------------ state comparison
+def assert_same_state(actual, expected) -> None:
+    """Bit-identical recurrent states: token count, logits and every layer tensor."""
+    assert actual.tokens == expected.tokens
+    assert (actual.logits is None) == (expected.logits is None)
+    if actual.logits is not None:
+        assert torch.equal(actual.logits, expected.logits)
+    assert len(actual.layers) == len(expected.layers)
+    for got_layer, want_layer in zip(actual.layers, expected.layers):
+        assert len(got_layer) == len(want_layer)
+        for got, want in zip(got_layer, want_layer):
+            assert torch.equal(got, want)
+
+
+@pytest.fixture(name="assert_same_state")
+def assert_same_state_fixture():
+    return assert_same_state

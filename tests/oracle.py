@@ -52,12 +52,15 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import torch
 
+from rwkv_chat.testing import reference
+from rwkv_chat.testing.reference import reference_env
+
 ORACLE_TIMEOUT_S = 900
+_ROOT = Path(__file__).resolve().parents[1]
 _LOGITS_KEYS = {"model_path", "strategy", "token_batches", "state_file", "full_output"}
 _INFO_KEYS = {"info", "model_path", "strategy"}
 
@@ -110,11 +113,8 @@ def oracle_run(requests: list[dict], *, jit: bool = True, threads: int = 1) -> l
     normalized = [_normalize_request(request) for request in requests]
     if not normalized:
         return []
-    env = dict(os.environ)
-    for name in ("RWKV_V7_ON", "RWKV_DE_VERSION", "RWKV_DML_ON"):
-        env.pop(name, None)
-    env["RWKV_CUDA_ON"] = "0"
-    env["RWKV_JIT_ON"] = "1" if jit else "0"
+    env = reference_env(cuda_on=False, jit=jit)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))  # this checkout's rwkv_chat
     with tempfile.TemporaryDirectory(prefix="rwkv-oracle-") as folder:
         request_path = Path(folder, "requests.pt")
         result_path = Path(folder, "results.pt")
@@ -160,38 +160,8 @@ def _normalize_request(request: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# Subprocess side (runs with `python oracle.py REQUESTS RESULTS`; imports only torch and rwkv)
-
-
-def _load_oracle_module(v7: bool):
-    """A fresh copy of the oracle's model.py, imported with RWKV_V7_ON set for v7 or not."""
-    import importlib.util
-    import types
-
-    import rwkv
-
-    os.environ["RWKV_V7_ON"] = "1" if v7 else "0"
-    source = os.path.join(os.path.dirname(rwkv.__file__), "model.py")
-    name = "rwkv_oracle_v7" if v7 else "rwkv_oracle_v4_v6"
-    spec = importlib.util.spec_from_file_location(name, source)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # torch.jit needs to find the module of the scripted code
-    spec.loader.exec_module(module)
-    # The oracle's loader calls gc.collect() once per layer and more (0.2-0.3 s each here, 85%
-    # of a tiny model's load time). Skipping them changes no number.
-    module.gc = types.SimpleNamespace(collect=lambda *args: 0)
-    return module
-
-
-def _has_key(path: str, key: str) -> bool:
-    """Whether the checkpoint at `path` has `key`, read from the pickle inside a torch.save zip
-    file (unpickling a whole dict costs more than the oracle's own load of a tiny model)."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            pickle_name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-            return key.encode() in archive.read(pickle_name)
-    except (zipfile.BadZipFile, StopIteration):  # legacy (non-zip) format
-        return key in torch.load(path, map_location="cpu", weights_only=True)
+# Subprocess side (runs with `python oracle.py REQUESTS RESULTS`; imports torch, rwkv and
+# rwkv_chat.testing.reference, which opens the reference as every caller does)
 
 
 class _OracleSession:
@@ -204,17 +174,12 @@ class _OracleSession:
         key = (path, strategy)
         if key not in self.models:
             file_path = self.pth_path(path)
-            is_v7 = _has_key(file_path, "blocks.0.att.r_k")
+            is_v7 = reference.is_v7_checkpoint(file_path)
             if is_v7 not in self.modules:
-                self.modules[is_v7] = _load_oracle_module(is_v7)
+                self.modules[is_v7] = reference.load_reference_module(is_v7)
             module = self.modules[is_v7]
-            if is_v7:
-                # the v7 class appends ".pth" to whatever name it is given
-                model = module.RWKV(file_path[: -len(".pth")], strategy)
-                v7_globals = (module.DTYPE, module.DEVICE)
-            else:
-                model = module.RWKV(file_path, strategy, verbose=False)
-                v7_globals = None
+            model = reference.open_reference_model(module, file_path, strategy, is_v7)
+            v7_globals = (module.DTYPE, module.DEVICE) if is_v7 else None
             self.models[key] = (model, is_v7, v7_globals)
         model, is_v7, v7_globals = self.models[key]
         if is_v7:

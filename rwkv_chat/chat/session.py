@@ -1,6 +1,6 @@
 """A chat conversation over a Pipeline: turns, regenerate / continue / edit, snapshots.
 
-The model sees (ChatRWKV's chat format):
+The model sees (ChatRWKV's chat format, written by `template`):
 
     {preamble}User: {message}\\n\\nAssistant: {reply}\\n\\nUser: {message}\\n\\nAssistant: ...
 
@@ -25,7 +25,6 @@ the conversation in memory is never touched by it.
 """
 from __future__ import annotations
 
-import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -38,8 +37,8 @@ from ..pipeline import Generation, GenerationStats, Pipeline
 from ..sampling import END_OF_TEXT, SamplingSettings
 from . import snapshot as snapshots
 from .store import new_conversation_id
+from .template import TURN_END, clean_user_message, normalise_preamble, turn_prompt
 
-TURN_END = "\n\n"
 ROLES = ("user", "assistant")
 
 
@@ -67,22 +66,6 @@ class Message:
         stats = data.get("stats")
         return cls(data["role"], data["text"], None if stats is None else GenerationStats.from_dict(stats),
                    data.get("finish_reason"))
-
-
-def clean_user_message(text: str) -> str:
-    """The message as the model will see it: newlines normalised, stripped, blank lines removed
-    (so it cannot contain the turn separator "\\n\\n"). ValueError when nothing is left."""
-    text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
-    text = re.sub(r"\n\s*\n", "\n", text)
-    if not text:
-        raise ValueError("the message is empty")
-    return text
-
-
-def normalise_preamble(preamble: str) -> str:
-    """A non-empty preamble, stripped and followed by the turn separator; "" stays ""."""
-    preamble = preamble.replace("\r\n", "\n").strip()
-    return preamble + TURN_END if preamble else ""
 
 
 def _check_name(what: str, name: str) -> str:
@@ -280,7 +263,7 @@ class ChatSession:
             reply.cancel()
 
     def _turn_prompt(self, message: str, needs_turn_end: bool) -> str:
-        return (TURN_END if needs_turn_end else "") + f"{self.user}: {message}{TURN_END}{self.assistant}:"
+        return turn_prompt(message, self.user, self.assistant, end_previous=needs_turn_end)
 
     def _feed_prompt(self, turn: _Turn) -> tuple[RWKVState, int]:
         tokens = self.pipeline.encode(turn.prompt)
@@ -325,8 +308,15 @@ class ChatSession:
 
     def _start_reply(self, saved: _Saved, message: Message, prepare, continuing: bool = False) -> ChatReply:
         self.messages.append(message)
-        self._reply = ChatReply(self, message, prepare, saved, continuing)
+        self._reply = ChatReply(
+            self.pipeline, message, prepare, settings=self._reply_settings,
+            on_state=self._reply_advanced, on_finish=self._finish_reply, on_withdraw=lambda: self._rollback(saved),
+            raw_text=self._turn.raw_reply if continuing else "", previous_stats=message.stats if continuing else None)
         return self._reply
+
+    def _reply_advanced(self, state: RWKVState) -> None:
+        """From the reply's thread: the state after the prompt / after each generated token."""
+        self.state = state
 
     def _reply_settings(self) -> SamplingSettings:
         """The user's settings plus what the chat format needs: stop at "\\n\\n", no end-of-text."""
@@ -550,14 +540,21 @@ class ChatReply:
     with an exception, the session is put back as it was before the reply started.
     """
 
-    def __init__(self, session: ChatSession, message: Message,
-                 prepare: Callable[[], tuple[RWKVState, int]], saved: _Saved, continuing: bool):
-        self.session = session
+    def __init__(self, pipeline: Pipeline, message: Message, prepare: Callable[[], tuple[RWKVState, int]], *,
+                 settings: Callable[[], SamplingSettings], on_state: Callable[[RWKVState], None],
+                 on_finish: Callable[[ChatReply, RWKVState, str], None], on_withdraw: Callable[[], None],
+                 raw_text: str = "", previous_stats: GenerationStats | None = None):
+        """Made by the session, which owns the transitions: `prepare()` gives the starting state
+        and the prompt's token count, `settings` is read before every token, `on_state` gets each
+        new state, `on_finish(reply, state, fed_text)` settles the session, `on_withdraw()` puts
+        it back as it was (a failed or never-started reply)."""
+        self.pipeline = pipeline
         self.message = message
         self._prepare = prepare
-        self._saved = saved
-        self._previous_stats = message.stats if continuing else None
-        self.raw_text = session._turn.raw_reply if continuing else ""
+        self._settings = settings
+        self._on_state, self._on_finish, self._on_withdraw = on_state, on_finish, on_withdraw
+        self._previous_stats = previous_stats
+        self.raw_text = raw_text
         self._cancelled = threading.Event()
         self._generation: Generation | None = None
         self._start_state: RWKVState | None = None
@@ -589,7 +586,7 @@ class ChatReply:
                 self._settle()
             else:
                 self._settled = True
-                self.session._rollback(self._saved)
+                self._on_withdraw()
 
     @property
     def text(self) -> str:
@@ -629,12 +626,12 @@ class ChatReply:
             started_at = time.perf_counter()
             self._start_state, self._prompt_tokens = self._prepare()
             self._prefill_seconds = time.perf_counter() - started_at
-            self.session.state = self._start_state
-            self._generation = self.session.pipeline.stream("", self._start_state, self.session._reply_settings)
+            self._on_state(self._start_state)
+            self._generation = self.pipeline.stream("", self._start_state, self._settings)
             if self._cancelled.is_set():
                 self._generation.cancel()
             for piece in self._generation:
-                self.session.state = self._generation.state
+                self._on_state(self._generation.state)
                 shown = self._append(piece)
                 if shown:
                     yield shown
@@ -645,7 +642,7 @@ class ChatReply:
             raise
         except BaseException:
             self._settled = True
-            self.session._rollback(self._saved)
+            self._on_withdraw()
             raise
         self._settle()
 
@@ -665,12 +662,12 @@ class ChatReply:
         self._settled = True
         generation = self._generation
         state = generation.state if generation is not None else self._start_state
-        fed = self.session.pipeline.decode(generation.tokens) if generation is not None else ""
+        fed = self.pipeline.decode(generation.tokens) if generation is not None else ""
         self.message.finish_reason = generation.finish_reason if generation is not None else "cancelled"
         if self.message.finish_reason is None:
             self.message.finish_reason = "cancelled"
         self.message.stats = self.stats
-        self.session._finish_reply(self, state, fed)
+        self._on_finish(self, state, fed)
 
 
 def _combined(first: GenerationStats, second: GenerationStats) -> GenerationStats:

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -106,7 +107,7 @@ def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[s
     write = locations.write_new_file if new_file else locations.write_atomically
     try:
         return write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
-    except Exception as error:  # OSError, or safetensors' own error for a failed write
+    except (OSError, SafetensorError) as error:  # SafetensorError: a failed write safetensors reports itself
         raise SnapshotError(f"{path}: cannot save the conversation ({_write_problem(error)})") from error
 
 
@@ -115,7 +116,7 @@ def _write_problem(error: Exception) -> str:
     if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "os error 28" in text:
         return "the disk is full"
     if getattr(error, "errno", None) in (errno.EROFS, errno.EACCES, errno.EPERM) or "os error 30" in text:
-        return f"the folder cannot be written: {error.strerror if isinstance(error, OSError) else text}"
+        return f"the folder cannot be written: {getattr(error, 'reason', None) or getattr(error, 'strerror', None) or text}"
     return text
 
 
@@ -162,6 +163,28 @@ def read_snapshot_data(path: str | os.PathLike) -> dict:
     if METADATA_KEY not in metadata:
         raise SnapshotError(f"{path}: not an rwkv-chat snapshot (no {METADATA_KEY!r} metadata)")
     return _upgrade(path, parse_description(path, metadata[METADATA_KEY]))
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a snapshot holds, for `rwkv-chat info` (only the JSON part is read): file, kind,
+    date, model, shape, messages, ...; `size` in bytes."""
+    path = Path(path)
+    data = read_snapshot_data(path)
+    model, messages = data["model"], data["messages"]
+    first = next((m.get("text", "") for m in messages if m.get("role") == "user"), "")
+    return {
+        "file": str(path),
+        "kind": "saved conversation (snapshot)",
+        "saved at": str(data.get("saved_at", "?"))[:19].replace("T", " "),
+        "model": f"{model.get('name', '?')} ({model.get('path', '?')})",
+        "shape": ModelShape.from_dict(model["shape"]).describe(),
+        "fingerprint": model.get("fingerprint", "?"),
+        "state file": data.get("state_file") or "-",
+        "messages": len(messages),
+        "first message": " ".join(first.split())[:80] or "-",
+        "tokens": data["tokens"],
+        "size": path.stat().st_size,
+    }
 
 
 def parse_description(path: Path, text: str):

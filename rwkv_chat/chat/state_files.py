@@ -15,7 +15,6 @@ import torch
 from ..engine import loader
 from ..engine.state import ModelShape, RWKVState
 from ..errors import ModelLoadError
-from ..files import check_regular_file
 from . import locations
 
 STATE_FILE_SUFFIX = ".pth"
@@ -71,8 +70,7 @@ class StateFileInfo:
 def read_state_file_info(path: str | os.PathLike, source: str = "user") -> StateFileInfo:
     """Describe one state file; raise ModelLoadError when it is not a readable state file."""
     file = Path(path)
-    check_regular_file(file, "state file")  # a FIFO would block in open()
-    layers = loader.time_state_layers(loader.read_tensors(file, "state file"), file, state_file=True)
+    layers = loader.read_state_file(file)
     n_head, head_size, _ = layers[0].shape
     return StateFileInfo(file, n_layer=len(layers), n_head=n_head, head_size=head_size,
                          dtype=str(layers[0].dtype).removeprefix("torch."), source=source)

@@ -188,7 +188,13 @@ class ConversationStore:
                 raise sqlite3.OperationalError("no index yet")
             db = sqlite3.connect(f"file:{self.index_path}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_S,
                                  check_same_thread=False, isolation_level=None)
-            return db
+            try:
+                db.execute("SELECT count(*) FROM conversations").fetchone()
+                return db
+            except sqlite3.OperationalError:  # a WAL index on a read-only file system: no -shm file can be made
+                db.close()
+            return sqlite3.connect(f"file:{self.index_path}?immutable=1", uri=True,
+                                   check_same_thread=False, isolation_level=None)
         db = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         db.execute("PRAGMA journal_mode = WAL")

@@ -21,6 +21,7 @@ Differences from 0.8.32, on purpose:
 """
 from __future__ import annotations
 
+import contextlib
 import types
 
 import torch
@@ -28,6 +29,7 @@ import torch
 from ..engine.model import RWKV as EngineRWKV
 from ..engine.state import RWKVState
 from ..errors import ModelLoadError, StateMismatchError
+from ..progress import terminal_bar
 
 _VERSION_NUMBER = {"4": 4, "5.2": 5.2, "6": 6.0, "7": 7}
 
@@ -41,7 +43,9 @@ class RWKV:
                 f"{model}: convert_and_save_and_exit is not supported: rwkv-chat loads raw checkpoints "
                 "directly under any strategy, so there is nothing to convert"
             )
-        self.engine = EngineRWKV(model, strategy=strategy, progress="auto" if verbose else None)
+        with contextlib.ExitStack() as stack:
+            progress = stack.enter_context(terminal_bar(model, f"Reading {model}")) if verbose else None
+            self.engine = EngineRWKV(model, strategy=strategy, progress=progress)
         engine = self.engine
         self.version = _VERSION_NUMBER[engine.version]
         self.n_layer, self.n_embd = engine.n_layer, engine.n_embd

@@ -9,6 +9,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -269,12 +270,22 @@ def time_state_layers(sd: dict[str, torch.Tensor], path: Path, *, state_file: bo
     return layers
 
 
+def read_state_file(path: Path) -> list[torch.Tensor]:
+    """A tuned state file's [H, N, N] layers in order (read without running code, validated by
+    `time_state_layers`); not yet checked against any model."""
+    check_regular_file(path, "state file")  # a FIFO would block in open()
+    return time_state_layers(read_tensors(path, "state file"), path, state_file=True)
+
+
 def time_state_tensors(sd: dict[str, torch.Tensor], dims: Dims, path: Path, version: str) -> list[torch.Tensor] | None:
     """The tuned-state entries of a state file or of a checkpoint with a merged state, checked
     against the model's dims, finite, as float32."""
     layers = time_state_layers(sd, path, state_file=False)
-    if layers is None:
-        return None
+    return None if layers is None else fit_time_state(layers, dims, path, version)
+
+
+def fit_time_state(layers: list[torch.Tensor], dims: Dims, path: Path, version: str) -> list[torch.Tensor]:
+    """Tuned-state layers (from `time_state_layers`) checked against a model's dims, finite, as float32."""
     if version == "4":
         raise ModelLoadError(f"{path}: tuned states exist for v5.2, v6 and v7 only; this model is v4")
     H, N = dims.n_head, dims.head_size
@@ -287,6 +298,45 @@ def time_state_tensors(sd: dict[str, torch.Tensor], dims: Dims, path: Path, vers
     for i, t in enumerate(layers):
         check_finite(f"blocks.{i}.att.time_state", t, path)
     return [t.float() for t in layers]
+
+
+def describe(path: str | os.PathLike) -> dict[str, Any]:
+    """What a checkpoint or tuned state file holds, read without building a model (memory-mapped,
+    weights-only): file, kind, layers, width, heads, ... in display order. `parameters` (a count)
+    and `size` (bytes) are numbers; the caller formats them."""
+    path = resolve_path(path)
+    sd = read_tensors(path)  # mmap, weights_only: no code runs, nothing is copied
+    blocks, other = split_blocks(sd)
+    common = {"parameters": sum(t.numel() for t in sd.values()), "dtype": _dtypes(sd), "size": path.stat().st_size}
+    if blocks and not other and all(set(b) == {TIME_STATE} for b in blocks.values()):
+        layers = time_state_layers(sd, path, state_file=True)
+        n_head, head_size, _ = layers[0].shape
+        return {"file": str(path), "kind": "tuned state file", "layers": len(layers), "width": n_head * head_size,
+                "heads": f"{n_head} x {head_size}",
+                "fits": f"RWKV v5.2/v6/v7 models of {len(layers)} layers x {n_head * head_size}", **common}
+    version = detect_version(sd, path)
+    dims = read_dims(sd, version, path)
+    merged = any(TIME_STATE in b for b in blocks.values())
+    return {
+        "file": str(path),
+        "kind": "RWKV model" + (" (with a merged tuned state)" if merged else ""),
+        "version": version,
+        "layers": dims.n_layer,
+        "width": dims.n_embd,
+        "heads": f"{dims.n_head} x {dims.head_size}" if version != "4" else "- (v4 has no heads)",
+        "ffn": dims.ffn_dim,
+        "vocab": dims.vocab_size,
+        **common,
+    }
+
+
+def _dtypes(sd: dict[str, torch.Tensor]) -> str:
+    """The dtypes of the entries, most elements first ("bfloat16, float32")."""
+    counts: dict[str, int] = {}
+    for tensor in sd.values():
+        name = str(tensor.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + tensor.numel()
+    return ", ".join(sorted(counts, key=counts.get, reverse=True))
 
 
 def fingerprint(path: Path) -> str:

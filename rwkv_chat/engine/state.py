@@ -73,6 +73,12 @@ def check_state_tensors(shape: ModelShape, tensors: dict[str, torch.Tensor]) -> 
             raise StateMismatchError(f"saved state {key} contains NaN or infinite values")
 
 
+def time_state_layout(version: str, wkv: torch.Tensor) -> torch.Tensor:
+    """One layer's wkv state between the tuned-state file layout ([h][v][k]) and the engine's:
+    v5.2/v6 compute in [h][k][v] (transposed: the swap is its own inverse), v7 in [h][v][k]."""
+    return wkv.transpose(-1, -2) if version in ("5.2", "6") else wkv
+
+
 def ordinary(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` itself, or when it was made under `torch.inference_mode` (which forbids in-place
     edits outside that mode) a normal tensor over the same memory: no copy, about a microsecond."""
@@ -151,8 +157,6 @@ class RWKVState:
             raise StateMismatchError("RWKV v4 has no matrix-valued state to save as a tuned state file")
         out = {}
         for i, layer in enumerate(self.layers):
-            wkv = layer[1].detach().float().cpu()
-            if self.shape.version in ("5.2", "6"):
-                wkv = wkv.transpose(1, 2)  # [h][k][v] -> [h][v][k]
+            wkv = time_state_layout(self.shape.version, layer[1].detach().float().cpu())
             out[f"blocks.{i}.att.time_state"] = wkv.contiguous()
         return out

@@ -42,7 +42,9 @@ class LayerPlan:
 
 
 def parse_strategy(text: str) -> list[Segment]:
-    if not isinstance(text, str) or not text.strip():
+    if not isinstance(text, str):
+        raise StrategyError(f"strategy must be a string such as 'cpu fp32', got {type(text).__name__} {text!r}")
+    if not text.strip():
         raise StrategyError(f"strategy {text!r} is empty; try 'cpu fp32' or 'cuda fp16'")
     segments = []
     for raw in text.split("->"):

@@ -55,6 +55,8 @@ from pathlib import Path
 
 import torch
 
+from ..chat.template import exchange
+
 __all__ = [
     "PreparedData",
     "build_documents",
@@ -87,11 +89,7 @@ def clean_turn(text: str) -> str:
 
 def format_conversation(turns: list[str]) -> str:
     """``User: a\\n\\nAssistant: b\\n\\n...``; drops a trailing unanswered turn."""
-    turns = turns[: len(turns) // 2 * 2]
-    parts = []
-    for i, turn in enumerate(turns):
-        parts.append(("User: " if i % 2 == 0 else "Assistant: ") + turn + "\n\n")
-    return "".join(parts)
+    return "".join(exchange(turns[i], turns[i + 1]) for i in range(0, len(turns) - 1, 2))
 
 
 def _segments(turns: list[str]) -> list[list[str]]:

@@ -40,11 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..demo import UNSEEN_LOGIT, expand_to_world  # the runtime's part, re-exported for the trainer
+
 __all__ = ["DECAY_SCALE", "LN_X_EPS", "RWKV7", "RWKV7Config", "expand_to_world"]
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-DECAY_SCALE * sigmoid(.)), so w lies in (0.545, 1)
 LN_X_EPS = 64e-5  # GroupNorm eps used by RWKV-7 runtimes (head size 64 convention)
-UNSEEN_LOGIT = -50.0
 WKV_CHUNK = 16  # chunk length of the chunked recurrence (sequences of other lengths use the loop)  # logit given to tokens outside the local vocabulary by expand_to_world
 
 
@@ -387,36 +388,3 @@ class RWKV7(nn.Module):
         out["blocks.0.att.v1"] = torch.zeros(C, D)
         out["blocks.0.att.v2"] = torch.zeros(D, C)
         return {k: v.to(dtype).contiguous() for k, v in out.items()}
-
-
-@torch.no_grad()
-def expand_to_world(
-    sd: dict[str, torch.Tensor],
-    token_ids: torch.Tensor,
-    world_vocab: int = 65536,
-    unseen_logit: float = UNSEEN_LOGIT,
-) -> dict[str, torch.Tensor]:
-    """Turn a local-vocabulary state dict into one with ``world_vocab`` rows.
-
-    ``token_ids[i]`` is the world id of local row ``i``. Unseen tokens get the mean embedding
-    (a harmless "average token" if a user types one) and a head row that only reads the bias
-    channel, so their logit is ``unseen_logit`` whatever the hidden state. Requires a model
-    trained with ``bias_channel=True`` (checked: ln_out's last channel must be the constant 1).
-    """
-    token_ids = torch.as_tensor(token_ids, dtype=torch.long)
-    emb, head = sd["emb.weight"], sd["head.weight"]
-    if emb.shape[0] != token_ids.numel() or head.shape[0] != token_ids.numel():
-        raise ValueError("token_ids does not match the local vocabulary size")
-    lw, lb = sd["ln_out.weight"].float(), sd["ln_out.bias"].float()
-    if lw[-1].item() != 0.0 or lb[-1].item() != 1.0:
-        raise ValueError("state dict has no bias channel (ln_out last channel must be 0*x+1)")
-    C = emb.shape[1]
-    new_emb = emb.float().mean(0, keepdim=True).repeat(world_vocab, 1)
-    new_emb[token_ids] = emb.float()
-    new_head = torch.zeros(world_vocab, C)
-    new_head[:, -1] = unseen_logit
-    new_head[token_ids] = head.float()
-    out = dict(sd)
-    out["emb.weight"] = new_emb.to(emb.dtype)
-    out["head.weight"] = new_head.to(head.dtype)
-    return out

@@ -8,7 +8,8 @@ from pathlib import Path
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 
-from ..chat.config import DEFAULT_KEYS, Config, default_config_path
+from ..config import Config, default_config_path
+from .keys import DEFAULT_KEYS
 from ..chat.prefs import load_prefs, save_prefs
 from .screens.chat import ChatScreen
 from .widgets.state_files import StateChoice
@@ -75,7 +76,7 @@ class ChatApp(App):
         ]
         for title, help_text, callback in commands:
             yield SystemCommand(title, help_text, callback)
-        for choice in chat.state_choices():
+        for choice in chat.listed_state_files or []:  # listed by a worker when the screen opened
             if choice.fits:
                 yield SystemCommand(f"Load state file: {choice.info.name}",
                                     f"New conversation from {choice.info.path}",
@@ -115,7 +116,7 @@ def make_app(session, *, config: Config | None = None, demo_note: str | None = N
     state-file folders (tests)."""
     from ..chat import locations
 
-    model = session.pipeline.model
+    model = session.model
     folders = list(state_folders) if state_folders is not None else locations.state_dirs()
     return ChatApp(
         session,

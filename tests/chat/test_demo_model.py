@@ -7,7 +7,7 @@ import torch
 
 from rwkv_chat import Pipeline, RWKV
 from rwkv_chat.chat import ChatSession
-from rwkv_chat.training.demo import demo_model_path
+from rwkv_chat.demo import demo_model_path
 
 QUESTIONS = ["Hi!", "How are you doing today?", "What do you like to do for fun?", "Do you like music?",
              "Where do you live?"]

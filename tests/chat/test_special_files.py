@@ -17,7 +17,7 @@ from safetensors import SafetensorError
 from rwkv_chat import RWKV, Pipeline
 from rwkv_chat.chat import list_state_files, read_state_file_info, save_state_file
 from rwkv_chat.chat import snapshot as snapshots
-from rwkv_chat.chat.config import ConfigError, load_config
+from rwkv_chat.config import ConfigError, load_config
 from rwkv_chat.chat.session import ChatSession
 from rwkv_chat.errors import FileWriteError, NotARegularFileError, RWKVChatError, SnapshotError
 from rwkv_chat.files import regular_file_problem, write_atomically
@@ -165,29 +165,6 @@ def test_new_errors_are_in_the_family():
 
 
 # ------------------------------------------------------------------ the same on real file systems (root only)
-
-
-@pytest.fixture
-def mount_tmpfs(tmp_path):
-    """mount_tmpfs(options) -> a fresh tmpfs folder (read-only or tiny); skips without root."""
-    import subprocess
-
-    mounted = []
-
-    def mount(options: str) -> Path:
-        folder = tmp_path / f"mnt{len(mounted)}"
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(folder)], capture_output=True)
-        if done.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        # lazy: a failed torch.save can leave its (deleted) temp file open until garbage collection
-        done = subprocess.run(["umount", "-l", str(folder)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
 
 
 def test_real_read_only_file_system(load_model, mount_tmpfs):

@@ -339,3 +339,21 @@ def test_an_index_that_cannot_be_written_opens_read_only_and_is_not_set_aside(pi
     assert [i.title for i in reopened.list()] == ["still listed"]
     with pytest.raises(StoreError, match="disk is full"):
         reopened.save("x", {"messages": []}, {})
+
+
+def test_a_read_only_file_system_still_lists_and_opens_what_was_kept(pipe, chat_home, mount_tmpfs, monkeypatch):
+    """A WAL index cannot be opened with mode=ro where no -shm file can be made; it must still be read."""
+    home = mount_tmpfs("size=4m")
+    monkeypatch.setenv("RWKV_CHAT_HOME", str(home))
+    writable = ConversationStore()
+    session = stored_session(pipe, writable, "kept before the remount")
+    session.close()
+    writable.close()
+    subprocess.run(["mount", "-o", "remount,ro", str(home)], check=True)
+
+    read_only = ConversationStore()
+    assert read_only.read_only
+    assert [i.title for i in read_only.list()] == ["kept before the remount"]
+    assert read_only.most_recent().id == session.conversation_id
+    assert ChatSession.from_store(pipe, read_only, session.conversation_id).messages == session.messages
+    read_only.close()

@@ -64,12 +64,45 @@ def test_generate_greedy_matches_the_pipeline(runner, model_path):
     assert result.stdout == expected + "\n"
 
 
-def test_generate_with_a_state_file_and_chat_format(runner, model_path, state_path):
+def test_generate_chat_format_wraps_the_prompt_in_the_chat_template(runner, model_path):
+    from rwkv_chat import RWKV, Pipeline
+
+    expected, _ = Pipeline(RWKV(model_path, progress=None)).generate(
+        "User: Hi\nthere\n\nAssistant:", temperature=0, max_tokens=6, stop=["\n\n"])
+    result = invoke(runner, "generate", "-m", model_path, "--chat", "-t", 0, "-n", 6, " Hi\n\nthere ")
+    assert result.stdout == expected.lstrip() + "\n"  # blank lines cannot end the user's turn early
+
+
+def test_generate_with_a_state_file(runner, model_path, state_path):
+    from rwkv_chat import RWKV, Pipeline
+
+    model = RWKV(model_path, progress=None)
+    expected, _ = Pipeline(model).generate("Hi", state=model.load_state(state_path), temperature=0, max_tokens=6)
     plain = invoke(runner, "generate", "-m", model_path, "-t", 0, "-n", 6, "Hi")
     tuned = invoke(runner, "generate", "-m", model_path, "--state", state_path, "-t", 0, "-n", 6, "Hi")
-    chat = invoke(runner, "generate", "-m", model_path, "--chat", "-t", 0, "-n", 6, "Hi")
-    assert {plain.exit_code, tuned.exit_code, chat.exit_code} == {0}
-    assert tuned.stdout != plain.stdout
+    assert tuned.exit_code == 0
+    assert tuned.stdout == expected + "\n" and tuned.stdout != plain.stdout
+
+
+def test_generate_chat_format_writes_the_assistant_turn(runner, model_path, monkeypatch):
+    """--chat: the prompt goes in as a chat turn, the reply stops at a blank line (as well as at
+    the user's stops) and loses the space after "Assistant:"."""
+    from rwkv_chat import RWKV, Pipeline
+
+    expected, _ = Pipeline(RWKV(model_path, progress=None)).generate(
+        "User: Hi\n\nAssistant:", temperature=0, max_tokens=6, stop=("\n\n",))
+    calls = []
+    original = Pipeline.stream
+
+    def spy(self, prompt, **options):
+        calls.append((prompt, options["settings"].stop))
+        return original(self, prompt, **options)
+
+    monkeypatch.setattr(Pipeline, "stream", spy)
+    chat = invoke(runner, "generate", "-m", model_path, "--chat", "--stop", "###", "-t", 0, "-n", 6, "  Hi \n")
+    assert chat.exit_code == 0
+    assert expected.lstrip() and chat.stdout == expected.lstrip() + "\n"
+    assert calls == [("User: Hi\n\nAssistant:", ("###", "\n\n"))]
 
 
 def test_generate_refuses_bad_sampling_values(runner, model_path):
@@ -167,7 +200,7 @@ def test_bad_config_file(runner, tmp_path, model_path):
 
 
 def test_no_model_and_no_demo_says_to_pass_model(runner, monkeypatch):
-    monkeypatch.setitem(sys.modules, "rwkv_chat.training.demo", None)  # import fails
+    monkeypatch.setitem(sys.modules, "rwkv_chat.demo", None)  # import fails
     result = runner.invoke(cli, ["generate", "Hi"])
     assert result.exit_code == ExitCode.BAD_INPUT
     assert "demo model is not available" in result.stderr and "--model" in result.stderr

@@ -11,7 +11,7 @@ import pytest
 
 from rwkv_chat import cli as cli_module
 from rwkv_chat.cli import ExitCode, cli
-from rwkv_chat.training import demo as demo_module
+from rwkv_chat import demo as demo_module
 
 from .test_cli import FakeApp, fake_app  # noqa: F401  (fixture)
 

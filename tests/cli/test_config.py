@@ -3,14 +3,14 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_chat.chat.config import (
-    DEFAULT_KEYS,
+from rwkv_chat.config import (
     Config,
     ConfigError,
     default_config_path,
     load_config,
 )
 from rwkv_chat.errors import RWKVChatError
+from rwkv_chat.tui.keys import DEFAULT_KEYS
 
 
 def test_missing_default_file_gives_the_defaults(user_home):

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from rwkv_chat.chat.config import MAX_PREAMBLE, ConfigError, is_key_name, load_config
+from rwkv_chat.config import MAX_PREAMBLE, ConfigError, load_config
+from rwkv_chat.tui.keys import is_key_name
 
 
 @pytest.mark.parametrize("text, message", [

@@ -163,3 +163,16 @@ def test_real_process_on_a_fifo_ends_with_one_line(fifo, tmp_path):
     assert done.stderr == f"Error: {fifo}: is a FIFO (named pipe), not a regular file\n"
     done = subprocess.run([*run, "--debug"], capture_output=True, text=True, timeout=60, env=env)
     assert done.returncode == 1 and "Traceback" in done.stderr and "NotARegularFileError" in done.stderr
+
+
+def test_a_reader_that_goes_away_ends_the_output_quietly(tmp_path):
+    """`rwkv-chat generate ... | head -c 5`: no "Error: Broken pipe", the SIGPIPE status."""
+    env = {**os.environ, "RWKV_CHAT_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    run = [sys.executable, "-m", "rwkv_chat.cli", "generate", "--demo", "-n", "400", "Once upon a time"]
+    process = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    assert len(process.stdout.read(5)) == 5
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == ExitCode.PIPE_CLOSED
+    assert "Error" not in stderr and "Traceback" not in stderr, stderr

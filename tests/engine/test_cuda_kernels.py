@@ -561,10 +561,6 @@ def test_first_error_line(log, line):
     assert cuda.first_error_line(log) == line
 
 
-def test_status_names_the_library_names():
-    assert cuda.wkv_library_name(64) == "rwkv_chat_wkv_hs64"
-
-
 # ---------------------------------------------------------------------------------------------
 # On a GPU
 

@@ -181,3 +181,37 @@ def test_environment_switches_unset_are_fine(tmp_path, v7_weights, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     model = RWKV(write(tmp_path, "m.pth", v7_weights))
     assert model.forward([1])[0].shape == (65536,)
+
+
+# ------------------------------------------------------------------ the Python API's other inputs
+
+
+def test_api_inputs_outside_the_model_raise_the_error_family():
+    from rwkv_chat import Tokenizer
+    from rwkv_chat.engine.strategy import parse_strategy
+    from rwkv_chat.errors import RWKVChatError, SamplingError
+    from rwkv_chat.sampling import Sampler, SamplingSettings
+
+    cases = [
+        (lambda: SamplingSettings(max_tokens=-3), SamplingError, "max_tokens"),
+        (lambda: SamplingSettings(temperature=float("inf")), SamplingError, "temperature"),
+        (lambda: Tokenizer().encode("bad \udcff text"), TokenError, "position 4"),
+        (lambda: Tokenizer().decode([10**9]), TokenError, "1000000000"),
+        (lambda: parse_strategy(5), StrategyError, "must be a string"),
+        (lambda: Sampler(seed=1).sample(torch.full((5,), -torch.inf), SamplingSettings()), SamplingError, "banned"),
+        (lambda: Sampler(seed=1).sample(torch.tensor([0.0, torch.nan]), SamplingSettings()), SamplingError, "NaN"),
+        (lambda: Sampler(seed=1).sample(torch.tensor([0.0, torch.inf]), SamplingSettings()), SamplingError, "infinite"),
+    ]
+    for call, error, words in cases:
+        with pytest.raises(error, match=words) as raised:
+            call()
+        assert isinstance(raised.value, RWKVChatError)
+
+
+def test_minus_infinity_is_a_ban_the_sampler_accepts():
+    from rwkv_chat.sampling import Sampler, SamplingSettings
+
+    logits = torch.zeros(50)
+    logits[:49] = -torch.inf  # everything banned but token 49
+    draws = {Sampler(seed=seed).sample(logits, SamplingSettings(temperature=1.0, top_p=1.0)) for seed in range(20)}
+    assert draws == {49}

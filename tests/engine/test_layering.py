@@ -87,3 +87,49 @@ def test_the_version_modules_do_not_pick_backends():
                 "rwkv_chat.engine.ops.cuda", "rwkv_chat.engine.ops.torch_ref"}
     for version in ("v4", "v5_2", "v6", "v7"):
         assert not graph[f"rwkv_chat.engine.{version}"] & backends, version
+def test_engine_imports_no_ui_library():
+    modules = imported_after("import rwkv_chat.engine.model, rwkv_chat.engine.loader, rwkv_chat.pipeline")
+    assert "rwkv_chat.engine.model" in modules
+    ui = sorted(m for m in modules if m.split(".")[0] in ("rich", "textual", "click"))
+    assert ui == [], "the engine reports loading progress through a callback; the caller draws it"
+
+
+def test_loading_reports_progress_through_the_callback(tmp_path):
+    from rwkv_chat.engine.model import RWKV
+    from rwkv_chat.testing.checkpoints import make_checkpoint, save_checkpoint
+
+    calls = []
+    path = save_checkpoint(tmp_path / "m.pth", make_checkpoint("7", 2, 64, vocab_size=256))
+    RWKV(path, progress=lambda done, total, what: calls.append((done, total)))
+    assert calls and calls[-1][0] == calls[-1][1] == 3  # two layers, then the head
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def test_reading_the_config_does_not_start_the_ui():
+    modules = imported_after("import rwkv_chat.config; rwkv_chat.config.parse_config({'keys': {'stop': 'f9'}})")
+    assert "rwkv_chat.tui.keys" in modules  # the binding ids belong to the TUI ...
+    assert not any(m.startswith("rwkv_chat.tui.") and m != "rwkv_chat.tui.keys" for m in modules)
+    assert "textual.app" not in modules  # ... which is not started to read them
+
+
+def test_the_chat_layer_owns_no_key_bindings_or_app_config():
+    modules = imported_after("import rwkv_chat.chat, rwkv_chat.chat.session, rwkv_chat.chat.snapshot, "
+                             "rwkv_chat.chat.state_files, rwkv_chat.chat.store")
+    assert not any(m.startswith("rwkv_chat.tui") for m in modules)
+    assert "rwkv_chat.config" not in modules
+
+
+def test_the_runtime_never_imports_the_trainer(tmp_path):
+    """Everything but training/ and testing/ (the CLI with the demo model included) runs without
+    importing rwkv_chat.training."""
+    import pkgutil
+
+    import rwkv_chat
+
+    runtime = sorted(m.name for m in pkgutil.walk_packages(rwkv_chat.__path__, "rwkv_chat.")
+                     if not m.name.startswith(("rwkv_chat.training", "rwkv_chat.testing", "rwkv_chat.tui")))
+    assert "rwkv_chat.demo" in runtime and "rwkv_chat.cli" in runtime
+    modules = imported_after("import " + ", ".join(runtime) + "; import rwkv_chat.tui.app, rwkv_chat.tui.keys\n"
+                             f"from rwkv_chat.demo import demo_model_path; demo_model_path({str(tmp_path)!r})")
+    assert "rwkv_chat.cli" in modules and "rwkv_chat.demo" in modules
+    assert sorted(m for m in modules if m.startswith("rwkv_chat.training")) == []

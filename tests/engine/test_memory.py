@@ -1,4 +1,7 @@
-"""Weight conversion a block of rows at a time (engine/memory.py)."""
+"""Weight conversion a block of rows at a time, and the page releaser (engine/memory.py)."""
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -23,3 +26,99 @@ def test_row_blocks_cover_every_row_once_in_bounded_blocks():
         assert blocks[0][0] == 0 and blocks[-1][1] == rows
         assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
         assert all((stop - start) * cols <= max(cols, 1 << 20) for start, stop in blocks)
+
+
+# ---------------------------------------------------------------------------------------------
+# The page releaser: file pages of converted tensors leave the process's RSS, nothing else moves
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the page releaser works on Linux only")
+ROWS, COLS = 1024, 4096  # 16 MiB of float32
+
+
+def mapped_rss_kib(path: Path) -> int:
+    """KiB of this process's RSS inside mappings of `path` (from /proc/self/smaps)."""
+    target, total, inside = str(path.resolve()), 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and not fields[0].endswith(":"):  # a mapping's header line
+                inside = len(fields) >= 6 and line.rstrip("\n").endswith(target)
+            elif inside and fields[0] == "Rss:":
+                total += int(fields[1])
+    return total
+
+
+def expected_weight() -> torch.Tensor:
+    return torch.arange(ROWS * COLS, dtype=torch.float32).view(ROWS, COLS)
+
+
+@pytest.fixture
+def mapped_checkpoint(tmp_path):
+    """(path, memory-mapped state dict) with every page of "weight" read once."""
+    path = tmp_path / "weights.pth"
+    torch.save({"weight": expected_weight(), "tiny": torch.ones(3)}, path)
+    sd = torch.load(path, mmap=True, weights_only=True)
+    assert torch.equal(sd["weight"], expected_weight())  # reads (maps in) every page
+    return path, sd
+
+
+@linux_only
+def test_releasing_drops_the_file_pages_and_the_data_reads_back(mapped_checkpoint):
+    path, sd = mapped_checkpoint
+    weight = sd["weight"]
+    size_kib = ROWS * COLS * 4 // 1024
+    before = mapped_rss_kib(path)
+    assert before >= size_kib * 0.9
+    with memory.releasing(path) as releaser:
+        assert releaser.ranges  # the mapping of this very file was found
+        memory.release(weight[: ROWS // 2])
+        half = mapped_rss_kib(path)
+        memory.release(weight[ROWS // 2:])
+        after = mapped_rss_kib(path)
+    assert before - half >= size_kib * 0.45  # first half gone
+    assert after <= size_kib * 0.05  # all of it gone (a partial page at each end may stay)
+    assert torch.equal(weight, expected_weight())  # read again from the file: same numbers
+    assert mapped_rss_kib(path) >= size_kib * 0.9
+
+
+@linux_only
+def test_release_does_nothing_outside_releasing_or_for_unsuitable_tensors(mapped_checkpoint):
+    path, sd = mapped_checkpoint
+    weight = sd["weight"]
+    before = mapped_rss_kib(path)
+    memory.release(weight)  # no `releasing` block: a no-op
+    assert mapped_rss_kib(path) >= before * 0.95
+    with memory.releasing(path):
+        memory.release(weight.t())  # not contiguous: skipped
+        memory.release(sd["tiny"])  # less than a page: nothing whole to drop
+        assert mapped_rss_kib(path) >= before * 0.95
+
+
+@linux_only
+def test_release_never_touches_memory_that_is_not_the_files(mapped_checkpoint, tmp_path):
+    """MADV_DONTNEED on anonymous memory would zero it: tensors of our own, and another file's
+    mapping, must keep their values."""
+    path, sd = mapped_checkpoint
+    own = expected_weight()  # anonymous memory
+    copy = sd["weight"].clone()
+    other_path = tmp_path / "other.pth"
+    torch.save({"weight": expected_weight()}, other_path)
+    other = torch.load(other_path, mmap=True, weights_only=True)["weight"]
+    assert torch.equal(other, own)
+    other_before = mapped_rss_kib(other_path)
+    with memory.releasing(path):
+        for tensor in (own, copy, other):
+            memory.release(tensor)
+    assert torch.equal(own, expected_weight()) and torch.equal(copy, expected_weight())
+    assert mapped_rss_kib(other_path) >= other_before * 0.95
+
+
+@linux_only
+def test_releasing_a_file_that_is_not_mapped_finds_no_ranges(tmp_path):
+    path = tmp_path / "never-mapped.pth"
+    path.write_bytes(b"x" * 10)
+    own = expected_weight()
+    with memory.releasing(path) as releaser:
+        assert releaser.ranges == []
+        memory.release(own)
+    assert torch.equal(own, expected_weight())

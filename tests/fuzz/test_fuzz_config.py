@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rwkv_chat.chat.config import KEY_BINDINGS, load_config, parse_config
+from rwkv_chat.config import load_config, parse_config
+from rwkv_chat.tui.keys import KEY_BINDINGS
 from rwkv_chat.sampling import SamplingSettings
 
 from .conftest import byte_op, fuzz_settings, loads_or_our_error, mutate_bytes

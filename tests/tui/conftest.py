@@ -9,7 +9,7 @@ import pytest
 
 from rwkv_chat import RWKV
 from rwkv_chat.chat import locations
-from rwkv_chat.chat.config import Config
+from rwkv_chat.config import Config
 from rwkv_chat.chat.session import ChatSession
 from rwkv_chat.engine import model as engine_model
 from rwkv_chat.pipeline import Pipeline

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from rwkv_chat.chat.config import DEFAULT_KEYS, Config
+from rwkv_chat.config import Config
+from rwkv_chat.tui.keys import DEFAULT_KEYS
 from rwkv_chat.tui.screens.chat import ChatScreen
 from rwkv_chat.tui.screens.help import HelpScreen, keys_table
 from rwkv_chat.tui.screens.history import HistoryScreen
@@ -387,10 +388,11 @@ def test_state_file_from_the_pane_starts_a_new_conversation(make_session, app_fo
     async def scenario(pilot):
         await send(pilot, "Hi")
         await wait_for_reply(pilot)
+        await wait_until(pilot, lambda: chat(pilot).listed_state_files is not None)
         await pilot.press("f3")  # focus the state-file list; the first entry fits
         await pilot.pause()
         await pilot.press("enter")
-        await pilot.pause()
+        await wait_for_reply(pilot)  # the state file is read and prefilled in a worker
         assert session.state_file == state_folder / "a-fits.pth"
         assert session.messages == [] and shown(pilot) == []
         assert "state a-fits" in str(chat(pilot).query_one(StatusLine).render())
@@ -406,12 +408,13 @@ def test_state_files_that_do_not_fit_or_do_not_load_leave_the_conversation(make_
         await wait_for_reply(pilot)
         before = in_session(session)
         pane_list = chat(pilot).query_one("#state-list")
+        await wait_until(pilot, lambda: chat(pilot).listed_state_files is not None)
         await pilot.press("f3")
         await pilot.pause()
         for index in (1, 2):  # b-bigger (does not fit), c-broken (fits, fails to load)
             pane_list.highlighted = index
             await pilot.press("enter")
-            await pilot.pause()
+            await wait_for_reply(pilot)
             assert session.state_file is None
             assert in_session(session) == before and shown(pilot) == before
         messages = [n.message for n in pilot.app._notifications]
@@ -425,11 +428,13 @@ def test_state_file_from_the_command_palette(make_session, app_for, state_folder
     session, _ = make_session()
 
     async def scenario(pilot):
+        await wait_until(pilot, lambda: chat(pilot).listed_state_files is not None)
         commands = {c.title: c for c in pilot.app.get_system_commands(chat(pilot))}
         assert "Load state file: a-fits" in commands
         assert "Load state file: b-bigger" not in commands  # does not fit
         commands["Load state file: a-fits"].callback()
-        await pilot.pause()
+        await wait_until(pilot, lambda: session.state_file is not None)
+        await wait_for_reply(pilot)
         assert session.state_file == state_folder / "a-fits.pth"
 
     run_app(app_for(session), scenario)

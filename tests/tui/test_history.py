@@ -210,3 +210,42 @@ def test_new_conversation_after_its_state_file_was_deleted_is_a_message(stored_s
         assert len(shown(pilot)) == 2 and isinstance(pilot.app.screen, ChatScreen)
 
     run_app(app_for(session), scenario)
+
+
+def test_a_message_unanswered_when_the_app_was_killed_comes_back_in_the_box(stored_session, app_for, user_home):
+    import subprocess
+    import sys
+
+    from rwkv_chat.chat import drafts
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    folder = drafts.folder()
+    folder.mkdir(parents=True)
+    (folder / f"{int(gone.stdout)}.txt").write_text("the question I typed before the kill", encoding="utf-8")
+    session, store = stored_session()
+
+    async def scenario(pilot):
+        prompt = pilot.app.screen_stack[0].prompt
+        assert prompt.text == "the question I typed before the kill"
+        assert "back in the message box" in notes(pilot)
+        assert list(folder.iterdir()) == []  # taken back: a second start does not show it again
+
+        await send(pilot, "a new question")
+        await wait_until(pilot, lambda: list(folder.iterdir()) == [])  # kept from Enter until its reply is stored
+        assert store.messages(session.conversation_id)[0]["text"] == "a new question"
+
+    run_app(app_for(session), scenario)
+
+
+def test_unanswered_messages_of_running_instances_are_left_alone(user_home):
+    import os
+
+    from rwkv_chat.chat import drafts
+
+    drafts.keep("mine, still being answered")
+    assert (drafts.folder() / f"{os.getpid()}.txt").exists()
+    assert drafts.recover() == []
+    drafts.clear("an older message")  # a newer message stays
+    assert drafts.recover() == [] and (drafts.folder() / f"{os.getpid()}.txt").exists()
+    drafts.clear("mine, still being answered")
+    assert list(drafts.folder().iterdir()) == []

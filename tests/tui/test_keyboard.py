@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 from textual import events
 
-from rwkv_chat.chat.config import KEY_BINDINGS
+from rwkv_chat.tui.keys import KEY_BINDINGS
 from rwkv_chat.chat.prefs import prefs_path
 from rwkv_chat.chat.session import ChatSession, Message
 from rwkv_chat.pipeline import GenerationStats

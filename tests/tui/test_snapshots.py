@@ -49,20 +49,29 @@ def conversation_app(make_session, app_for, fixed_home):
     return app_for(session)
 
 
+async def state_files_listed(pilot):
+    """The state-file pane is filled by a worker: wait for it so the picture is fixed."""
+    chat = pilot.app.screen_stack[0]
+    await wait_until(pilot, lambda: chat.listed_state_files is not None)
+    chat.prompt.cursor_blink = False  # waiting may have caught the cursor mid-blink: keep it drawn
+    await pilot.pause()
+
+
 def test_main_screen(snap_compare, conversation_app):
-    assert snap_compare(conversation_app, terminal_size=(100, 30))
+    assert snap_compare(conversation_app, terminal_size=(100, 30), run_before=state_files_listed)
 
 
 def test_main_screen_80x24(snap_compare, conversation_app):
-    assert snap_compare(conversation_app, terminal_size=(80, 24))
+    assert snap_compare(conversation_app, terminal_size=(80, 24), run_before=state_files_listed)
 
 
 def test_help_screen(snap_compare, conversation_app):
-    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f1"])
+    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f1"], run_before=state_files_listed)
 
 
 def test_state_pane(snap_compare, conversation_app):
-    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f3", "down"])
+    assert snap_compare(conversation_app, terminal_size=(100, 30), press=["f3", "down"],
+                        run_before=state_files_listed)
 
 
 def test_history_screen(snap_compare, conversation_app, monkeypatch):

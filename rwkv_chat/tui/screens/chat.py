@@ -16,8 +16,8 @@ from textual.message import Message
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ...chat import locations
-from ...chat.config import DEFAULT_KEYS, DESCRIPTIONS
+from ...chat import drafts, locations
+from ..keys import DEFAULT_KEYS, DESCRIPTIONS
 from ...errors import RWKVChatError
 from ..streaming import PieceBatcher
 from ..widgets.conversation import Conversation
@@ -98,6 +98,8 @@ class ChatScreen(Screen):
         self.welcome = welcome
         self.editing = False  # the message box holds an edit of the last user message
         self.replying = False  # a reply worker is running
+        self.last_sent: str | None = None  # kept on disk (chat/drafts.py) until its reply is stored
+        self.listed_state_files: list[StateChoice] | None = None  # None until the first listing is in
 
     # ------------------------------------------------------------------ layout
     def compose(self):
@@ -113,12 +115,13 @@ class ChatScreen(Screen):
                 yield prompt
             with Vertical(id="side"):
                 yield SettingsPane(session.settings, id="settings")
-                yield StateFilesPane(self.state_choices(), active=session.state_file,
+                yield StateFilesPane([], active=session.state_file,
                                      folders=self.state_folders, id="states")
         yield StatusLine(id="status")
         yield Footer()
 
     def on_mount(self) -> None:
+        self.list_state_files()
         self.conversation.show([Shown.of(m) for m in self.session.messages])
         self.refresh_status()
         self.query_one(PromptInput).focus()
@@ -126,6 +129,27 @@ class ChatScreen(Screen):
         store = getattr(self.session, "store", None)
         if store is not None and store.problem:
             self.notify(store.problem, title="Conversation history", severity="warning", timeout=10)
+        unanswered = drafts.recover()
+        if unanswered:
+            self.prompt.text = "\n\n".join(unanswered)
+            self.prompt.move_cursor(self.prompt.document.end)
+            self.notify("rwkv-chat stopped before answering your last message; it is back in the message box.",
+                        title="Unanswered message", timeout=10)
+
+    @work(thread=True, exclusive=True, group="state-files", exit_on_error=False)
+    def list_state_files(self) -> None:
+        """Read the state-file folders (every file's header) off the UI thread."""
+        try:
+            choices = self.state_choices()
+        except OSError as error:
+            self.app.call_from_thread(self.notify, str(error), title="Could not list the state files",
+                                      severity="warning")
+            choices = []
+        self.app.call_from_thread(self._state_files_listed, choices)
+
+    def _state_files_listed(self, choices: list[StateChoice]) -> None:
+        self.listed_state_files = choices
+        self.query_one(StateFilesPane).show(choices, self.session.state_file)
 
     def _store_failed(self, problem: str) -> None:
         """From the saver thread: the conversation could not be stored (it is still here)."""
@@ -154,7 +178,7 @@ class ChatScreen(Screen):
         session = self.session
         stats = next((m.stats for m in reversed(session.messages)
                       if m.role == "assistant" and getattr(m, "stats", None)), None)
-        model = session.pipeline.model
+        model = session.model
         self.query_one(StatusLine).info = StatusInfo(
             model=self.model_label,
             version=model.version,
@@ -172,11 +196,10 @@ class ChatScreen(Screen):
         self.refresh_status()
 
     # ------------------------------------------------------------------ replies
-    def start_reply(self, start: Callable[[], Iterable[str]], preview: list[Shown]) -> None:
-        """Show `preview` (the conversation as it will look, the last entry being the reply to
-        stream into) and run `start()` plus the iteration of what it returns in a thread."""
+    def start_reply(self, start: Callable[[], Iterable[str]]) -> None:
+        """Run `start()` (a session call returning the reply) and its iteration in a thread; the
+        conversation is drawn from what the session reports (ReplyStarted), never predicted."""
         self.replying = True
-        self.conversation.show(preview, streaming=True)
         self.refresh_status()
         self.run_reply(start)
 
@@ -198,10 +221,7 @@ class ChatScreen(Screen):
 
     @on(ReplyStarted)
     def _reply_started(self, event: ReplyStarted) -> None:
-        messages = event.messages
-        if not messages or messages[-1].role != "assistant":
-            messages = [*messages, Shown("assistant", "")]
-        self.conversation.show(messages, streaming=True)
+        self.conversation.show(event.messages, streaming=True)  # the last message is the reply
 
     @on(ReplyText)
     def _reply_text(self, event: ReplyText) -> None:
@@ -213,6 +233,15 @@ class ChatScreen(Screen):
         if event.error is not None:
             self.notify(str(event.error), title="Reply failed", severity="error")
         self.show_conversation()
+        if self.last_sent is not None:
+            self.forget_unanswered(self.last_sent)
+
+    @work(thread=True, group="drafts")
+    def forget_unanswered(self, text: str) -> None:
+        """The message is part of the conversation once the reply is stored (or when there is
+        no history to store it in)."""
+        if self.session.wait_stored(60):
+            drafts.clear(text)
 
     def busy_notice(self) -> bool:
         """True (after telling the user) when a reply is running."""
@@ -231,15 +260,14 @@ class ChatScreen(Screen):
         if self.busy_notice():
             return  # the text stays in the box
         text = event.text
-        shown = [Shown.of(m) for m in self.session.messages]
+        drafts.keep(text)
+        self.last_sent = text
         if self.editing:
-            cut = self.last_index("user")
             self.editing = False
             self.prompt.border_title = "Message"
-            self.start_reply(lambda: self.session.edit_last(text),
-                             [*shown[:cut], Shown("user", text), Shown("assistant", "")])
+            self.start_reply(lambda: self.session.edit_last(text))
         else:
-            self.start_reply(lambda: self.session.send(text), [*shown, Shown("user", text), Shown("assistant", "")])
+            self.start_reply(lambda: self.session.send(text))
         event.prompt.take(text)
 
     # ------------------------------------------------------------------ actions
@@ -263,9 +291,7 @@ class ChatScreen(Screen):
         if self.last_index("assistant") is None:
             self.notify("There is no reply to regenerate yet.")
             return
-        shown = [Shown.of(m) for m in self.session.messages]
-        cut = self.last_index("assistant")
-        self.start_reply(self.session.regenerate, [*shown[:cut], Shown("assistant", "")])
+        self.start_reply(self.session.regenerate)
 
     def action_continue_reply(self) -> None:
         if self.busy_notice():
@@ -273,7 +299,7 @@ class ChatScreen(Screen):
         if not self.session.messages or self.session.messages[-1].role != "assistant":
             self.notify("There is no reply to continue.")
             return
-        self.start_reply(self.session.continue_reply, [Shown.of(m) for m in self.session.messages])
+        self.start_reply(self.session.continue_reply)
 
     def action_edit_last(self) -> None:
         if self.busy_notice():
@@ -426,14 +452,30 @@ class ChatScreen(Screen):
         self.notify(event.reason, title="This state file does not fit the model", severity="warning")
 
     def load_state_file(self, path: Path) -> None:
-        """Start a new conversation from a tuned state; on failure the conversation is untouched."""
+        """Start a new conversation from a tuned state (read and prefilled in a thread); on
+        failure the conversation is untouched."""
         if self.busy_notice():
             return
+        self.replying = True  # the session is busy with the prefill: replies wait for it
+        self.refresh_status()
+        self.load_state_in_thread(path)
+
+    @work(thread=True, exclusive=True, group="prefill", exit_on_error=False)
+    def load_state_in_thread(self, path: Path) -> None:
         try:
             self.session.load_state_file(path)
         except (RWKVChatError, OSError) as error:
-            self.notify(str(error), title="Could not load the state file", severity="error")
+            self.app.call_from_thread(self._state_file_failed, error)
             return
+        self.app.call_from_thread(self._state_file_loaded, path)
+
+    def _state_file_failed(self, error: BaseException) -> None:
+        self.replying = False
+        self.refresh_status()
+        self.notify(str(error), title="Could not load the state file", severity="error")
+
+    def _state_file_loaded(self, path: Path) -> None:
+        self.replying = False
         self.query_one(StateFilesPane).set_active(self.session.state_file)
         self.show_conversation()
         self.notify(f"New conversation from state {Path(path).stem}")

@@ -11,13 +11,17 @@ from textual.containers import VerticalScroll
 from textual.screen import ModalScreen
 from textual.widgets import Static
 
-from ...chat.config import KEY_BINDINGS
+from ..keys import KEY_BINDINGS
+
+
+_KEY_NAMES = {"pageup": "PageUp", "pagedown": "PageDown", "escape": "Esc"}
 
 
 def key_label(keys: str) -> str:
     """'ctrl+j,shift+enter' -> 'Ctrl+J / Shift+Enter'."""
     def one(key: str) -> str:
-        return "+".join(part.upper() if len(part) == 1 else part.capitalize() for part in key.split("+"))
+        return "+".join(part.upper() if len(part) == 1 else _KEY_NAMES.get(part, part.capitalize())
+                        for part in key.split("+"))
 
     return " / ".join(one(key) for key in keys.split(","))
 

@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.containers import VerticalScroll
 from textual.widgets import Static
 
-from ...chat.config import DEFAULT_KEYS
+from ..keys import DEFAULT_KEYS
 
 
 class MessageLike(Protocol):

@@ -8,7 +8,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
 
-from ...chat.config import DEFAULT_KEYS
+from ..keys import DEFAULT_KEYS
 
 
 class PromptInput(TextArea):

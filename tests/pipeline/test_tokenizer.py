@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from rwkv_chat.errors import RWKVChatError
+
 from rwkv_chat.tokenizer import PURE_ENV_VAR, StreamDecoder, Tokenizer
 
 WHEEL = "pyrwkv-tokenizer"
@@ -136,8 +138,9 @@ def test_every_single_character_of_the_bmp_and_beyond(tok, oracle):
 def test_lone_surrogate_is_rejected_like_the_oracle(tok, oracle):
     with pytest.raises(UnicodeEncodeError):
         oracle.encode("a\ud800b")
-    with pytest.raises(UnicodeEncodeError):
+    with pytest.raises(UnicodeEncodeError) as raised:
         tok.encode("a\ud800b")
+    assert isinstance(raised.value, RWKVChatError) and "position 1" in str(raised.value)
 
 
 def test_encode_rejects_bytes(tok):

@@ -1,6 +1,7 @@
 """The user's config file (TOML): default model, strategy, sampling values, theme and key bindings.
 
-Read from `config.toml` in the user config dir (see `rwkv_chat.chat.locations`) or from an
+App config, read by the CLI and handed to the TUI; the chat layer does not see it. Read from
+`config.toml` in the user config dir (see `rwkv_chat.chat.locations`) or from an
 explicit `--config FILE`. Every section is optional; unknown sections and names are refused so a
 typo does not pass silently. Example:
 
@@ -21,7 +22,8 @@ typo does not pass silently. Example:
     temperature_down = "f5"
     stop = "escape"
 
-This module knows nothing about the UI: the TUI turns `Config.keys` into Textual bindings.
+The binding ids, their default keys and the theme names come from `rwkv_chat.tui.keys` (which
+imports Textual only to check a name); the TUI turns `Config.keys` into Textual bindings.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ from typing import Any
 
 import tomllib
 
-from ..errors import RWKVChatError
-from ..files import regular_file_problem
-from ..sampling import SamplingSettings
+from .errors import RWKVChatError
+from .files import regular_file_problem
+from .sampling import SamplingSettings
+from .tui.keys import DEFAULT_KEYS, is_key_name, theme_names
 
 CONFIG_FILE_NAME = "config.toml"
 
@@ -43,54 +46,10 @@ class ConfigError(RWKVChatError, ValueError):
     """The config file is unreadable, not TOML, or holds an unknown or invalid entry."""
 
 
-@dataclass(frozen=True)
-class KeyBinding:
-    """One remappable command: its id (the name used under [keys]), default key(s), description."""
-
-    id: str
-    key: str
-    description: str
-
-
-# The commands of the chat screen, in the order the help screen lists them.
-KEY_BINDINGS: tuple[KeyBinding, ...] = (
-    KeyBinding("send", "enter", "Send the message"),
-    KeyBinding("newline", "ctrl+j,shift+enter", "New line in the message"),
-    KeyBinding("stop", "escape", "Stop reply / cancel edit / back to the message box"),
-    KeyBinding("regenerate", "ctrl+r", "Regenerate the last reply"),
-    KeyBinding("continue", "ctrl+g", "Continue the last reply"),
-    KeyBinding("edit_last", "ctrl+l", "Edit the last message"),
-    KeyBinding("new", "ctrl+n", "New conversation"),
-    KeyBinding("save", "ctrl+s", "Export the conversation to a .rwkvchat file"),
-    KeyBinding("open", "ctrl+o", "Conversations: open, rename, delete, search, export"),
-    KeyBinding("temperature_down", "f5", "Temperature -0.1"),
-    KeyBinding("temperature_up", "f6", "Temperature +0.1"),
-    KeyBinding("top_p_down", "f7", "Top-p -0.05"),
-    KeyBinding("top_p_up", "f8", "Top-p +0.05"),
-    KeyBinding("toggle_panes", "f2", "Show or hide the side panes"),
-    KeyBinding("state_files", "f3", "Go to the state-file pane"),
-    KeyBinding("settings", "f4", "Go to the settings pane"),
-    KeyBinding("persona", "ctrl+t", "Edit the system prompt (persona)"),
-    KeyBinding("conversation", "alt+up", "Go to the conversation (select, scroll, copy)"),
-    KeyBinding("previous_message", "up", "Conversation: previous message"),
-    KeyBinding("next_message", "down", "Conversation: next message"),
-    KeyBinding("first_message", "home", "Conversation: first message"),
-    KeyBinding("last_message", "end", "Conversation: last message"),
-    KeyBinding("page_up", "pageup", "Conversation: scroll a page up"),
-    KeyBinding("page_down", "pagedown", "Conversation: scroll a page down"),
-    KeyBinding("copy_message", "c", "Conversation: copy the selected message"),
-    KeyBinding("copy_code", "b", "Conversation: copy its code block (again: next)"),
-    KeyBinding("help", "f1", "Help: keys and commands"),
-    KeyBinding("quit", "ctrl+q", "Quit"),
-)
-DEFAULT_KEYS: dict[str, str] = {binding.id: binding.key for binding in KEY_BINDINGS}
-DESCRIPTIONS: dict[str, str] = {binding.id: binding.description for binding in KEY_BINDINGS}
-
 MAX_PREAMBLE = 16_000
 """The longest [chat] preamble accepted, in characters."""
 MAX_NAME = 200
 """The longest user / assistant name accepted, in characters."""
-_MODIFIERS = ("ctrl", "shift", "alt", "meta", "super", "hyper")
 
 _SECTIONS = {
     "model": {"path", "strategy"},
@@ -124,7 +83,7 @@ class Config:
 
 def default_config_path() -> Path:
     """`config.toml` in the user config dir (RWKV_CHAT_HOME/config when that is set)."""
-    from . import locations
+    from .chat import locations
 
     return Path(locations.config_dir()) / CONFIG_FILE_NAME
 
@@ -179,7 +138,7 @@ def parse_config(data: dict[str, Any], source: Path | None = None) -> Config:
     if len(chat.get("preamble", "")) > MAX_PREAMBLE:
         raise fail(f"[chat] preamble is {len(chat['preamble'])} characters; the limit is {MAX_PREAMBLE}")
     if "theme" in chat:
-        themes = _theme_names()
+        themes = theme_names()
         if themes and chat["theme"] not in themes:
             raise fail(f"[chat] theme {_short(chat['theme'])} is not a theme; known: {', '.join(sorted(themes))}")
     try:
@@ -224,34 +183,3 @@ def _check_no_clash(keys: dict[str, str], fail) -> None:
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
-
-
-def is_key_name(name: str) -> bool:
-    """Whether Textual can bind `name` (lower case): modifiers joined by "+" to one key, given
-    as a Textual key name ("f5", "escape", "pageup"), a character ("a", "?") or its Unicode
-    name ("question_mark"). True for anything when Textual is not installed."""
-    try:
-        from textual.keys import KEY_ALIASES, KEY_NAME_REPLACEMENTS, Keys, key_to_character
-    except ImportError:
-        return True
-    *modifiers, key = name.split("+")
-    if not key or any(m not in _MODIFIERS for m in modifiers) or len(set(modifiers)) != len(modifiers):
-        return False
-    named = {k.value.split("+")[-1] for k in Keys if not k.value.startswith("<")}
-    if key in named or key in KEY_ALIASES or key in KEY_NAME_REPLACEMENTS.values() or key == "newline":
-        return True
-    if len(key) == 1:
-        return key.isprintable() and not key.isspace()
-    try:
-        return key_to_character(key) is not None
-    except Exception:
-        return False
-
-
-def _theme_names() -> set[str]:
-    """Textual's built-in theme names (empty when Textual is not installed: nothing to check)."""
-    try:
-        from textual.theme import BUILTIN_THEMES
-    except ImportError:
-        return set()
-    return set(BUILTIN_THEMES)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rwkv_chat.training import demo
+from rwkv_chat import demo
 from rwkv_chat.training.rwkv7 import (
     RWKV7,
     UNSEEN_LOGIT,
@@ -196,7 +196,7 @@ def test_demo_model_path_expands_once_and_oracle_loads_it(tmp_path, monkeypatch)
     mtime = first.stat().st_mtime_ns
     def refuse(*args, **kwargs):
         raise AssertionError("expanded again")
-    monkeypatch.setattr("rwkv_chat.training.rwkv7.expand_to_world", refuse)
+    monkeypatch.setattr("rwkv_chat.demo.expand_to_world", refuse)
     assert demo.demo_model_path(tmp_path) == first
     assert first.stat().st_mtime_ns == mtime
 

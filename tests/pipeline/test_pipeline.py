@@ -389,3 +389,51 @@ def test_decode_steps_hold_the_single_token_thread_settings(pipe, monkeypatch):
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(previous)
+
+
+# ------------------------------------------------------------------ two generations at once
+@pytest.mark.parametrize("version", ["5.2", "7"])
+def test_two_generations_at_once_on_one_model_match_sequential_runs(make_pipeline, version, assert_same_state):
+    """Two threads decode on one model in lockstep (a barrier before every sampled token), one
+    greedy and one sampled: each gets exactly what it gets alone, and torch's thread setting
+    (which single-token decoding changes for its duration) is back afterwards."""
+    pipe = make_pipeline(version)
+    jobs = [("User: tell me a story\n\nAssistant:", GREEDY.replace(max_tokens=12)),
+            ("Once upon a time", SAMPLED.replace(max_tokens=12, seed=5))]
+    alone = [pipe.generate(prompt, settings=settings) for prompt, settings in jobs]
+    threads_before = torch.get_num_threads()
+
+    barrier = threading.Barrier(len(jobs), timeout=5)
+
+    def in_lockstep(settings):
+        def read():
+            try:
+                barrier.wait()
+            except threading.BrokenBarrierError:  # the other one has finished: go on alone
+                pass
+            return settings
+
+        return read
+
+    results: list = [None] * len(jobs)
+    errors = []
+
+    def run(index):
+        prompt, settings = jobs[index]
+        try:
+            results[index] = pipe.generate(prompt, settings=in_lockstep(settings))
+        except BaseException as error:  # reported below, not lost in the thread
+            errors.append(error)
+        finally:
+            barrier.abort()
+
+    workers = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert not errors and not any(worker.is_alive() for worker in workers)
+    for (text, state), (want_text, want_state) in zip(results, alone):
+        assert text == want_text
+        assert_same_state(state, want_state)
+    assert torch.get_num_threads() == threads_before

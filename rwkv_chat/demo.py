@@ -4,8 +4,9 @@ The package ships a *compact* file (``rwkv_chat/data/demo/rwkv7-demo.safetensors
 official RWKV-7 tensors, except that ``emb.weight`` and ``head.weight`` hold only the rows of
 the tokens the model was trained on, plus ``vocab.token_ids`` (their world-tokenizer ids).
 :func:`demo_model_path` expands it once into an ordinary official-layout ``.pth`` with all
-65,536 rows (see :func:`rwkv_chat.training.rwkv7.expand_to_world`) in the user cache folder and
-returns that path, which any RWKV-7 loader opens (the oracle included).
+65,536 rows (see :func:`expand_to_world`) in the user cache folder and returns that path, which
+any RWKV-7 loader opens (the oracle included). The trainer (`rwkv_chat.training`, which the
+runtime never imports) writes the compact file with :func:`save_compact`.
 
 Importing this module is cheap (torch is imported on use).
 """
@@ -18,7 +19,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..files import write_atomically
+from .files import write_atomically
 
 if TYPE_CHECKING:
     import torch
@@ -29,15 +30,17 @@ __all__ = [
     "DEMO_MODEL_NOTE",
     "trained_token_count",
     "compact_path",
+    "expand_to_world",
     "demo_model_path",
     "load_compact",
     "save_compact",
 ]
 
-DEMO_DIR = Path(__file__).resolve().parent.parent / "data" / "demo"
+DEMO_DIR = Path(__file__).resolve().parent / "data" / "demo"
 COMPACT_NAME = "rwkv7-demo.safetensors"
 FORMAT = "rwkv-chat-demo-compact/1"
 WORLD_VOCAB = 65536
+UNSEEN_LOGIT = -50.0  # logit given to tokens outside the local vocabulary by expand_to_world
 _EXPANDED_PREFIX = "rwkv7-demo-"
 
 DEMO_MODEL_NOTE = (
@@ -125,8 +128,6 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
 
     import torch
 
-    from rwkv_chat.training.rwkv7 import expand_to_world
-
     tensors, token_ids, _meta = load_compact(source)
     full = expand_to_world(tensors, token_ids, WORLD_VOCAB)
     write_atomically(target, lambda temp: torch.save(full, temp))
@@ -137,3 +138,37 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
             except OSError:
                 pass
     return target
+
+
+def expand_to_world(
+    sd: dict[str, torch.Tensor],
+    token_ids: torch.Tensor,
+    world_vocab: int = 65536,
+    unseen_logit: float = UNSEEN_LOGIT,
+) -> dict[str, torch.Tensor]:
+    """Turn a local-vocabulary state dict into one with ``world_vocab`` rows.
+
+    ``token_ids[i]`` is the world id of local row ``i``. Unseen tokens get the mean embedding
+    (a harmless "average token" if a user types one) and a head row that only reads the bias
+    channel, so their logit is ``unseen_logit`` whatever the hidden state. Requires a model
+    trained with ``bias_channel=True`` (checked: ln_out's last channel must be the constant 1).
+    """
+    import torch
+
+    token_ids = torch.as_tensor(token_ids, dtype=torch.long)
+    emb, head = sd["emb.weight"].detach(), sd["head.weight"].detach()
+    if emb.shape[0] != token_ids.numel() or head.shape[0] != token_ids.numel():
+        raise ValueError("token_ids does not match the local vocabulary size")
+    lw, lb = sd["ln_out.weight"].float(), sd["ln_out.bias"].float()
+    if lw[-1].item() != 0.0 or lb[-1].item() != 1.0:
+        raise ValueError("state dict has no bias channel (ln_out last channel must be 0*x+1)")
+    C = emb.shape[1]
+    new_emb = emb.float().mean(0, keepdim=True).repeat(world_vocab, 1)
+    new_emb[token_ids] = emb.float()
+    new_head = torch.zeros(world_vocab, C)
+    new_head[:, -1] = unseen_logit
+    new_head[token_ids] = head.float()
+    out = dict(sd)
+    out["emb.weight"] = new_emb.to(emb.dtype)
+    out["head.weight"] = new_head.to(head.dtype)
+    return out
