@@ -2,6 +2,8 @@
 over them, the scripted stand-in model, and the `gpu` marker."""
 from __future__ import annotations
 
+import os
+import signal
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -175,3 +177,23 @@ def assert_same_state(actual, expected) -> None:
 @pytest.fixture(name="assert_same_state")
 def assert_same_state_fixture():
     return assert_same_state
+
+
+@pytest.fixture
+def no_hang():
+    """Fail instead of hanging: whatever blocks (an open() of a FIFO) is interrupted after 20 s."""
+    def timed_out(*_):
+        raise TimeoutError("hung (on a special file?)")
+
+    previous = signal.signal(signal.SIGALRM, timed_out)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
+def fifo(tmp_path) -> Path:
+    path = tmp_path / "pipe.pth"
+    os.mkfifo(path)
+    return path

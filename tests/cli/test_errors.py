@@ -3,7 +3,6 @@ file and the problem, exit status 2, never a hang; `--debug` shows the traceback
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,24 +16,7 @@ LONG_NAME = "n" * 300  # one name over NAME_MAX (255 bytes)
 LONG_PATH = "ab/" * 2000 + "model.pth"  # 6,009 bytes: over PATH_MAX (4096)
 
 
-@pytest.fixture(autouse=True)
-def no_hang():
-    """Fail instead of hanging: a blocked open() of a FIFO is interrupted after 20 s."""
-    def timed_out(*_):
-        raise TimeoutError("the command hung")
-
-    previous = signal.signal(signal.SIGALRM, timed_out)
-    signal.alarm(20)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, previous)
-
-
-@pytest.fixture
-def fifo(tmp_path) -> Path:
-    path = tmp_path / "fifo.pth"
-    os.mkfifo(path)
-    return path
+pytestmark = pytest.mark.usefixtures("no_hang")  # a blocked open() of a FIFO fails the test
 
 
 def assert_one_line_error(result, *expected: str) -> str:
