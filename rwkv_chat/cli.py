@@ -19,12 +19,12 @@ from typing import Any
 import click
 
 from . import __version__
+from .demo import LABEL as DEMO_LABEL
 from .errors import ModelLoadError, RWKVChatError
 
 DEBUG_KEY = "rwkv_chat.debug"
 GROUP_CONFIG_KEY = "rwkv_chat.config"  # `rwkv-chat --config FILE <command>`: the command reads FILE
 SNAPSHOT_SUFFIX = ".rwkvchat"
-DEMO_FILE_PREFIX = "rwkv7-demo-"  # the expanded demo model's file name (rwkv_chat/demo.py)
 DEMO_STATUS = "Tiny demo model (it knows nothing). For real answers: rwkv-chat --model PATH.pth"
 
 
@@ -169,9 +169,9 @@ def choose_model(model_path: Path | None, demo: bool, config) -> tuple[Path, str
 
 def is_demo_model(path: Path) -> bool:
     """Whether `path` is the expanded built-in demo model (e.g. named by a snapshot)."""
-    from .demo import demo_model_path
+    from .demo import EXPANDED_PREFIX, demo_model_path
 
-    if not Path(path).name.startswith("rwkv7-demo-"):
+    if not Path(path).name.startswith(EXPANDED_PREFIX):
         return False
     try:
         return Path(path).resolve() == Path(demo_model_path()).resolve()
@@ -280,7 +280,7 @@ def run_chat(*, model_path, strategy, demo, state_path, snapshot_path, config_pa
 
     demo = demo_note is not None
     app = make_app(session, config=config, demo_note=DEMO_STATUS if demo else None,
-                   model_label="demo model" if demo else None, welcome=demo_note)
+                   model_label=DEMO_LABEL if demo else None, welcome=demo_note)
     app.run()
 
 
@@ -288,11 +288,12 @@ def snapshot_model_path(snapshot_path: Path) -> Path | None:
     """The model a snapshot was saved with (None: the built-in demo model); ModelLoadError when
     that file is gone."""
     from .chat.snapshot import read_snapshot_data
+    from .demo import EXPANDED_PREFIX
     from .engine.state import ModelShape
 
     model = read_snapshot_data(snapshot_path)["model"]
     path = Path(model.get("path") or "")
-    if str(model.get("name", "")).startswith(DEMO_FILE_PREFIX):
+    if str(model.get("name", "")).startswith(EXPANDED_PREFIX):
         return None  # the built-in demo model (its cached file may have moved or been renamed)
     if not model.get("path") or not path.is_file():
         shape = ModelShape.from_dict(model["shape"]).describe()
@@ -566,7 +567,7 @@ def history(ctx: click.Context, as_json, search) -> None:
         if info.problem:
             click.echo(f"{info.id[:8]}  {'unreadable':<16}  {info.problem}")
         else:
-            click.echo(f"{info.id[:8]}  {when}  {info.n_messages:>3} msgs  {info.model_name}  {info.title}")
+            click.echo(f"{info.id[:8]}  {when}  {info.n_messages:>3} msgs  {info.model_label}  {info.title}")
     if not infos and not as_json:
         click.echo("No conversations match." if search else "No conversations yet.", err=True)
 

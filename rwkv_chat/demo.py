@@ -41,7 +41,8 @@ COMPACT_NAME = "rwkv7-demo.safetensors"
 FORMAT = "rwkv-chat-demo-compact/1"
 WORLD_VOCAB = 65536
 UNSEEN_LOGIT = -50.0  # logit given to tokens outside the local vocabulary by expand_to_world
-_EXPANDED_PREFIX = "rwkv7-demo-"
+EXPANDED_PREFIX = "rwkv7-demo-"  # the expanded demo model's file name: rwkv7-demo-<digest>.pth
+LABEL = "demo model"
 
 DEMO_MODEL_NOTE = (
     "Trained from scratch on one CPU thread in 22 minutes (3000 steps of 4 x 256 tokens, about one pass over "
@@ -122,7 +123,7 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
         cache_dir = Path(platformdirs.user_cache_dir("rwkv-chat")) / "demo"
     cache_dir = Path(cache_dir)
     digest = _file_digest(source)[:16]
-    target = cache_dir / f"{_EXPANDED_PREFIX}{digest}.pth"
+    target = cache_dir / f"{EXPANDED_PREFIX}{digest}.pth"
     if target.is_file():
         return target
 
@@ -131,7 +132,7 @@ def demo_model_path(cache_dir: str | os.PathLike | None = None) -> Path:
     tensors, token_ids, _meta = load_compact(source)
     full = expand_to_world(tensors, token_ids, WORLD_VOCAB)
     write_atomically(target, lambda temp: torch.save(full, temp))
-    for old in cache_dir.glob(f"{_EXPANDED_PREFIX}*.pth"):
+    for old in cache_dir.glob(f"{EXPANDED_PREFIX}*.pth"):
         if old != target:
             try:
                 old.unlink()
@@ -172,3 +173,8 @@ def expand_to_world(
     out["emb.weight"] = new_emb.to(emb.dtype)
     out["head.weight"] = new_head.to(head.dtype)
     return out
+
+
+def model_label(name: str) -> str:
+    """A model's name as the user sees it: "demo model" for the expanded demo file."""
+    return LABEL if name.startswith(EXPANDED_PREFIX) else name

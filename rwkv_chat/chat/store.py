@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from ..demo import model_label
 from ..errors import SnapshotError, StoreError
 from ..files import remove_stale_temp_files
 from . import locations
@@ -76,6 +77,10 @@ class ConversationInfo:
     @property
     def readable(self) -> bool:
         return self.problem is None
+
+    @property
+    def model_label(self) -> str:
+        return model_label(self.model_name)
 
     def to_dict(self) -> dict:
         return {"id": self.id, "title": self.title,

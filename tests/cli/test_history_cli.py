@@ -105,3 +105,12 @@ def test_a_new_chat_is_stored(runner, model_path, fake_app):  # noqa: F811
     list(session.send("remember me"))
     session.close()
     assert [info.title for info in ConversationStore().list()] == ["remember me"]
+
+
+def test_the_demo_model_is_listed_as_the_demo_model():
+    from rwkv_chat.chat.store import ConversationInfo
+
+    demo = ConversationInfo("c0ffee00", "hi", None, None, "rwkv7-demo-bc4bd267c93bbcaa.pth", 2)
+    mine = ConversationInfo("c0ffee01", "hi", None, None, "RWKV-x070-World-1.5B.pth", 2)
+    assert (demo.model_label, mine.model_label) == ("demo model", "RWKV-x070-World-1.5B.pth")
+    assert demo.to_dict()["model"] == "rwkv7-demo-bc4bd267c93bbcaa.pth"  # scripts get the file name

@@ -74,7 +74,7 @@ def load_entries(store, search: str = "", snapshot_folder: Path | None = None) -
     entries = []
     if store is not None:
         for info in store.list(search):
-            entries.append(HistoryEntry(info.title, info.updated, info.model_name, info.n_messages,
+            entries.append(HistoryEntry(info.title, info.updated, info.model_label, info.n_messages,
                                         conversation_id=info.id, problem=info.problem))
     infos, unreadable = snapshots.scan_snapshots(snapshot_folder)
     needle = search.strip().lower()
@@ -82,7 +82,7 @@ def load_entries(store, search: str = "", snapshot_folder: Path | None = None) -
         if needle and needle not in info.first_message.lower() and needle not in info.path.name.lower():
             continue
         entries.append(HistoryEntry(title_from([{"role": "user", "text": info.first_message}]), info.saved_at,
-                                    info.model_name, info.n_messages, path=info.path))
+                                    info.model_label, info.n_messages, path=info.path))
     if not needle:
         for path, problem in unreadable:
             entries.append(HistoryEntry(path.name, None, "", 0, path=path, problem=problem))
