@@ -10,7 +10,7 @@ from textual.binding import Binding
 
 from ..config import Config, default_config_path
 from .keys import DEFAULT_KEYS
-from ..chat.prefs import load_prefs, save_prefs
+from .prefs import load_prefs, save_prefs
 from .screens.chat import ChatScreen
 from .widgets.state_files import StateChoice
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from textual import events
 
 from rwkv_chat.tui.keys import KEY_BINDINGS
-from rwkv_chat.chat.prefs import prefs_path
+from rwkv_chat.tui.prefs import prefs_path
 from rwkv_chat.chat.session import ChatSession, Message
 from rwkv_chat.pipeline import GenerationStats
 from rwkv_chat.tui.screens.chat import ChatScreen

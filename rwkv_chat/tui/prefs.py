@@ -15,7 +15,7 @@ PREFS_FILE_NAME = "prefs.json"
 
 
 def prefs_path() -> Path:
-    from . import locations
+    from ..chat import locations
 
     return Path(locations.config_dir()) / PREFS_FILE_NAME
 
