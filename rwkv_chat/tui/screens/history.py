@@ -22,6 +22,7 @@ from textual.widgets.option_list import Option
 from ...chat import locations
 from ...chat import snapshot as snapshots
 from ...chat.store import conversation_markdown, title_from
+from ...demo import model_label
 from ...errors import RWKVChatError
 from ...files import write_new_file
 
@@ -82,7 +83,7 @@ def load_entries(store, search: str = "", snapshot_folder: Path | None = None) -
         if needle and needle not in info.first_message.lower() and needle not in info.path.name.lower():
             continue
         entries.append(HistoryEntry(title_from([{"role": "user", "text": info.first_message}]), info.saved_at,
-                                    info.model_label, info.n_messages, path=info.path))
+                                    model_label(info.model_name), info.n_messages, path=info.path))
     if not needle:
         for path, problem in unreadable:
             entries.append(HistoryEntry(path.name, None, "", 0, path=path, problem=problem))
