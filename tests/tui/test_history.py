@@ -249,3 +249,20 @@ def test_unanswered_messages_of_running_instances_are_left_alone(user_home):
     assert drafts.recover() == [] and (drafts.folder() / f"{os.getpid()}.txt").exists()
     drafts.clear("mine, still being answered")
     assert list(drafts.folder().iterdir()) == []
+
+
+def test_a_listing_that_fails_unexpectedly_says_so(stored_session, app_for, monkeypatch):
+    from rwkv_chat.tui.screens import history
+
+    def broken(*args, **kwargs):
+        raise KeyError("model_label")
+
+    monkeypatch.setattr(history, "load_entries", broken)
+    session, _ = stored_session()
+
+    async def scenario(pilot):
+        screen = await open_history(pilot)
+        assert screen.entries == []
+        assert "unexpected KeyError" in str(screen.query_one("#history-empty").render())
+
+    run_app(app_for(session), scenario)

@@ -180,6 +180,8 @@ class HistoryScreen(ModalScreen[HistoryEntry | None]):
             entries, problem = load_entries(self.store, search, self.snapshot_folder), None
         except (RWKVChatError, OSError) as error:
             entries, problem = [], str(error)
+        except Exception as error:  # never an endless empty list: say what went wrong
+            entries, problem = [], f"unexpected {type(error).__name__}: {error} (a bug in rwkv-chat)"
         self.app.call_from_thread(self._show, entries, problem, search)
 
     def _show(self, entries: list[HistoryEntry], problem: str | None, search: str) -> None:
