@@ -330,11 +330,12 @@ class Sampler:
         if vocab == 0:
             raise SamplingError("logits are empty: there is no token to sample")
         if not math.isfinite(float(scores.sum())):  # one cheap pass; only then look closer (the sum may overflow)
-            bad = int((torch.isnan(scores) | torch.isposinf(scores)).sum())  # -inf is a ban, allowed
-            if bad:
+            top = float(scores.max())  # NaN when any is NaN; -inf bans alone leave it finite
+            if math.isnan(top) or top == math.inf:
+                bad = int((torch.isnan(scores) | torch.isposinf(scores)).sum())
                 raise SamplingError(f"logits contain {bad} NaN or +infinite value(s) of {vocab}; "
                                     "the model or the state fed to it is broken")
-            if bool(torch.isneginf(scores).all()):
+            if top == -math.inf:
                 raise SamplingError("every logit is -inf: all tokens are banned, there is none to sample")
         if settings.token_ban:
             if max(settings.token_ban) >= vocab:

@@ -4,6 +4,8 @@ the scripted model itself are shared with the pipeline tests (tests/conftest.py)
 from __future__ import annotations
 
 import subprocess
+import sys
+import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
@@ -64,3 +66,23 @@ def mount_tmpfs(tmp_path):
         # lazy: a failed torch.save can leave its (deleted) temp file open until garbage collection
         done = subprocess.run(["umount", "-l", str(folder)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+def run_killed_during_save(call: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `call` (a save) in a fresh interpreter whose safetensors write puts part of a file on
+    disk and then SIGKILLs the process; the chat modules are imported as `snapshot` and `store`."""
+    script = textwrap.dedent("""
+        import os, signal, torch
+        from rwkv_chat.chat import snapshot
+        from rwkv_chat.chat.store import ConversationStore
+
+        def write_then_die(tensors, filename, metadata=None):
+            with open(filename, "wb") as file:
+                file.write(b"partial" * 1000)
+                file.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+        snapshot.save_file = write_then_die
+    """) + call
+    root = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=root, env=env)

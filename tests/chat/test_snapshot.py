@@ -2,25 +2,20 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
-
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-import rwkv_chat
 from rwkv_chat.chat import ChatSession, list_snapshots
 from rwkv_chat.chat import snapshot as snapshots
 from rwkv_chat.errors import SnapshotError, StateMismatchError
 from rwkv_chat.sampling import SamplingSettings
 
+from .conftest import run_killed_during_save
+
 GREEDY = SamplingSettings(temperature=0, presence=0, frequency=0, max_tokens=3)
 WIDE = (2, 128)
-REPO_ROOT = Path(rwkv_chat.__file__).resolve().parents[1]
 
 
 def conversation(pipe, *messages: str, **options) -> ChatSession:
@@ -143,20 +138,8 @@ def test_a_save_that_fails_midway_leaves_the_previous_snapshot_intact(pipe, tmp_
 def test_a_save_killed_midway_leaves_the_previous_snapshot_intact(pipe, tmp_path):
     path = conversation(pipe, "hi").save(tmp_path / "chat.rwkvchat")
     before = path.read_bytes()
-    script = textwrap.dedent(f"""
-        import os, signal, torch
-        from rwkv_chat.chat import snapshot
-
-        def write_then_die(tensors, filename, metadata=None):
-            with open(filename, "wb") as file:
-                file.write(b"partial" * 1000)
-                file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        snapshot.save_file = write_then_die
-        snapshot.write_snapshot({str(path)!r}, {{"messages": []}}, {{"": {{"x": torch.zeros(4)}}}})
-    """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=REPO_ROOT)
+    result = run_killed_during_save(
+        f"snapshot.write_snapshot({str(path)!r}, {{'messages': []}}, {{'': {{'x': torch.zeros(4)}}}})")
 
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     assert path.read_bytes() == before

@@ -22,6 +22,8 @@ from rwkv_chat.chat.store import ConversationStore
 from rwkv_chat.errors import StoreError
 from rwkv_chat.sampling import SamplingSettings
 
+from .conftest import run_killed_during_save
+
 GREEDY = SamplingSettings(temperature=0, presence=0, frequency=0, max_tokens=3)
 REPO_ROOT = Path(rwkv_chat.__file__).resolve().parents[1]
 
@@ -189,22 +191,9 @@ def test_a_damaged_index_is_set_aside_and_rebuilt_from_the_files(pipe, store):
 
 def test_a_killed_store_leaves_the_last_copy_and_its_temp_file_is_cleaned_up(pipe, store, chat_home):
     session = stored_session(pipe, store, "before the kill")
-    script = textwrap.dedent(f"""
-        import os, signal
-        from rwkv_chat.chat import snapshot
-        from rwkv_chat.chat.store import ConversationStore
-
-        def write_then_die(tensors, filename, metadata=None):
-            with open(filename, "wb") as file:
-                file.write(b"partial" * 1000)
-                file.flush()
-            os.kill(os.getpid(), signal.SIGKILL)
-
-        snapshot.save_file = write_then_die
-        ConversationStore().save({session.conversation_id!r}, {{"messages": []}}, {{}})
-    """)
     env = {**os.environ, "RWKV_CHAT_HOME": str(chat_home)}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120, cwd=REPO_ROOT, env=env)
+    call = f"ConversationStore().save({session.conversation_id!r}, {{'messages': []}}, {{}})"
+    result = run_killed_during_save(call, env)
     assert result.returncode == -9, result.stderr.decode()[-2000:]
     temps = [p for p in store.folder.iterdir() if p.name.endswith(".tmp")]
     assert len(temps) == 1
