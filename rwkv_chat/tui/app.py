@@ -5,6 +5,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from textual import work
 from textual.app import App, SystemCommand
 from textual.binding import Binding
 
@@ -52,13 +53,18 @@ class ChatApp(App):
         self._theme_loaded = True
 
     def watch_theme(self, theme: str) -> None:
-        """Remember a theme picked in the palette (written atomically to prefs.json)."""
-        if not getattr(self, "_theme_loaded", False) or load_prefs().get("theme") == theme:
+        """Remember a theme picked in the palette (written atomically to prefs.json, in a thread)."""
+        if getattr(self, "_theme_loaded", False):
+            self.remember_theme(theme)
+
+    @work(thread=True, exclusive=True, group="prefs", exit_on_error=False)
+    def remember_theme(self, theme: str) -> None:
+        if load_prefs().get("theme") == theme:
             return
         try:
             save_prefs({"theme": theme})
         except OSError as error:
-            self.notify(f"Could not remember the theme: {error}", severity="warning")
+            self.call_from_thread(self.notify, f"Could not remember the theme: {error}", severity="warning")
 
     def get_system_commands(self, screen) -> Iterable[SystemCommand]:
         yield from super().get_system_commands(screen)

@@ -68,5 +68,5 @@ async def wait_until(pilot, condition, timeout: float = 10.0) -> None:
 async def wait_for_reply(pilot) -> None:
     """Until the running reply has ended and the screen has settled."""
     screen = pilot.app.screen_stack[0]
-    await wait_until(pilot, lambda: not screen.replying and not screen.session.busy)
+    await wait_until(pilot, lambda: not screen.replying and not screen.working and not screen.session.busy)
     await pilot.pause()

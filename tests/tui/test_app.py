@@ -271,7 +271,7 @@ def test_new_conversation(make_session, app_for):
         await send(pilot, "Hi")
         await wait_for_reply(pilot)
         await pilot.press("ctrl+n")
-        await pilot.pause()
+        await wait_for_reply(pilot)  # the new conversation is a session job
         assert session.messages == [] and shown(pilot) == []
         assert chat(pilot).query_one("#placeholder").display
         assert "0 tokens in state" in str(chat(pilot).query_one(StatusLine).render())
@@ -311,7 +311,7 @@ def test_save_then_open_restores_the_conversation_on_screen(make_session, app_fo
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: len(list((user_home / "snapshots").glob("*.rwkvchat"))) == 1)
         await pilot.press("ctrl+n")
-        await pilot.pause()
+        await wait_for_reply(pilot)  # the new conversation is a session job
         assert shown(pilot) == []
         await pilot.press("ctrl+o")
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, HistoryScreen) and pilot.app.screen.loaded)

@@ -243,7 +243,7 @@ def test_the_theme_picked_is_kept_for_the_next_run(make_session, app_for):
 
     async def pick(pilot):
         pilot.app.theme = "nord"
-        await pilot.pause()
+        await wait_until(pilot, prefs_path().exists)  # written by a worker
 
     run_app(app_for(session), pick)
     assert json.loads(prefs_path().read_text())["theme"] == "nord"
@@ -274,6 +274,7 @@ def test_persona_dialog_sets_the_preamble_of_an_empty_conversation(make_session,
         await pilot.press(*"You are Bob.")
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: isinstance(pilot.app.screen, ChatScreen))
+        await wait_for_reply(pilot)  # the new start is prefilled by a session job
         assert session.preamble == "You are Bob.\n\n"
         expected = ChatSession(session.pipeline, preamble="You are Bob.").state
         assert session.state.tokens == expected.tokens > 0

@@ -60,3 +60,51 @@ def test_while_a_reply_runs_the_screen_shows_the_session_s_messages(make_session
         await wait_for_reply(pilot)
 
     run_app(app_for(session), scenario)
+
+
+def test_new_conversation_and_system_prompt_prefill_off_the_ui_thread(make_session, app_for, monkeypatch):
+    session, _ = make_session()
+    threads = {}
+    real_reset, real_preamble = session.reset, session.set_preamble
+    monkeypatch.setattr(session, "reset", lambda: (threads.setdefault("reset", threading.current_thread()),
+                                                   real_reset())[1])
+    monkeypatch.setattr(session, "set_preamble", lambda text: (threads.setdefault("preamble", threading.current_thread()),
+                                                               real_preamble(text))[1])
+
+    async def scenario(pilot):
+        ui = threading.current_thread()
+        chat(pilot).set_persona("You are Ann.")
+        chat(pilot).action_new_conversation()
+        await wait_for_reply(pilot)
+        assert threads["reset"] is not ui and threads["preamble"] is not ui
+        assert session.preamble == "You are Ann.\n\n" and session.messages == []
+
+    run_app(app_for(session), scenario)
+
+
+def test_a_slow_new_conversation_asked_for_before_an_open_does_not_overwrite_it(make_session, app_for, tmp_path,
+                                                                                   monkeypatch):
+    session, _ = make_session()
+    list(session.send("kept"))
+    snapshot = session.save(tmp_path / "kept.rwkvchat")
+    opened = [(m.role, m.text) for m in session.messages]
+    session.reset()
+    go = threading.Event()
+    real_reset = session.reset
+
+    def slow_reset():
+        go.wait(10)
+        real_reset()
+
+    monkeypatch.setattr(session, "reset", slow_reset)
+
+    async def scenario(pilot):
+        chat(pilot).action_new_conversation()  # held until `go`
+        chat(pilot).open_entry(snapshot)       # asked for second: must land last
+        await pilot.pause(0.1)
+        go.set()
+        await wait_for_reply(pilot)
+        assert [(m.role, m.text) for m in session.messages] == opened
+        assert [(view.role, view.text) for view in chat(pilot).query(MessageView)] == opened
+
+    run_app(app_for(session), scenario)

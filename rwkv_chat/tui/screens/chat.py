@@ -1,10 +1,15 @@
 """The main screen: conversation, message box, settings and state-file panes, status line.
 
-The screen owns the ChatSession calls. A reply runs in a thread worker; its text reaches the
-screen as `ReplyText` messages, batched (at most ~10 a second), so typing never lags.
+The screen owns the ChatSession calls. Everything that touches the model or the disk runs in
+thread workers. Work that changes the session (a reply, a new conversation, a system prompt, a
+state file, opening or saving a conversation) runs one job after another in the order the keys
+were pressed (`SessionQueue`), so a new conversation asked for before an open never lands after
+it. A reply's text reaches the screen as `ReplyText` messages, batched (at most ~10 a second), so
+typing never lags.
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +23,6 @@ from textual.widgets import Footer
 
 from ...chat import drafts, locations
 from ..keys import DEFAULT_KEYS, DESCRIPTIONS
-from ...errors import RWKVChatError
 from ..streaming import PieceBatcher
 from ..widgets.conversation import Conversation
 from ..widgets.prompt import PromptInput
@@ -44,6 +48,20 @@ class Shown:
     @classmethod
     def of(cls, message) -> Shown:
         return cls(message.role, message.text, getattr(message, "stats", None), getattr(message, "finish_reason", None))
+
+
+class SessionQueue:
+    """Orders the session's jobs: `ticket()`, taken on the UI thread when a job is asked for,
+    returns (the previous job's done event, this job's); the worker waits for the first and sets
+    the second when it has finished (its screen update included)."""
+
+    def __init__(self) -> None:
+        self._last = threading.Event()
+        self._last.set()
+
+    def ticket(self) -> tuple[threading.Event, threading.Event]:
+        previous, self._last = self._last, threading.Event()
+        return previous, self._last
 
 
 def _binding(binding_id: str, action: str, label: str, show: bool = True) -> Binding:
@@ -98,6 +116,8 @@ class ChatScreen(Screen):
         self.welcome = welcome
         self.editing = False  # the message box holds an edit of the last user message
         self.replying = False  # a reply worker is running
+        self.working = 0  # session jobs asked for and not finished (a new conversation, an open, ...)
+        self.queue = SessionQueue()
         self.last_sent: str | None = None  # kept on disk (chat/drafts.py) until its reply is stored
         self.listed_state_files: list[StateChoice] | None = None  # None until the first listing is in
 
@@ -129,12 +149,20 @@ class ChatScreen(Screen):
         store = getattr(self.session, "store", None)
         if store is not None and store.problem:
             self.notify(store.problem, title="Conversation history", severity="warning", timeout=10)
+        self.recover_unanswered()
+
+    @work(thread=True, group="drafts")
+    def recover_unanswered(self) -> None:
+        """A message sent but not answered when the app was killed comes back in the box."""
         unanswered = drafts.recover()
         if unanswered:
-            self.prompt.text = "\n\n".join(unanswered)
-            self.prompt.move_cursor(self.prompt.document.end)
-            self.notify("rwkv-chat stopped before answering your last message; it is back in the message box.",
-                        title="Unanswered message", timeout=10)
+            self.app.call_from_thread(self._unanswered_recovered, unanswered)
+
+    def _unanswered_recovered(self, unanswered: list[str]) -> None:
+        self.prompt.text = "\n\n".join(unanswered)
+        self.prompt.move_cursor(self.prompt.document.end)
+        self.notify("rwkv-chat stopped before answering your last message; it is back in the message box.",
+                    title="Unanswered message", timeout=10)
 
     @work(thread=True, exclusive=True, group="state-files", exit_on_error=False)
     def list_state_files(self) -> None:
@@ -187,7 +215,7 @@ class ChatScreen(Screen):
             tokens_per_second=stats.tokens_per_second if stats else None,
             time_to_first_token=stats.time_to_first_token if stats else None,
             state_file=Path(session.state_file).stem if session.state_file else None,
-            busy=self.replying,
+            busy=self.replying or self.working > 0,
             note=self.demo_note,
         )
 
@@ -196,19 +224,28 @@ class ChatScreen(Screen):
         self.refresh_status()
 
     # ------------------------------------------------------------------ replies
-    def start_reply(self, start: Callable[[], Iterable[str]]) -> None:
-        """Run `start()` (a session call returning the reply) and its iteration in a thread; the
-        conversation is drawn from what the session reports (ReplyStarted), never predicted."""
+    def start_reply(self, start: Callable[[], Iterable[str]], draft: str | None = None) -> None:
+        """Run `start()` (a session call returning the reply) and its iteration in a thread, after
+        the session jobs asked for before it; the conversation is drawn from what the session
+        reports (ReplyStarted), never predicted. `draft`: the sent text, kept on disk until its
+        reply is stored (chat/drafts.py)."""
         self.replying = True
         self.refresh_status()
-        self.run_reply(start)
+        self.run_reply(start, draft, *self.queue.ticket())
 
     @work(thread=True, exclusive=True, group="reply", exit_on_error=False)
-    def run_reply(self, start: Callable[[], Iterable[str]]) -> None:
+    def run_reply(self, start: Callable[[], Iterable[str]], draft: str | None,
+                  previous: threading.Event, done: threading.Event) -> None:
         batcher = PieceBatcher(lambda text: self.post_message(self.ReplyText(text)))
         error = None
         try:
-            generation = start()
+            if draft is not None:
+                drafts.keep(draft)
+            previous.wait()
+            try:
+                generation = start()
+            finally:
+                done.set()  # the reply has started (or failed): the next session job may run
             # copy the messages here, before iterating, so the screen never sees text twice
             self.post_message(self.ReplyStarted([Shown.of(m) for m in self.session.messages]))
             for piece in generation:
@@ -236,6 +273,39 @@ class ChatScreen(Screen):
         if self.last_sent is not None:
             self.forget_unanswered(self.last_sent)
 
+    # ------------------------------------------------------------------ session jobs
+    def run_in_order(self, job: Callable[[], object], done: Callable[[object], None], failed: str,
+                     hint: str = "") -> None:
+        """Run `job()` (session work: model or disk) in a thread worker after the session jobs
+        asked for before it; then, on the UI thread, `done(result)`, or on an error a
+        notification titled `failed`, its text followed by `hint` (the session is unchanged)."""
+        self.working += 1
+        self.refresh_status()
+        self.session_job(job, done, (failed, hint), *self.queue.ticket())
+
+    @work(thread=True, group="session", exit_on_error=False)
+    def session_job(self, job, done, failed: tuple[str, str], previous: threading.Event, finished: threading.Event) -> None:
+        try:
+            previous.wait()
+            try:
+                result, error = job(), None
+            except Exception as problem:  # shown as a notification; the session keeps what it had
+                result, error = None, problem
+            self.app.call_from_thread(self._session_job_ended, done, failed, result, error)
+        except RuntimeError:  # the app has ended
+            pass
+        finally:
+            finished.set()
+
+    def _session_job_ended(self, done, failed: tuple[str, str], result, error: BaseException | None) -> None:
+        self.working -= 1
+        if error is None:
+            done(result)
+        else:
+            title, hint = failed
+            self.notify(f"{error}\n{hint}" if hint else str(error), title=title, severity="error")
+        self.refresh_status()
+
     @work(thread=True, group="drafts")
     def forget_unanswered(self, text: str) -> None:
         """The message is part of the conversation once the reply is stored (or when there is
@@ -260,14 +330,13 @@ class ChatScreen(Screen):
         if self.busy_notice():
             return  # the text stays in the box
         text = event.text
-        drafts.keep(text)
         self.last_sent = text
         if self.editing:
             self.editing = False
             self.prompt.border_title = "Message"
-            self.start_reply(lambda: self.session.edit_last(text))
+            self.start_reply(lambda: self.session.edit_last(text), draft=text)
         else:
-            self.start_reply(lambda: self.session.send(text))
+            self.start_reply(lambda: self.session.send(text), draft=text)
         event.prompt.take(text)
 
     # ------------------------------------------------------------------ actions
@@ -316,33 +385,26 @@ class ChatScreen(Screen):
         self.prompt.focus()
 
     def action_new_conversation(self) -> None:
-        """A new conversation (the current one is already in the history)."""
+        """A new conversation (the current one is already in the history); the starting state
+        may need a prefill (after an open, or a new system prompt), so it runs as a session job."""
         if self.busy_notice():
             return
-        try:
-            self.session.reset()
-        except (RWKVChatError, OSError) as error:  # e.g. the conversation's state file is gone
-            self.notify(f"{error}\nThe conversation was kept; pick another state file (F3) to start over.",
-                        title="Could not start a new conversation", severity="error")
-            return
+        # it fails e.g. when the conversation's state file is gone
+        self.run_in_order(self.session.reset, self._new_conversation_started, "Could not start a new conversation",
+                          hint=f"The conversation was kept; pick another state file ({self.key_of('state_files')}) "
+                               "to start over.")
+
+    def _new_conversation_started(self, _result) -> None:
         self.show_conversation()
         self.notify("New conversation" + (f" from state {Path(self.session.state_file).stem}"
                                           if self.session.state_file else ""))
 
     def action_save_snapshot(self) -> None:
-        """Export the conversation to a shareable .rwkvchat file (in a thread)."""
+        """Export the conversation to a shareable .rwkvchat file (a session job)."""
         if self.busy_notice():
             return
-        self.save_snapshot()
-
-    @work(thread=True, group="disk", exit_on_error=False)
-    def save_snapshot(self) -> None:
-        try:
-            path = self.session.save()
-        except (RWKVChatError, OSError, RuntimeError) as error:
-            self.app.call_from_thread(self.notify, str(error), title="Could not save", severity="error")
-            return
-        self.app.call_from_thread(self.notify, f"Saved to {path}", title="Conversation saved")
+        self.run_in_order(self.session.save, lambda path: self.notify(f"Saved to {path}", title="Conversation saved"),
+                          "Could not save")
 
     def action_open_snapshot(self) -> None:
         """The history: stored conversations and snapshot files."""
@@ -362,22 +424,16 @@ class ChatScreen(Screen):
             return
         if isinstance(entry, (str, Path)):
             entry = HistoryEntry(Path(entry).name, None, "", 0, path=Path(entry))
-        self.open_in_thread(entry)
 
-    open_snapshot = open_entry
-
-    @work(thread=True, exclusive=True, group="open", exit_on_error=False)
-    def open_in_thread(self, entry: HistoryEntry) -> None:
-        try:
+        def open_it() -> None:
             if entry.conversation_id is not None:
                 self.session.open_stored(self.session.store, entry.conversation_id)
             else:
                 self.session.restore(entry.path)
-        except (RWKVChatError, OSError, RuntimeError) as error:
-            self.app.call_from_thread(self.notify, str(error), title="Could not open the conversation",
-                                      severity="error")
-            return
-        self.app.call_from_thread(self._opened, entry)
+
+        self.run_in_order(open_it, lambda _result: self._opened(entry), "Could not open the conversation")
+
+    open_snapshot = open_entry
 
     def _opened(self, entry: HistoryEntry) -> None:
         self.query_one(SettingsPane).settings = self.session.settings
@@ -423,16 +479,14 @@ class ChatScreen(Screen):
             return
         if self.busy_notice():
             return
-        try:
-            self.session.set_preamble(text)
-        except RWKVChatError as error:
-            self.notify(str(error), title="Could not set the system prompt", severity="error")
-            return
+        self.run_in_order(lambda: self.session.set_preamble(text), self._persona_set, "Could not set the system prompt")
+
+    def _persona_set(self, _result) -> None:
         if self.session.messages:
             self.notify(f"The new system prompt applies from the next conversation ({self.key_of('new')}).",
                         title="System prompt set")
         else:
-            self.refresh_status()
+            self.show_conversation()
             self.notify("System prompt set.")
 
     def action_help(self) -> None:
@@ -452,30 +506,14 @@ class ChatScreen(Screen):
         self.notify(event.reason, title="This state file does not fit the model", severity="warning")
 
     def load_state_file(self, path: Path) -> None:
-        """Start a new conversation from a tuned state (read and prefilled in a thread); on
+        """Start a new conversation from a tuned state (read and prefilled as a session job); on
         failure the conversation is untouched."""
         if self.busy_notice():
             return
-        self.replying = True  # the session is busy with the prefill: replies wait for it
-        self.refresh_status()
-        self.load_state_in_thread(path)
-
-    @work(thread=True, exclusive=True, group="prefill", exit_on_error=False)
-    def load_state_in_thread(self, path: Path) -> None:
-        try:
-            self.session.load_state_file(path)
-        except (RWKVChatError, OSError) as error:
-            self.app.call_from_thread(self._state_file_failed, error)
-            return
-        self.app.call_from_thread(self._state_file_loaded, path)
-
-    def _state_file_failed(self, error: BaseException) -> None:
-        self.replying = False
-        self.refresh_status()
-        self.notify(str(error), title="Could not load the state file", severity="error")
+        self.run_in_order(lambda: self.session.load_state_file(path), lambda _result: self._state_file_loaded(path),
+                          "Could not load the state file")
 
     def _state_file_loaded(self, path: Path) -> None:
-        self.replying = False
         self.query_one(StateFilesPane).set_active(self.session.state_file)
         self.show_conversation()
         self.notify(f"New conversation from state {Path(path).stem}")
