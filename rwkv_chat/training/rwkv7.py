@@ -5,8 +5,8 @@ This module is for *training* the embedded demo model (and for tests). Inference
 returns a state dict in the official RWKV-7 key layout, which any RWKV-7 runtime loads.
 
 The model runs a whole ``[B, T]`` batch at once. Everything except the WKV recurrence is a
-plain batched tensor op; the recurrence is a per-time-step loop over the ``[B, H, N, N]``
-state (autograd records it), which is simple and fast enough for the tiny demo model.
+plain batched tensor op; the recurrence is the engine's own (``engine/ops/torch_ref.wkv7``,
+chunked matrix products over the ``[B, H, N, N]`` state; autograd records it).
 
 Per layer, with ``x`` the layer-normed input and ``x'`` the previous token's (zeros at t=0):
 
@@ -41,12 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..demo import UNSEEN_LOGIT, expand_to_world  # the runtime's part, re-exported for the trainer
+from ..engine.ops import torch_ref  # the engine's one Python copy of the recurrence (chunked for long inputs)
 
 __all__ = ["DECAY_SCALE", "LN_X_EPS", "RWKV7", "RWKV7Config", "expand_to_world"]
 
 DECAY_SCALE = math.exp(-0.5)  # w = exp(-DECAY_SCALE * sigmoid(.)), so w lies in (0.545, 1)
 LN_X_EPS = 64e-5  # GroupNorm eps used by RWKV-7 runtimes (head size 64 convention)
-WKV_CHUNK = 16  # chunk length of the chunked recurrence (sequences of other lengths use the loop)  # logit given to tokens outside the local vocabulary by expand_to_world
 
 
 @dataclass
@@ -161,115 +161,12 @@ class TimeMix(nn.Module):
 
         with torch.autocast(x.device.type, enabled=False):  # the recurrence stays in float32
             f32 = [t.float() for t in (r, w, k, v, kk, a)]
-            y = wkv7_chunked(*f32, H) if T % WKV_CHUNK == 0 else wkv7(*f32, H)
+            y, _ = torch_ref.wkv7(*(t.unflatten(-1, (H, N)) for t in f32), x.new_zeros(B, H, N, N, dtype=torch.float32))
+            y = y.reshape(B, T, C)
         y = self.ln_x(y.reshape(B * T, C)).view(B, T, C)
         bonus = (r * k * self.r_k.view(1, 1, C)).view(B, T, H, N).sum(-1, keepdim=True)
         y = y + (bonus * v.view(B, T, H, N)).view(B, T, C)
         return self.output(y * g), v_first
-
-
-def wkv7(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kk: torch.Tensor,
-    a: torch.Tensor,
-    n_head: int,
-    state: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """The RWKV-7 recurrence, one time step at a time. Inputs [B, T, C]; returns y [B, T, C].
-
-    ``state`` ([B, H, N(value), N(key)]) is the starting state (zeros when None).
-    The removal term ``S @ (-kk)(kk*a)^T`` is evaluated as ``(S @ kk)`` outer ``(kk*a)``,
-    which is O(N^2) per head instead of O(N^3).
-    """
-    B, T, C = r.shape
-    H = n_head
-    N = C // H
-    heads = lambda t: t.view(B, T, H, N)
-    r, w, k, v, kk = heads(r), heads(w), heads(k), heads(v), heads(kk)
-    ka = kk * heads(a)
-    S = r.new_zeros(B, H, N, N) if state is None else state
-    out = []
-    for t in range(T):
-        removed = (S @ kk[:, t].unsqueeze(-1)) * ka[:, t].unsqueeze(-2)  # [B,H,N,N]
-        S = S * w[:, t].unsqueeze(-2) - removed + v[:, t].unsqueeze(-1) * k[:, t].unsqueeze(-2)
-        out.append((S @ r[:, t].unsqueeze(-1)).squeeze(-1))
-    return torch.stack(out, dim=1).reshape(B, T, C)
-
-
-def wkv7_chunked(
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    kk: torch.Tensor,
-    a: torch.Tensor,
-    n_head: int,
-    state: torch.Tensor | None = None,
-    chunk: int = 16,
-) -> torch.Tensor:
-    """Same result as :func:`wkv7`, computed chunk by chunk with matrix products.
-
-    Write the step as ``S_t = S_{t-1} (D_t + z_t b_t^T) + v_t k_t^T`` with ``D_t = diag(w_t)``,
-    ``z = -kk`` and ``b = kk * a``. Inside a chunk let ``G_t = w_1 * ... * w_t`` (elementwise,
-    G_0 = 1). In the decay-free frame ``S~_t = S_t diag(1/G_t)`` every step only *adds* rank-one
-    terms: ``S~_t = S_0 + sum_{s<=t} u_s (b_s/G_s)^T + v_s (k_s/G_s)^T`` with
-    ``u_t = S_{t-1} z_t``. Substituting ``S_{t-1}`` gives a unit lower-triangular linear system
-    for all ``u_t`` of the chunk at once, then outputs ``y_t = S~_t (G_t * r_t)`` and the end state
-    follow from products of [L, N] matrices. Decays are at least exp(-e^-1/2) ~ 0.545 per step,
-    so ``1/G`` stays below 0.545^-L (1.6e4 for L = 16): safe in float32.
-    """
-    B, T, C = r.shape
-    H = n_head
-    N = C // H
-    L = chunk
-    if T % L:
-        raise ValueError(f"sequence length {T} is not a multiple of the chunk size {L}")
-    n = T // L
-
-    def chunks(t: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, H, n, L, N]
-        return t.view(B, n, L, H, N).permute(0, 3, 1, 2, 4)
-
-    r, k, v = chunks(r), chunks(k), chunks(v)
-    z, b = chunks(-kk), chunks(kk * a)
-    log_w = chunks(torch.log(w))
-    log_g = torch.cumsum(log_w, dim=3)  # log G_t (inclusive)
-    r_hat = r * torch.exp(log_g)
-    z_bar = z * torch.exp(log_g - log_w)  # z_t * G_{t-1}
-    inv_g = torch.exp(-log_g)
-    b_hat, k_hat = b * inv_g, k * inv_g
-    g_end = torch.exp(log_g[:, :, :, -1:, :])  # G_L, [B, H, n, 1, N]
-    b_end, k_end = b_hat * g_end, k_hat * g_end  # b_s G_L / G_s, bounded by b_s
-
-    strict = torch.ones(L, L, dtype=torch.bool, device=r.device).tril(-1)
-    incl = torch.ones(L, L, dtype=torch.bool, device=r.device).tril()
-    zero = r.new_zeros(())
-    eye = torch.eye(L, dtype=r.dtype, device=r.device)
-    m_b = torch.where(strict, z_bar @ b_hat.transpose(-1, -2), zero)
-    m_k = torch.where(strict, z_bar @ k_hat.transpose(-1, -2), zero)
-    a_rb = torch.where(incl, r_hat @ b_hat.transpose(-1, -2), zero)
-    a_rk = torch.where(incl, r_hat @ k_hat.transpose(-1, -2), zero)
-    lhs = eye - m_b  # unit lower triangular
-    mkv = m_k @ v  # [B, H, n, L, N]
-    rkv = a_rk @ v
-
-    S = r.new_zeros(B, H, N, N) if state is None else state
-    out = []
-    for c in range(n):
-        St = S.transpose(-1, -2)
-        u = torch.linalg.solve_triangular(
-            lhs[:, :, c], z_bar[:, :, c] @ St + mkv[:, :, c], upper=False, unitriangular=True
-        )
-        out.append(r_hat[:, :, c] @ St + a_rb[:, :, c] @ u + rkv[:, :, c])
-        S = (
-            S * g_end[:, :, c]
-            + u.transpose(-1, -2) @ b_end[:, :, c]
-            + v[:, :, c].transpose(-1, -2) @ k_end[:, :, c]
-        )
-    y = torch.stack(out, dim=2)  # [B, H, n, L, N]
-    return y.permute(0, 2, 3, 1, 4).reshape(B, T, C)
 
 
 class ChannelMix(nn.Module):

@@ -2,7 +2,7 @@
 
 The references below are plain loops over scalars in float64, written from the formulas (not
 from the engine's code): a sign or index slip in any implementation (the per-token loop, the
-chunked forms, the C kernels, the CUDA kernels' torch twins, training's loops) changes numbers
+chunked forms, the C kernels, the CUDA kernels' torch twins, the trainer's batched use) changes numbers
 far beyond the tolerance.  Inputs keep every term of the same size, so no term can hide.
 """
 from __future__ import annotations
@@ -15,7 +15,6 @@ import torch.nn.functional as F
 
 from rwkv_chat.engine import cpu_kernels, cuda
 from rwkv_chat.engine.ops import torch_ref
-from rwkv_chat.training import rwkv7 as training
 
 T, H, N = 8, 2, 8  # tokens, heads, head size
 TOL = dict(rtol=1e-4, atol=1e-5)  # float32 implementations against a float64 reference
@@ -83,19 +82,21 @@ def _v7_cuda_twin(c):
     return cuda.torch_wkv7(c["r"], c["w"], c["k"], c["v"], c["kk"], c["a"], c["state"])
 
 
-def _v7_training(function, **options):
-    def run(c):
-        flat = lambda t: t.reshape(1, T, H * N)
-        y = function(*(flat(c[n]) for n in ("r", "w", "k", "v", "kk", "a")), H, state=c["state"][None].clone(),
-                     **options)
-        return y.view(T, H, N), None  # training returns no state
-
-    return run
+def _v7_batched(c):
+    """Two sequences at once (the trainer's layout): the second is the first reversed in time."""
+    both = {n: torch.stack([c[n], c[n].flip(0) if n != "state" else c[n]]) for n in c}
+    y, state = torch_ref.wkv7(*(both[n] for n in ("r", "w", "k", "v", "kk", "a", "state")))
+    want_y, want_state = reference_wkv7(**{n: both[n][1] for n in c})
+    _close(y[1], want_y, "v7 batched output, second sequence")
+    _close(state[1], want_state, "v7 batched state, second sequence")
+    return y[0], state[0]
 
 
 V7_IMPLEMENTATIONS = {
     "engine": _v7_engine, "c-kernel": _v7_c_kernel, "cuda-twin": _v7_cuda_twin,
-    "training-loop": _v7_training(training.wkv7), "training-chunked": _v7_training(training.wkv7_chunked, chunk=4),  # two chunks
+    "loop": lambda c: torch_ref.wkv7_loop(*(c[n] for n in ("r", "w", "k", "v", "kk", "a", "state"))),
+    "chunked": lambda c: torch_ref.wkv7_chunked(*(c[n] for n in ("r", "w", "k", "v", "kk", "a", "state")), chunk=3),  # 3, 3, 2 tokens
+    "batched (trainer)": _v7_batched,
 }
 
 

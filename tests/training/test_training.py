@@ -18,9 +18,8 @@ from rwkv_chat.training.rwkv7 import (
     UNSEEN_LOGIT,
     RWKV7Config,
     expand_to_world,
-    wkv7,
-    wkv7_chunked,
 )
+from rwkv_chat.engine.ops import torch_ref
 from tests.oracle import oracle_logits_many
 
 TOL = 1e-3
@@ -41,21 +40,24 @@ def relative_error(ours: torch.Tensor, reference: torch.Tensor) -> float:
 
 def _wkv_inputs(B, T, H, N, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
-    C = H * N
-    r, w, k, v, kk, a = (torch.randn(B, T, C, generator=g, dtype=dtype) for _ in range(6))
+    r, w, k, v, kk, a = (torch.randn(B, T, H, N, generator=g, dtype=dtype) for _ in range(6))
     w = torch.exp(-0.606531 * torch.sigmoid(3 * w))  # the full decay range, down to ~0.545
-    kk = torch.nn.functional.normalize(kk.view(B, T, H, N), dim=-1).view(B, T, C)
+    kk = torch.nn.functional.normalize(kk, dim=-1)
     a = torch.sigmoid(a)
-    return [t.requires_grad_() for t in (r, w, k, v, kk, a)]
+    state = torch.randn(B, H, N, N, generator=g, dtype=dtype)
+    return [t.requires_grad_() for t in (r, w, k, v, kk, a, state)]
 
 
-def test_chunked_recurrence_matches_step_loop():
-    inputs = _wkv_inputs(2, 48, 2, 32, torch.float64)
-    y_loop = wkv7(*inputs, 2)
-    y_chunk = wkv7_chunked(*inputs, 2)
-    assert relative_error(y_chunk, y_loop) < 1e-10
-    g_loop = torch.autograd.grad(y_loop.square().sum(), inputs)
-    g_chunk = torch.autograd.grad(y_chunk.square().sum(), inputs)
+def test_the_trainer_s_recurrence_backpropagates_like_the_step_loop():
+    """The trainer runs the engine's chunked v7 recurrence (tests/engine/test_recurrences.py checks
+    its values); its gradients, the state's included, match those through the per-token loop."""
+    inputs = _wkv_inputs(2, 45, 2, 16, torch.float64)  # chunks of 32 and 13 tokens
+    y_loop, s_loop = torch_ref.wkv7_loop(*inputs)
+    y_chunk, s_chunk = torch_ref.wkv7(*inputs)
+    assert relative_error(y_chunk, y_loop) < 1e-10 and relative_error(s_chunk, s_loop) < 1e-10
+    loss = lambda y, s: y.square().sum() + s.square().sum()
+    g_loop = torch.autograd.grad(loss(y_loop, s_loop), inputs)
+    g_chunk = torch.autograd.grad(loss(y_chunk, s_chunk), inputs)
     for a, b in zip(g_chunk, g_loop):
         assert relative_error(a, b) < 1e-10
 
