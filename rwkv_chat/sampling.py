@@ -272,33 +272,23 @@ class Sampler:
 
     Per token: `token = sampler.sample(logits, settings)`, then
     `sampler.record(token, penalty_weight(text), penalty_decay=settings.penalty_decay)`.
-    Call `reset()` when a new reply starts (ChatRWKV clears its counts per reply).
+    A new reply gets a new Sampler (ChatRWKV clears its counts per reply).
     """
 
     def __init__(self, seed: int | None = None) -> None:
         self._generator = torch.Generator()
         self._counts: torch.Tensor | None = None  # decayed occurrence weights, float32 [vocab]
         self._seen: torch.Tensor | None = None  # 1.0 where a token was recorded (presence), float32 [vocab]
-        self.reseed(seed)
+        seed = _check_seed(seed)
+        if seed is None:
+            self._generator.seed()  # fresh entropy
+        else:
+            self._generator.manual_seed(seed)
 
     @property
     def seed(self) -> int:
         """The generator's seed (a random one when constructed with seed=None)."""
         return self._generator.initial_seed()
-
-    def reseed(self, seed: int | None) -> None:
-        """Restart the random stream: from `seed`, or from fresh entropy when None."""
-        seed = _check_seed(seed)
-        if seed is None:
-            self._generator.seed()
-        else:
-            self._generator.manual_seed(seed)
-
-    def reset(self) -> None:
-        """Forget every recorded token (the random stream is left alone)."""
-        if self._counts is not None:
-            self._counts.zero_()
-            self._seen.zero_()
 
     def _fit_vocab(self, size: int) -> None:
         if self._counts is None:

@@ -21,8 +21,6 @@ from pathlib import Path
 
 import platformdirs
 
-from ..files import write_atomically, write_new_file  # noqa: F401  (re-exported: chat code writes through locations)
-
 APP_NAME = "rwkv-chat"
 HOME_ENV_VAR = "RWKV_CHAT_HOME"
 

@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from ..engine.state import VERSIONS, ModelShape, check_state_tensors
 from ..errors import SnapshotError, StateMismatchError
-from ..files import check_regular_file
+from ..files import check_regular_file, write_atomically, write_new_file
 from . import locations
 
 FORMAT = "rwkv-chat-snapshot"
@@ -104,7 +104,7 @@ def write_snapshot(path: str | os.PathLike, data: dict, states: dict[str, dict[s
         for name, state in states.items()
         for key, tensor in state.items()
     }
-    write = locations.write_new_file if new_file else locations.write_atomically
+    write = write_new_file if new_file else write_atomically
     try:
         return write(path, lambda temp: save_file(tensors, str(temp), metadata=metadata))
     except (OSError, SafetensorError) as error:  # SafetensorError: a failed write safetensors reports itself

@@ -15,6 +15,7 @@ import torch
 from ..engine import loader
 from ..engine.state import ModelShape, RWKVState
 from ..errors import ModelLoadError
+from ..files import write_atomically
 from . import locations
 
 STATE_FILE_SUFFIX = ".pth"
@@ -107,4 +108,4 @@ def save_state_file(state: RWKVState, path: str | os.PathLike, dtype: torch.dtyp
     half the size). Written atomically. Raises StateMismatchError for v4 states, FileWriteError
     (naming the file and the reason) when it cannot be written."""
     tensors = {key: value.to(dtype).clone() for key, value in state.to_time_state().items()}
-    return locations.write_atomically(path, lambda temp: torch.save(tensors, temp))
+    return write_atomically(path, lambda temp: torch.save(tensors, temp))

@@ -16,6 +16,7 @@ import torch
 from ..errors import ModelLoadError, NotARegularFileError
 from ..files import check_regular_file, load_tensors, regular_file_problem
 from . import v4, v5_2, v6, v7
+from .state import ModelShape
 
 VERSION_MODULES = {"4": v4, "5.2": v5_2, "6": v6, "7": v7}
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -25,19 +26,20 @@ _MAX_AXES = 4  # the most any RWKV weight has ([1, 1, C] mixes, v6 [5, C, D] LoR
 
 
 @dataclass(frozen=True)
-class Dims:
-    n_layer: int
-    n_embd: int
-    vocab_size: int
-    n_head: int
-    head_size: int
-    ffn_dim: int
+class Dims(ModelShape):
+    """The checkpoint's ModelShape plus the hidden sizes only loading needs."""
+
+    ffn_dim: int = 0
     maa_dim: int = 0  # v6 ddlerp LoRA rank
     decay_dim: int = 0  # v6 decay LoRA rank
     w_dim: int = 0  # v7 LoRA ranks
     a_dim: int = 0
     v_dim: int = 0
     g_dim: int = 0
+
+    @property
+    def shape(self) -> ModelShape:
+        return ModelShape(self.version, self.n_layer, self.n_embd, self.n_head, self.head_size, self.vocab_size)
 
 
 def resolve_path(path: str | os.PathLike) -> Path:
@@ -200,7 +202,7 @@ def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
     empty = [name for name, value in sizes.items() if value < 1]
     if empty:
         raise ModelLoadError(f"{path}: zero-sized model ({', '.join(empty)} of 0)")
-    return Dims(len(indices), C, vocab, n_head, head_size, ffn_dim, **extra)
+    return Dims(version, len(indices), C, n_head, head_size, vocab, ffn_dim=ffn_dim, **extra)
 
 
 def _squeezed(shape) -> tuple[int, ...]:

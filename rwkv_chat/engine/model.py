@@ -9,14 +9,13 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ModelLoadError, StateMismatchError, TokenError
-from ..files import check_regular_file
+from ..errors import StateMismatchError, TokenError
 from . import loader, memory
 from .common import layer_norm, pair
 from .ops import select
 from .placement import rescale_every, resolve_device
 from .quant import make_linear, quantize_rows
-from .state import ModelShape, RWKVState, ordinary, time_state_layout
+from .state import RWKVState, ordinary, time_state_layout
 from .strategy import LayerPlan, parse_strategy, plan_layers
 
 ProgressCallback = Callable[[int, int, str], None]  # progress(done, total, what), once per layer; the caller draws it
@@ -94,7 +93,7 @@ class RWKV:
         self.dims = dims
         self.n_layer, self.n_embd, self.vocab_size = dims.n_layer, dims.n_embd, dims.vocab_size
         self.n_head, self.head_size = dims.n_head, dims.head_size
-        self.shape = ModelShape(self.version, self.n_layer, self.n_embd, self.n_head, self.head_size, self.vocab_size)
+        self.shape = dims.shape
         self.fingerprint = loader.fingerprint(self.path)
 
         self.plan: list[LayerPlan] = plan_layers(segments, self.n_layer)

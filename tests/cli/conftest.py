@@ -53,3 +53,25 @@ def snapshot_path(model_path, user_home) -> Path:
     for _ in session.send("What is RWKV?"):
         pass
     return session.save()
+
+
+class FakeApp:
+    """Stands in for the TUI: records what make_app was given."""
+
+    made: list = []
+
+    def __init__(self, session, **options):
+        self.session, self.options = session, options
+        FakeApp.made.append(self)
+
+    def run(self):
+        pass
+
+
+@pytest.fixture
+def fake_app(monkeypatch):
+    import rwkv_chat.tui.app as app_module
+
+    FakeApp.made = []
+    monkeypatch.setattr(app_module, "make_app", FakeApp)
+    return FakeApp

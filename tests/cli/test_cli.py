@@ -209,28 +209,6 @@ def test_no_model_and_no_demo_says_to_pass_model(runner, monkeypatch):
 # ------------------------------------------------------------------ the chat command
 
 
-class FakeApp:
-    """Stands in for the TUI: records what make_app was given."""
-
-    made: list = []
-
-    def __init__(self, session, **options):
-        self.session, self.options = session, options
-        FakeApp.made.append(self)
-
-    def run(self):
-        pass
-
-
-@pytest.fixture
-def fake_app(monkeypatch):
-    import rwkv_chat.tui.app as app_module
-
-    FakeApp.made = []
-    monkeypatch.setattr(app_module, "make_app", FakeApp)
-    return FakeApp
-
-
 def test_chat_opens_the_tui_with_the_model_and_state(runner, model_path, state_path, fake_app):
     result = invoke(runner, "--model", model_path, "--state", state_path)
     assert result.exit_code == 0

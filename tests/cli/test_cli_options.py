@@ -13,7 +13,7 @@ from rwkv_chat import cli as cli_module
 from rwkv_chat.cli import ExitCode, cli
 from rwkv_chat import demo as demo_module
 
-from .test_cli import FakeApp, fake_app  # noqa: F401  (fixture)
+from .conftest import FakeApp
 
 
 def invoke(runner, *args, **kwargs):

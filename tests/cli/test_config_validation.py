@@ -8,6 +8,14 @@ from rwkv_chat.tui.keys import is_key_name
 
 
 @pytest.mark.parametrize("text, message", [
+    ("[modle]\n", "unknown section [modle]"),
+    ("[sampling]\ntemprature = 1\n", "unknown name(s) in [sampling]: temprature"),
+    ("[sampling]\ntemperature = 9\n", "temperature must be"),
+    ("[keys]\nhelp = 'f5'\n", "'f5' is bound to both"),
+    ("[keys]\nhelp = ''\n", "must be a key name"),
+    ("[chat]\nuser = ''\n", "user must be a non-empty single line"),
+    ("[chat]\ntheme = 3\n", "theme must be a string"),
+    ("temperature = = 1\n", "not valid TOML"),
     ('[keys]\nsend = "not_a_key+zzz"', "[keys] send: 'not_a_key+zzz' is not a key name"),
     ('[keys]\nstop = "escape,f99"', "[keys] stop: 'f99' is not a key name"),
     ('[keys]\nquit = "ctrl+"', "[keys] quit: 'ctrl+' is not a key name"),

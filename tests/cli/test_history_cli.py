@@ -9,7 +9,6 @@ from rwkv_chat.chat.snapshot import read_snapshot_data
 from rwkv_chat.chat.store import ConversationStore
 from rwkv_chat.cli import ExitCode, cli
 
-from .test_cli import fake_app  # noqa: F401  (fixture)
 
 
 def invoke(runner, *args):

@@ -9,30 +9,11 @@ from rwkv_chat.config import load_config, parse_config
 from rwkv_chat.tui.keys import KEY_BINDINGS
 from rwkv_chat.sampling import SamplingSettings
 
+from tests.sample_config import FULL_CONFIG
+
 from .conftest import byte_op, fuzz_settings, loads_or_our_error, mutate_bytes
 
-BASE = """\
-[model]
-path = "~/models/m.pth"
-strategy = "cpu fp32"
-
-[chat]
-user = "Bob"
-assistant = "Alice"
-preamble = "Be brief."
-theme = "nord"
-
-[sampling]
-temperature = 0.7
-top_p = 0.3
-top_k = 20
-token_ban = [0]
-stop = ["\\n\\nUser"]
-
-[keys]
-temperature_up = "ctrl+up"
-stop = "escape,f10"
-"""
+BASE = FULL_CONFIG
 NAMES = ["model", "chat", "sampling", "keys", "path", "strategy", "user", "assistant", "preamble", "theme",
          *SamplingSettings.field_names(), *(binding.id for binding in KEY_BINDINGS)]
 LITERALS = ['""', '"x"', '"\\u0000"', '"' + "a" * 20_000 + '"', '"not_a_key+zzz"', '"ctrl+"', '","', '"f99"',
