@@ -311,9 +311,10 @@ def test_every_parameter_family_moves_the_logits(oracle_run_for_version):
     assert not weak, f"v{version}: a 20% perturbation of these families barely moves the logits: {weak}"
 
 
-@pytest.mark.parametrize("oracle_run_for_version", ["5.2", "6", "7"], indirect=True)  # v4 has none
 def test_tuned_states(oracle_run_for_version):
     version, _, results = oracle_run_for_version
+    if version == "4":
+        pytest.skip("v4 has no tuned states")  # (an indirect parametrization here ran the oracle again)
     zero, tuned = results["zero_state"][0], results["tuned_state"][0]
     assert torch.isfinite(tuned).all() and relative_change(tuned, zero) > 0.05
     # a checkpoint carrying the same state merged in (state seed 1 both times)
