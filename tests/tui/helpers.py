@@ -70,3 +70,31 @@ async def wait_for_reply(pilot) -> None:
     screen = pilot.app.screen_stack[0]
     await wait_until(pilot, lambda: not screen.replying and not screen.working and not screen.session.busy)
     await pilot.pause()
+
+
+def chat(pilot):
+    """The chat screen (the bottom of the screen stack)."""
+    return pilot.app.screen_stack[0]
+
+
+def shown(pilot) -> list[tuple[str, str]]:
+    """(role, text) of every message on screen."""
+    from rwkv_chat.tui.widgets.conversation import MessageView
+
+    return [(view.role, view.text) for view in chat(pilot).query(MessageView)]
+
+
+def notes(pilot) -> str:
+    """The text of every notification shown so far."""
+    return "\n".join(str(n.message) for n in pilot.app._notifications)
+
+
+async def send(pilot, text: str, *, wait: bool = False) -> None:
+    """Type `text` into the message box and press Enter (then, with `wait`, until the reply ended)."""
+    from rwkv_chat.tui.widgets.prompt import PromptInput
+
+    await pilot.click(PromptInput)
+    chat(pilot).prompt.text = text
+    await pilot.press("enter")
+    if wait:
+        await wait_for_reply(pilot)

@@ -19,26 +19,11 @@ from rwkv_chat.tui.widgets.prompt import PromptInput
 from rwkv_chat.tui.widgets.settings import SettingsPane
 from rwkv_chat.tui.widgets.status import StatusLine
 
-from .helpers import run_app, wait_for_reply, wait_until
-
-
-def chat(pilot) -> ChatScreen:
-    return pilot.app.screen_stack[0]
-
-
-def shown(pilot) -> list[tuple[str, str]]:
-    """(role, text) of every message on screen."""
-    return [(view.role, view.text) for view in chat(pilot).query(MessageView)]
+from .helpers import chat, run_app, send, shown, wait_for_reply, wait_until
 
 
 def in_session(session) -> list[tuple[str, str]]:
     return [(m.role, m.text) for m in session.messages]
-
-
-async def send(pilot, text: str) -> None:
-    await pilot.click(PromptInput)
-    chat(pilot).prompt.text = text
-    await pilot.press("enter")
 
 
 # ------------------------------------------------------------------ sending

@@ -14,26 +14,9 @@ from rwkv_chat.chat.store import ConversationStore
 from rwkv_chat.testing.checkpoints import make_state_file, save_checkpoint
 from rwkv_chat.tui.screens.chat import ChatScreen
 from rwkv_chat.tui.screens.history import HistoryScreen, RenameDialog
-from rwkv_chat.tui.widgets.conversation import MessageView
-from rwkv_chat.tui.widgets.prompt import PromptInput
 
 from .conftest import SHAPE
-from .helpers import run_app, wait_for_reply, wait_until
-
-
-def shown(pilot) -> list[tuple[str, str]]:
-    return [(view.role, view.text) for view in pilot.app.screen_stack[0].query(MessageView)]
-
-
-def notes(pilot) -> str:
-    return "\n".join(str(n.message) for n in pilot.app._notifications)
-
-
-async def send(pilot, text: str) -> None:
-    await pilot.click(PromptInput)
-    pilot.app.screen_stack[0].prompt.text = text
-    await pilot.press("enter")
-    await wait_for_reply(pilot)
+from .helpers import notes, run_app, send, shown, wait_until
 
 
 async def open_history(pilot) -> HistoryScreen:
@@ -63,10 +46,10 @@ def test_open_search_rename_export_and_delete(stored_session, app_for, user_home
     session, store = stored_session()
 
     async def scenario(pilot):
-        await send(pilot, "about the sea")
+        await send(pilot, "about the sea", wait=True)
         first = shown(pilot)
         await pilot.press("ctrl+n")  # the first conversation is already kept
-        await send(pilot, "about mountains")
+        await send(pilot, "about mountains", wait=True)
         session.wait_stored()
         history = await open_history(pilot)
         assert [e.title for e in history.entries] == ["about mountains", "about the sea"]
@@ -111,9 +94,9 @@ def test_quit_and_new_lose_nothing(stored_session, app_for):
     session, store = stored_session()
 
     async def scenario(pilot):
-        await send(pilot, "one")
+        await send(pilot, "one", wait=True)
         await pilot.press("ctrl+n")
-        await send(pilot, "two")
+        await send(pilot, "two", wait=True)
         await pilot.press("ctrl+q")
 
     run_app(app_for(session), scenario)
@@ -127,10 +110,10 @@ def test_a_full_disk_is_a_message_and_nothing_is_lost(stored_session, app_for, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     async def scenario(pilot):
-        await send(pilot, "kept in memory")
+        await send(pilot, "kept in memory", wait=True)
         session.wait_stored()
         monkeypatch.setattr(snapshots, "save_file", full)
-        await send(pilot, "second")
+        await send(pilot, "second", wait=True)
         await wait_until(pilot, lambda: "disk is full" in notes(pilot))
         await pilot.press("ctrl+s")
         await wait_until(pilot, lambda: notes(pilot).count("disk is full") >= 2)
@@ -151,7 +134,7 @@ def test_a_read_only_folder_is_a_message_and_the_chat_goes_on(make_session, app_
 
     async def scenario(pilot):
         await wait_until(pilot, lambda: "Read-only file system" in notes(pilot))
-        await send(pilot, "still works")
+        await send(pilot, "still works", wait=True)
         await wait_until(pilot, lambda: "cannot be written" in notes(pilot))
         assert len(shown(pilot)) == 2
         history = await open_history(pilot)
@@ -230,7 +213,7 @@ def test_a_message_unanswered_when_the_app_was_killed_comes_back_in_the_box(stor
         assert "back in the message box" in notes(pilot)
         assert list(folder.iterdir()) == []  # taken back: a second start does not show it again
 
-        await send(pilot, "a new question")
+        await send(pilot, "a new question", wait=True)
         await wait_until(pilot, lambda: list(folder.iterdir()) == [])  # kept from Enter until its reply is stored
         assert store.messages(session.conversation_id)[0]["text"] == "a new question"
 

@@ -20,11 +20,7 @@ from rwkv_chat.tui.screens.persona import PersonaDialog
 from rwkv_chat.tui.widgets.conversation import FINISH_LABELS, Conversation, MessageView, code_blocks, subtitle
 from rwkv_chat.tui.widgets.settings import SettingsPane
 
-from .helpers import run_app, wait_for_reply, wait_until
-
-
-def chat(pilot) -> ChatScreen:
-    return pilot.app.screen_stack[0]
+from .helpers import chat, run_app, wait_for_reply, wait_until
 
 
 def post_keys(app, text: str, then: str | None = "enter") -> None:

@@ -5,14 +5,9 @@ from __future__ import annotations
 import threading
 
 from rwkv_chat.chat import state_files
-from rwkv_chat.tui.screens.chat import ChatScreen
 from rwkv_chat.tui.widgets.conversation import MessageView
 
-from .helpers import run_app, wait_for_reply, wait_until
-
-
-def chat(pilot) -> ChatScreen:
-    return pilot.app.screen_stack[0]
+from .helpers import chat, run_app, wait_for_reply, wait_until
 
 
 def test_state_files_are_listed_and_loaded_off_the_ui_thread(make_session, app_for, state_folder, monkeypatch):
