@@ -54,6 +54,8 @@ def test_status_text_full_and_compact():
     assert "120 tok · 31.5 tok/s · TTFT 0.25s" in str(status_text(info, compact=True))
     busy = StatusInfo("m.pth", "7", "cpu fp32", 5, 31.5, 0.25, busy=True)
     assert "generating" in str(status_text(busy)) and "tok/s" not in str(status_text(busy))
+    working = StatusInfo("m.pth", "7", "cpu fp32", 5, 31.5, 0.25, working=True)
+    assert "working…" in str(status_text(working)) and "generating" not in str(status_text(working))
 
 
 def test_setting_values_round_trip():

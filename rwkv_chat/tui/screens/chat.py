@@ -215,7 +215,8 @@ class ChatScreen(Screen):
             tokens_per_second=stats.tokens_per_second if stats else None,
             time_to_first_token=stats.time_to_first_token if stats else None,
             state_file=Path(session.state_file).stem if session.state_file else None,
-            busy=self.replying or self.working > 0,
+            busy=self.replying,
+            working=self.working > 0,
             note=self.demo_note,
         )
 

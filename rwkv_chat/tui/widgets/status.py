@@ -17,7 +17,8 @@ class StatusInfo:
     tokens_per_second: float | None = None
     time_to_first_token: float | None = None
     state_file: str | None = None
-    busy: bool = False
+    busy: bool = False  # a reply is being generated
+    working: bool = False  # a session job runs (a new conversation's prefill, an open, a save)
     note: str | None = None
     """Shown in place of the speed figures, e.g. that this is the tiny demo model."""
 
@@ -32,6 +33,8 @@ def status_text(info: StatusInfo, compact: bool = False) -> Text:
     text.append(f" · {info.tokens} tok" if compact else f" · {info.tokens} tokens in state")
     if info.busy:
         text.append(" · generating…", style="italic")
+    elif info.working:
+        text.append(" · working…", style="italic")
     elif info.tokens_per_second is not None:
         text.append(f" · {info.tokens_per_second:.1f} tok/s")
         if info.time_to_first_token is not None:
