@@ -36,6 +36,12 @@ class StateCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self._lengths.clear()
+            self._bytes = 0
+
     def put(self, start: str, tokens: list[int], state: RWKVState) -> None:
         """Keep `state` (it must have logits: the state after the last of `tokens`); the caller
         must not change it afterwards (states are never modified in place by the engine)."""

@@ -102,7 +102,8 @@ class Scheduler:
         with self._wake:
             if not self._accepting:
                 raise Overloaded("the server is shutting down", retry_after=10, shutting_down=True)
-            if len(self._waiting) >= self.max_queue:
+            free_slots = max(0, self.max_batch - len(self._running))
+            if len(self._waiting) >= self.max_queue + free_slots:
                 raise Overloaded(f"the server is busy ({len(self._running)} requests running, {len(self._waiting)} "
                                  "waiting); try again shortly", retry_after=self._retry_after())
             self._waiting.append(job)
