@@ -221,13 +221,16 @@ class RWKV:
         states = [self.initial_state() if s is None else s for s in states]
         for state in states:
             self.check_state(state)
-        with torch.inference_mode(), self._thread_mode(len(ids)):
+        # decode threading whatever B is: torch on one thread (a step's products are small; a
+        # second torch thread mostly waits at barriers), the C kernels keep theirs
+        with torch.inference_mode(), self._thread_mode(1):
             logits, new_states = self._forward_batch(ids, states)
         return ordinary(logits), [s.made_ordinary() for s in new_states]
 
     def _forward_batch(self, ids: torch.Tensor, states: list[RWKVState]):
         if self._batch_layers is None:
             self._batch_layers = batch.batch_layers(self.layers)
+            self._batch_head = batch.batch_linear(self.head)
         x = self.emb[ids]  # [B, C]: row b is sequence b's token
         v_first = None
         new_layers = []
@@ -241,7 +244,7 @@ class RWKV:
             if self.rescale and (i + 1) % self.rescale == 0:
                 x = x / 2
         x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
-        logits = self.head(layer_norm(x, self.ln_out)).float().cpu()
+        logits = self._batch_head(layer_norm(x, self.ln_out)).float().cpu()
         per_sequence = batch.unstack_states(new_layers, len(ids))
         new_states = [RWKVState(self.shape, layers, logits[b].clone(), state.tokens + 1)
                       for b, (layers, state) in enumerate(zip(per_sequence, states))]
