@@ -432,10 +432,12 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
               help="The most tokens one request may generate.")
 @click.option("--cache-mb", default=512, show_default=True, type=click.IntRange(0),
               help="Memory for cached conversation states (LRU).")
+@click.option("--timeout", "request_timeout", default=600, show_default=True, type=click.IntRange(1),
+              help="Seconds a request may take (queueing included); then it ends with finish_reason 'length'.")
 @config_option
 @debug_option
 def serve(model_path, strategy, demo, host, port, state_paths, api_key, max_batch, max_queue, max_tokens, cache_mb,
-          config_path) -> None:
+          request_timeout, config_path) -> None:
     """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models).
 
     Requests decode together in one batch (the weights are read once per step for all), and
@@ -461,7 +463,8 @@ def serve(model_path, strategy, demo, host, port, state_paths, api_key, max_batc
     model_id = "rwkv-demo" if demo_note is not None else Path(path).stem
     limits = Limits(max_tokens=max_tokens, default_max_tokens=min(512, max_tokens))
     service = build_service(model, Tokenizer(), model_id=model_id, state_paths=state_paths, api_key=api_key,
-                            limits=limits, max_batch=max_batch, max_queue=max_queue, cache_bytes=cache_mb << 20)
+                            limits=limits, max_batch=max_batch, max_queue=max_queue, cache_bytes=cache_mb << 20,
+                            timeout=request_timeout)
     names = ", ".join([model_id] + [f"{model_id}:{name}" for name in service.states])
     click.echo(f"Serving {names} on http://{host}:{port}/v1 (strategy {model.strategy}"
                f"{'; API key required' if service.api_key else ''}). Ctrl+C stops.", err=True)

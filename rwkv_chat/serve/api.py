@@ -122,15 +122,15 @@ def sampling_settings(body: dict, limits: Limits, *, chat: bool) -> SamplingSett
         "presence": _number(body, "presence_penalty", 0.0), "frequency": _number(body, "frequency_penalty", 0.0),
     }
     api_names = {"presence": "presence_penalty", "frequency": "frequency_penalty"}
-    try:
-        for key, value in values.items():  # one at a time, so the error names the parameter
+    for key, value in values.items():  # one at a time, so that the error names the request's parameter
+        try:
             SamplingSettings(**{key: value})
-        return SamplingSettings(
-            **values, penalty_decay=1.0, max_tokens=max_tokens, seed=None if seed is None else seed % 2**64,
-            token_ban=(END_OF_TEXT,) if chat else (), stop=tuple(([TURN_END] if chat else []) + stop))
-    except SamplingError as error:
-        bad = next((k for k in values if str(error).startswith(k)), None)
-        raise ApiError(400, str(error).replace(bad or "\0", api_names.get(bad, bad or "")), api_names.get(bad, bad))
+        except SamplingError as error:
+            name = api_names.get(key, key)
+            raise ApiError(400, str(error).replace(key, name, 1), name) from None
+    return SamplingSettings(
+        **values, penalty_decay=1.0, max_tokens=max_tokens, seed=None if seed is None else seed % 2**64,
+        token_ban=(END_OF_TEXT,) if chat else (), stop=tuple(([TURN_END] if chat else []) + stop))
 
 
 def _text_content(content, where: str) -> str:

@@ -76,12 +76,13 @@ class _Running:
 
 class Scheduler:
     def __init__(self, model, tokenizer, *, max_batch: int = 16, max_queue: int = 64, prefill_chunk: int = 128,
-                 cache: StateCache | None = None):
+                 cache: StateCache | None = None, timeout: float = 600.0):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch
         self.max_queue = max_queue
         self.prefill_chunk = prefill_chunk
+        self.timeout = timeout  # seconds from submission; a job still running then ends with "length"
         self.cache = cache if cache is not None else StateCache(512 << 20)
         self.stats = collections.Counter()  # prefilled_tokens, cached_tokens, decode_steps, decoded_tokens, jobs
         self._waiting: collections.deque[Job] = collections.deque()
@@ -191,13 +192,14 @@ class Scheduler:
     def _decode_step(self) -> None:
         batch: list[tuple[_Running, int]] = []
         eos = self.tokenizer.eos_id
+        now = time.perf_counter()
         for run in self._running:
             job = run.job
             if job.finish_reason is not None or job.fed < len(job.prompt):
                 continue
             if job.cancelled:
                 self._finish(run, "cancelled")
-            elif len(job.tokens) >= job.settings.max_tokens:
+            elif len(job.tokens) >= job.settings.max_tokens or now - job.submitted_at > self.timeout:
                 self._finish(run, "length")
             else:
                 token = run.sampler.sample(job.state.logits, job.settings)

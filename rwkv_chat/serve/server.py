@@ -16,13 +16,14 @@ from .scheduler import Scheduler
 
 def build_service(model, tokenizer, *, model_id: str, state_paths=(), api_key: str | None = None,
                   limits: Limits = Limits(), max_batch: int = 16, max_queue: int = 64,
-                  cache_bytes: int = 512 << 20, prefill_chunk: int = 128) -> Service:
+                  cache_bytes: int = 512 << 20, prefill_chunk: int = 128,
+                  timeout: float = 600.0) -> Service:
     states = {}
     for path in state_paths:
         name = Path(path).stem
         states[name] = model.load_state(path)  # ModelLoadError / StateMismatchError name the file
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
-                          prefill_chunk=prefill_chunk, cache=StateCache(cache_bytes))
+                          prefill_chunk=prefill_chunk, cache=StateCache(cache_bytes), timeout=timeout)
     return Service(model_id=model_id, scheduler=scheduler, tokenizer=tokenizer, states=states,
                    api_key=api_key or None, limits=limits)
 

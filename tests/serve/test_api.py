@@ -234,3 +234,10 @@ def test_shutdown_ends_open_streams_cleanly(start_server):
     assert final["choices"][0]["finish_reason"] in ("length", "stop")
     http.close()
     assert running.scheduler.join(5)
+
+
+def test_a_request_past_the_timeout_ends_with_length(start_server):
+    running = start_server(max_batch=2, timeout=1e-4)
+    reply = httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 50}, timeout=10).json()
+    assert reply["choices"][0]["finish_reason"] == "length"
+    assert reply["usage"]["completion_tokens"] == 0
