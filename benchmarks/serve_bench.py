@@ -170,6 +170,7 @@ def main() -> None:
     parser.add_argument("--streams", default="1,2,4,8,16")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--no-conversation", action="store_true", help="Skip the cached-conversation part.")
     parser.add_argument("--models-dir", type=Path, default=Path(tempfile.gettempdir()) / "rwkv-chat-bench-models")
     args = parser.parse_args()
     levels = [int(n) for n in args.streams.split(",")]
@@ -188,7 +189,7 @@ def main() -> None:
                           f"{result['decode']:.1f} decoding", file=sys.stderr)
                     if n not in best or result["decode"] > best[n]["decode"]:
                         best[n] = result
-            chat = conversation(server.url, args.tokens)
+            chat = None if args.no_conversation else conversation(server.url, args.tokens)
         finally:
             server.stop()
         layers, embd = SHAPES[shape]
@@ -203,10 +204,11 @@ def main() -> None:
                          f"{percentile(r['ttft'], .5):.2f} / "
                          f"{percentile(r['ttft'], .95):.2f} | {1000 * percentile(r['itt'], .5):.0f} / "
                          f"{1000 * percentile(r['itt'], .95):.0f} |")
-        lines += ["", "| conversation | prompt tokens | cached | TTFT (s) |", "|---|---:|---:|---:|"]
-        for name, key in (("turn 2", 2), ("turn 10", 10), ("turn 10, nothing cached", "cold")):
-            r = chat[key]
-            lines.append(f"| {name} | {r['prompt']} | {r['cached']} | {r['ttft']:.2f} |")
+        if chat is not None:
+            lines += ["", "| conversation | prompt tokens | cached | TTFT (s) |", "|---|---:|---:|---:|"]
+            for name, key in (("turn 2", 2), ("turn 10", 10), ("turn 10, nothing cached", "cold")):
+                r = chat[key]
+                lines.append(f"| {name} | {r['prompt']} | {r['cached']} | {r['ttft']:.2f} |")
         lines.append("")
     print("\n".join(lines))
 

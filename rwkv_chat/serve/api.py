@@ -268,6 +268,10 @@ def create_app(service: Service) -> Starlette:
         if len(prompt) > service.limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens, over this server's limit of "
                            f"{service.limits.max_prompt_tokens}", "messages")
+        vocab = service.scheduler.model.vocab_size
+        if max(prompt) >= vocab:
+            raise ApiError(400, f"the prompt has token id {max(prompt)}, outside this model's vocabulary of {vocab}",
+                           "messages")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
 
