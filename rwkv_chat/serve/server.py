@@ -9,9 +9,14 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+from ..errors import RWKVChatError
 from .api import Limits, Service, create_app
 from .cache import StateCache
 from .scheduler import Scheduler
+
+
+class StateNameError(RWKVChatError, ValueError):
+    """Two --state files would be served under one name."""
 
 
 def build_service(model, tokenizer, *, model_id: str, state_paths=(), api_key: str | None = None,
@@ -21,6 +26,9 @@ def build_service(model, tokenizer, *, model_id: str, state_paths=(), api_key: s
     states = {}
     for path in state_paths:
         name = Path(path).stem
+        if name in states:
+            raise StateNameError(f"two state files named {name!r} ({path}); clients choose states by name: "
+                                 "rename one")
         states[name] = model.load_state(path)  # ModelLoadError / StateMismatchError name the file
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, cache=StateCache(cache_bytes), timeout=timeout)
