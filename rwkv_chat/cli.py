@@ -416,6 +416,61 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
         )
 
 
+@cli.command()
+@model_options
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (0.0.0.0 serves other machines: set --api-key then).")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option("--state", "state_paths", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="A tuned state file clients may start from (model 'NAME:STATE' or a 'state' field); repeatable.")
+@click.option("--api-key", envvar="RWKV_CHAT_API_KEY", help="Require 'Authorization: Bearer KEY'. Env: RWKV_CHAT_API_KEY.")
+@click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
+              help="Requests decoded together in one batch; more wait in the queue.")
+@click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 100000),
+              help="Requests that may wait for a batch slot; beyond that: 429 with Retry-After.")
+@click.option("--max-tokens", default=4096, show_default=True, type=click.IntRange(1),
+              help="The most tokens one request may generate.")
+@click.option("--cache-mb", default=512, show_default=True, type=click.IntRange(0),
+              help="Memory for cached conversation states (LRU).")
+@click.option("--timeout", "request_timeout", default=600, show_default=True, type=click.IntRange(1),
+              help="Seconds a request may take (queueing included); then it ends with finish_reason 'length'.")
+@config_option
+@debug_option
+def serve(model_path, strategy, demo, host, port, state_paths, api_key, max_batch, max_queue, max_tokens, cache_mb,
+          request_timeout, config_path) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (chat, completions, models).
+
+    Requests decode together in one batch (the weights are read once per step for all), and
+    the state after each conversation prefix is cached, so a client that resends the whole
+    history each turn only pays for the new part. See docs/serving.md.
+
+    \b
+    Examples:
+      rwkv-chat serve                                   # the tiny demo model on 127.0.0.1:8000
+      rwkv-chat serve -m model.pth -s "cpu bf16i8" --port 8080
+      rwkv-chat serve -m model.pth --state states/poet.pth --api-key secret
+      curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
+           -d '{"model": "model", "messages": [{"role": "user", "content": "Hi"}]}'
+    """
+    config = command_config(config_path)
+    path, demo_note = choose_model(model_path, demo, config)
+    model = load_model(path, strategy or config.strategy or default_strategy())
+
+    from .serve.api import Limits
+    from .serve.server import HttpServer, build_service
+    from .tokenizer import Tokenizer
+
+    model_id = "rwkv-demo" if demo_note is not None else Path(path).stem
+    limits = Limits(max_tokens=max_tokens, default_max_tokens=min(512, max_tokens))
+    service = build_service(model, Tokenizer(), model_id=model_id, state_paths=state_paths, api_key=api_key,
+                            limits=limits, max_batch=max_batch, max_queue=max_queue, cache_bytes=cache_mb << 20,
+                            timeout=request_timeout)
+    names = ", ".join([model_id] + [f"{model_id}:{name}" for name in service.states])
+    click.echo(f"Serving {names} on http://{host}:{port}/v1 (strategy {model.strategy}"
+               f"{'; API key required' if service.api_key else ''}). Ctrl+C stops.", err=True)
+    HttpServer(service, host, port, grace=5.0).run()
+
+
 MAX_STDIN_PROMPT = 16 << 20  # bytes; more is not a prompt (e.g. `< /dev/zero` would never end)
 
 

@@ -13,15 +13,20 @@ def layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> to
 
 
 def shifted(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
-    """Token shift: row t gets row t-1 of x; row 0 gets the previous call's last row. x: [T, C]."""
+    """Token shift: row t gets row t-1 of x; row 0 gets the previous call's last row. x: [T, C].
+    In a batch step (prev [B, C]: B sequences, one token each) every row gets its own prev row."""
+    if prev.dim() == 2:
+        return prev
     if x.shape[0] == 1:
         return prev.unsqueeze(0)
     return torch.cat((prev.unsqueeze(0), x[:-1]))
 
 
-def last_row(x: torch.Tensor) -> torch.Tensor:
+def last_row(x: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
     """x[-1], the next call's token-shift state; copied when x has more rows, so that the state
-    does not keep the whole [T, C] activation alive."""
+    does not keep the whole [T, C] activation alive. In a batch step (prev [B, C]) all of x."""
+    if prev.dim() == 2:
+        return x
     return x[-1] if x.shape[0] == 1 else x[-1].clone()
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from ..errors import StateMismatchError, TokenError
-from . import loader, memory
+from . import batch, loader, memory
 from .common import layer_norm, pair
 from .ops import select
 from .placement import rescale_every, resolve_device
@@ -107,6 +107,7 @@ class RWKV:
         merged = loader.time_state_tensors(sd, dims, self.path, self.version)
         self._load_weights(sd, progress)
         self._initial_wkv = merged
+        self._batch_layers = None  # the layers for forward_batch, made on its first call
         self._state_spec = [[(tuple(t.shape), t.dtype, t.device) for t in layer] for layer in self.zero_state().layers]
 
     # ------------------------------------------------------------------ loading
@@ -208,6 +209,45 @@ class RWKV:
         with torch.inference_mode(), self._thread_mode(len(ids)):
             logits, new_state = self._forward(ids, state, full_output)
         return ordinary(logits), new_state.made_ordinary()
+
+    def forward_batch(self, tokens: list[int], states: list[RWKVState | None]):
+        """One token for each of B sequences in one step (see engine/batch.py): the weights are
+        read once for all of them. Returns (float32 CPU logits [B, vocab], B new states); the
+        states passed in are left unchanged (None stands for `initial_state()`)."""
+        ids = self._check_tokens(tokens)
+        if len(states) != len(ids):
+            raise TokenError(f"forward_batch() got {len(ids)} tokens for {len(states)} states")
+        states = [self.initial_state() if s is None else s for s in states]
+        for state in states:
+            self.check_state(state)
+        # decode threading whatever B is: torch on one thread (a step's products are small; a
+        # second torch thread mostly waits at barriers), the C kernels keep theirs
+        with torch.inference_mode(), self._thread_mode(1):
+            logits, new_states = self._forward_batch(ids, states)
+        return ordinary(logits), [s.made_ordinary() for s in new_states]
+
+    def _forward_batch(self, ids: torch.Tensor, states: list[RWKVState]):
+        if self._batch_layers is None:
+            self._batch_layers = batch.batch_layers(self.layers)
+            self._batch_head = batch.batch_linear(self.head)
+        x = self.emb[ids]  # [B, C]: row b is sequence b's token
+        v_first = None
+        new_layers = []
+        for i, (w, layer_state) in enumerate(zip(self._batch_layers, batch.stack_states(states))):
+            plan, device = self.plan[i], self.devices[i]
+            x = x.to(device=device, dtype=plan.dtype)
+            if v_first is not None:
+                v_first = v_first.to(device=device, dtype=plan.dtype)
+            x, layer_state, v_first = self._module.block(x, w, [t.to(device) for t in layer_state], v_first)
+            new_layers.append(layer_state)
+            if self.rescale and (i + 1) % self.rescale == 0:
+                x = x / 2
+        x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
+        logits = self._batch_head(layer_norm(x, self.ln_out)).float().cpu()
+        per_sequence = batch.unstack_states(new_layers, len(ids))
+        new_states = [RWKVState(self.shape, layers, logits[b].clone(), state.tokens + 1)
+                      for b, (layers, state) in enumerate(zip(per_sequence, states))]
+        return logits, new_states
 
     def decoding(self):
         """A context for one step of a decode loop (sampling included): the single-token thread

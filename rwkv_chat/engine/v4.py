@@ -52,14 +52,14 @@ def time_mix(x, w, att_x, aa, bb, pp):
     xr, xk, xv = mixed(prev, x - prev, w.mix)  # x * m + prev * (1 - m)
     r, k, v = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv)])
     out, aa, bb, pp = w.ops.wkv4(k.float(), v.float(), w.decay, w.first, aa, bb, pp)
-    return w.output(torch.sigmoid(r) * out.to(x.dtype)), last_row(x), aa, bb, pp
+    return w.output(torch.sigmoid(r) * out.to(x.dtype)), last_row(x, att_x), aa, bb, pp
 
 
 def channel_mix(x, w, ffn_x):
     prev = shifted(x, ffn_x)
     xr, xk = mixed(prev, x - prev, w.ffn_mix)
     r, k = run_group([(w.ffn_receptance, xr), (w.ffn_key, xk)])
-    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), last_row(x)
+    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), last_row(x, ffn_x)
 
 
 def block(x, w, state, v_first):

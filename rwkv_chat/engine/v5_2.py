@@ -70,7 +70,7 @@ def time_mix(x, w, att_x, state):
     r, k, v, g = run_group([(w.receptance, xr), (w.key, xk), (w.value, xv), (w.gate, xg)])
     f32 = lambda t: t.float().view(T, H, -1)
     out, state = w.ops.wkv5(f32(r), f32(k), f32(v), w.decay, w.bonus, state)
-    return attention_output(out, g, x, w), last_row(x), state
+    return attention_output(out, g, x, w), last_row(x, att_x), state
 
 
 def block(x, w, state, v_first):

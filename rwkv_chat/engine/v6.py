@@ -66,14 +66,14 @@ def time_mix(x, w, att_x, state):
     decay = torch.exp(-torch.exp(log_decay))  # [T, H, K, 1]
     f32 = lambda t: t.float().view(T, H, -1)
     out, state = w.ops.wkv5(f32(r), f32(k), f32(v), decay, w.bonus, state)
-    return v5_2.attention_output(out, g, x, w), last_row(x), state
+    return v5_2.attention_output(out, g, x, w), last_row(x, att_x), state
 
 
 def channel_mix(x, w, ffn_x):
     delta = shifted(x, ffn_x) - x
     xr, xk = mixed(x, delta, w.ffn_maa)
     r, k = run_group([(w.ffn_receptance, xr), (w.ffn_key, xk)])
-    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), last_row(x)
+    return torch.sigmoid(r) * w.ffn_value(torch.relu(k).square_()), last_row(x, ffn_x)
 
 
 def block(x, w, state, v_first):

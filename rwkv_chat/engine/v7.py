@@ -77,7 +77,7 @@ def time_mix(x, w, att_x, state, v_first):
                               None if w.first_layer else v_first, state)
         if fused is not None:
             y, v, state = fused
-            return w.output(y), last_row(x), state, (v if w.first_layer else v_first)
+            return w.output(y), last_row(x, att_x), state, (v if w.first_layer else v_first)
 
     a = torch.sigmoid(w.a0 + a_lora)  # in-context learning rate
     decay = torch.exp(torch.sigmoid(w.w0 + w_lora.float()).mul_(-_DECAY_SCALE))
@@ -93,12 +93,12 @@ def time_mix(x, w, att_x, state, v_first):
 
     out = head_group_norm(out.view(T, C).to(x.dtype), H, w.ln_x)
     bonus = (r * k * w.r_k).view(T, H, -1).sum(dim=-1, keepdim=True) * v.view(T, H, -1)
-    return w.output((out + bonus.view(T, C)) * g), last_row(x), state, v_first
+    return w.output((out + bonus.view(T, C)) * g), last_row(x, att_x), state, v_first
 
 
 def channel_mix(x, w, ffn_x):
     k = torch.addcmul(x, shifted(x, ffn_x) - x, w.ffn_x_k)
-    return w.ffn_value(torch.relu(w.ffn_key(k)).square_()), last_row(x)
+    return w.ffn_value(torch.relu(w.ffn_key(k)).square_()), last_row(x, ffn_x)
 
 
 def block(x, w, state, v_first):

@@ -1,0 +1,101 @@
+"""One decode step for B sequences at once (a server's continuous batch).
+
+Every linear runs on the [B, C] matrix of the B current tokens, so the weights are read once per
+step for all sequences (the prefill GEMM path); layer norms, mixes and gates are row-wise anyway.
+Only the per-sequence parts differ from a T-token forward: the token shift takes each row's own
+previous token (common.shifted / last_row with a [B, C] prev), and the recurrences run one row at
+a time through the layer's own backend (`RowOps`), the very call a single-token forward makes.
+
+Batch states are the per-sequence tensors stacked on a new first axis ([B, C], [B, H, N, N]).
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import torch
+
+from . import quant
+
+
+class RowOps:
+    """A backend (ops.torch_ref, ops.cpu.CpuOps, ops.cuda) applied row by row: row b of every
+    per-token input is one token of sequence b, whose state is row b of the stacked state."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.kernels = inner.kernels
+
+    def wkv4(self, k, v, decay, first, aa, bb, pp):
+        rows = [self.inner.wkv4(k[b:b + 1], v[b:b + 1], decay, first, aa[b], bb[b], pp[b]) for b in range(k.shape[0])]
+        out, aa, bb, pp = zip(*rows)
+        return torch.cat(out), torch.stack(aa), torch.stack(bb), torch.stack(pp)
+
+    def wkv5(self, r, k, v, decay, bonus, state):
+        per_token = decay.dim() == 4  # v6: [B, H, K, 1], one decay per sequence's token
+        rows = [self.inner.wkv5(r[b:b + 1], k[b:b + 1], v[b:b + 1], decay[b:b + 1] if per_token else decay, bonus,
+                                state[b]) for b in range(r.shape[0])]
+        out, states = zip(*rows)
+        return torch.cat(out), torch.stack(states)
+
+    def wkv7(self, r, decay, k, v, kk, a, state):
+        rows = [self.inner.wkv7(r[b:b + 1], decay[b:b + 1], k[b:b + 1], v[b:b + 1], kk[b:b + 1], a[b:b + 1], state[b])
+                for b in range(r.shape[0])]
+        out, states = zip(*rows)
+        return torch.cat(out), torch.stack(states)
+
+    def v7_step(self, w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state):
+        # called only for a batch of one (the version code fuses single tokens): state [1, H, N, N]
+        fused = self.inner.v7_step(w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state[0])
+        if fused is None:
+            return None
+        y, v_out, new_state = fused
+        return y, v_out, new_state.unsqueeze(0)
+
+    def group_norm_gate(self, out, g, w, dtype):
+        return self.inner.group_norm_gate(out, g, w, dtype)  # stateless; a batch of one only
+
+
+class BatchInt8:
+    """An Int8Linear for a few rows: int8 x int8 products (torch._int_mm) on activations rounded
+    per row, as its own path does from 16 rows up, instead of aten's int8-weight kernel, which
+    widens the weights for every call (slower than one row at a time below ~16 rows). One row
+    still goes to the single-token kernel."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self._weight = inner.q.t() if inner.layout == "rows" else inner.q  # [in, out] view
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1 or x.dim() != 2:
+            return self.inner(x)
+        y = self.inner._kernels.int8_gemm(x.contiguous(), self._weight, self.inner.scale, x.dtype)
+        return y.to(x.dtype)
+
+
+def batch_linear(linear):
+    """`linear` itself, or a BatchInt8 over it when it is a CPU int8 linear the kernels run."""
+    if (type(linear) is quant.Int8Linear and getattr(linear, "_cpu", False) and getattr(linear, "_kernels", None)
+            is not None and getattr(linear, "layout", None) in ("rows", "cols") and hasattr(torch, "_int_mm")):
+        return BatchInt8(linear)
+    return linear
+
+
+def batch_layers(layers) -> list[SimpleNamespace]:
+    """Each prepared layer with its backend wrapped in RowOps and its int8 linears in BatchInt8
+    (the weights are shared, not copied)."""
+    wrapped = []
+    for w in layers:
+        copy = SimpleNamespace(**{name: batch_linear(value) for name, value in vars(w).items()})
+        copy.ops = RowOps(w.ops)
+        wrapped.append(copy)
+    return wrapped
+
+
+def stack_states(states) -> list[list[torch.Tensor]]:
+    """Per layer, each state tensor of every sequence stacked: [B, *shape]."""
+    return [[torch.stack(tensors) for tensors in zip(*layers)] for layers in zip(*(s.layers for s in states))]
+
+
+def unstack_states(layers, batch: int) -> list[list[list[torch.Tensor]]]:
+    """The reverse of stack_states: for each sequence, its own (contiguous) per-layer tensors."""
+    return [[[t[b].clone() for t in layer] for layer in layers] for b in range(batch)]
