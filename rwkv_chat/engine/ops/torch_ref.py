@@ -23,6 +23,15 @@ def v7_step(w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state):
     return None
 
 
+def prepare_v7_layer(w):
+    """No one-call layer here: None, and v7.py runs the layer op by op."""
+    return None
+
+
+def v7_layer(x, w, state, v_first):
+    return None
+
+
 def group_norm_gate(out, g, w, dtype):
     """No fused single-token step here: None, and v5_2.py runs the torch math."""
     return None
