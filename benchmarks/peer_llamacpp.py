@@ -169,6 +169,9 @@ def child_ours(model: str, strategy: str, args) -> dict:
     return out
 
 
+_QUIET = None
+
+
 def child_llama(model: str, args) -> dict:
     import ctypes
 
@@ -177,7 +180,9 @@ def child_llama(model: str, args) -> dict:
 
     from rwkv_chat.benchmark import prompt_ids
 
-    llama_cpp.llama_log_set(llama_cpp.llama_log_callback(lambda level, text, data: None), ctypes.c_void_p(0))
+    global _QUIET
+    _QUIET = llama_cpp.llama_log_callback(lambda level, text, data: None)  # kept alive: llama.cpp calls it
+    llama_cpp.llama_log_set(_QUIET, ctypes.c_void_p(0))
     llama_cpp.llama_backend_init()
     mparams = llama_cpp.llama_model_default_params()
     mdl = llama_cpp.llama_model_load_from_file(model.encode(), mparams)
