@@ -880,3 +880,56 @@ void rk_v7_layer(const v7_layer_t *L, float *x, const void *att_in, void *att_ou
     relu_sq_ffn(&L->lin[12], &L->lin[13], mix, h, o, x, C, n_threads);
     free(buf);
 }
+
+void rk_v6_layer(const v6_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
+                 const float *s_in, float *s_out, int n_threads) {
+    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[14].n_out, D = L->lin[0].n_out / 5, Dd = L->lin[10].n_out;
+    int pbf = (int)L->pbf;
+    float *buf = (float *)malloc(sizeof(float) * (C * 18 + 5 * D + Dd + F));
+    float *xa = buf, *delta = xa + C, *lora = delta + C, *mix = lora + 5 * C, *r = mix + 5 * C, *k = r + C,
+          *v = k + C, *g = v + C, *o = g + C, *y = o + C, *low = y + C, *dlow = low + 5 * D, *h = dlow + Dd;
+    /* ddlerp: five data-dependent token-shift mixes w k v r g */
+    layer_norm_f(x, L->ln1_w, L->ln1_b, pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        delta[c] = ld(att_in, pbf, c) - xa[c];
+        mix[c] = xa[c] + delta[c] * ld(L->maa_x, pbf, c);
+        st(att_out, pbf, c, xa[c]);
+    }
+    float *x0[1] = { mix }, *y0[1] = { low };
+    run_jobs(L->lin, 1, x0, y0, n_threads);
+    for (int64_t i = 0; i < 5 * D; i++) low[i] = tanhf(low[i]);
+    float *x1[5], *y1[5];
+    for (int i = 0; i < 5; i++) { x1[i] = low + i * D; y1[i] = lora + i * C; }
+    run_jobs(L->lin + 1, 5, x1, y1, n_threads);
+    for (int m = 0; m < 5; m++)
+        for (int64_t c = 0; c < C; c++) mix[m * C + c] = xa[c] + delta[c] * (lora[m * C + c] + ld(L->maa, pbf, m * C + c));
+    float *xw = mix, *xk = mix + C, *xv = mix + 2 * C, *xr = mix + 3 * C, *xg = mix + 4 * C;
+    float *x2[5] = { xr, xk, xv, xg, xw }, *y2[5] = { r, k, v, g, dlow };
+    run_jobs(L->lin + 6, 5, x2, y2, n_threads);
+    for (int64_t i = 0; i < Dd; i++) dlow[i] = tanhf(dlow[i]);
+    float *decay = lora;  /* reused */
+    float *x3[1] = { dlow }, *y3[1] = { decay };
+    run_jobs(L->lin + 11, 1, x3, y3, n_threads);
+    for (int64_t c = 0; c < C; c++) decay[c] = rk_exp(-rk_exp(L->decay[c] + decay[c]));
+    wkv5_ctx_t ctx = { 1, H, N, r, k, v, decay, 0, L->bonus, s_in, s_out, o };
+    for (int64_t hh = 0; hh < H; hh++) wkv5_unit(&ctx, hh);
+    rk_group_norm_gate(H, N, o, L->lnx_w, L->lnx_b, 0, 64e-5f, g, 2, 0, y);
+    float *x4[1] = { y }, *y4[1] = { o };
+    run_jobs(L->lin + 12, 1, x4, y4, n_threads);  /* output */
+    for (int64_t c = 0; c < C; c++) x[c] += o[c];
+    /* channel mix: sigmoid(receptance) * value(relu(key)^2) */
+    layer_norm_f(x, L->ln2_w, L->ln2_b, pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        float d = ld(ffn_in, pbf, c) - xa[c];
+        mix[c] = xa[c] + d * ld(L->ffn_maa, pbf, c);
+        mix[C + c] = xa[c] + d * ld(L->ffn_maa, pbf, C + c);
+        st(ffn_out, pbf, c, xa[c]);
+    }
+    float *x5[2] = { mix, mix + C }, *y5[2] = { r, h };
+    run_jobs(L->lin + 13, 2, x5, y5, n_threads);
+    for (int64_t i = 0; i < F; i++) { float q = h[i] > 0.f ? h[i] : 0.f; h[i] = q * q; }
+    float *x6[1] = { h }, *y6[1] = { o };
+    run_jobs(L->lin + 15, 1, x6, y6, n_threads);
+    for (int64_t c = 0; c < C; c++) x[c] += sigmoidf_(r[c]) * o[c];
+    free(buf);
+}

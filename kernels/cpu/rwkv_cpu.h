@@ -73,4 +73,17 @@ typedef struct {
 void rk_v7_layer(const v7_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
                  const float *s_in, float *s_out, const float *v_first_in, float *v_first_out, int n_threads);
 
+/* One RWKV-6 layer for one token (rk_v6_layer), as rk_v7_layer. decay, bonus, lnx: fp32 [C]. lin:
+   maa_w1 | maa_w2 x5 (w k v r g) | receptance, key, value, gate, decay_w1 | decay_w2 | output |
+   ffn receptance, ffn key | ffn value. */
+typedef struct {
+    int64_t H, N, pbf, unused;
+    const void *ln1_w, *ln1_b, *ln2_w, *ln2_b, *maa_x, *maa, *ffn_maa;
+    const float *decay, *bonus, *lnx_w, *lnx_b;
+    job_t lin[16];
+} v6_layer_t;
+
+void rk_v6_layer(const v6_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
+                 const float *s_in, float *s_out, int n_threads);
+
 #endif

@@ -104,7 +104,7 @@ def channel_mix(x, w, ffn_x):
 
 def block(x, w, state, v_first):
     if x.shape[0] == 1 and w.fused is not None:
-        return w.ops.v7_layer(x, w, state, v_first)  # fp32 activations out (see RWKV._forward)
+        return w.ops.layer("7", x, w, state, v_first)  # fp32 activations out (see RWKV._forward)
     att_x, wkv_state, ffn_x = state
     out, att_x, wkv_state, v_first = time_mix(layer_norm(x, w.ln1), w, att_x, wkv_state, v_first)
     x = x + out
