@@ -380,6 +380,51 @@ static void cols_i8_vnni(const int8_t *W, const int32_t *nz, const uint8_t *lo, 
 }
 #endif
 
+/* fp32 / bf16 cols layout, a block of nonzero inputs [q0, q1): part = sum of x[j] W[j, :] over them.
+   Four rows at a time, each read front to back (the partial sums stay in L1): the rows stream like
+   the rows layout's, where a walk over output tiles would jump between rows. */
+static void cols_block(int kind, const void *Wv, const float *xf, const int32_t *nz, int64_t q0, int64_t q1,
+                       float *part, int64_t n_out) {
+    for (int64_t o = 0; o < n_out; o++) part[o] = 0.f;
+    int64_t q = q0;
+#ifdef RK_AVX512
+    for (; q + 4 <= q1; q += 4) {
+        __m512 x0 = _mm512_set1_ps(xf[nz[q]]), x1 = _mm512_set1_ps(xf[nz[q + 1]]);
+        __m512 x2 = _mm512_set1_ps(xf[nz[q + 2]]), x3 = _mm512_set1_ps(xf[nz[q + 3]]);
+        for (int64_t o = 0; o < n_out; o += 16) {
+            __mmask16 m = n_out - o >= 16 ? 0xffff : (__mmask16)((1u << (n_out - o)) - 1);
+            __m512 acc = _mm512_maskz_loadu_ps(m, part + o), w0, w1, w2, w3;
+            if (kind == K_BF16) {
+                const uint16_t *W = (const uint16_t *)Wv;
+#define RK_BF16_ROW(i) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+                    _mm256_maskz_loadu_epi16(m, W + (int64_t)nz[q + i] * n_out + o)), 16))
+                w0 = RK_BF16_ROW(0); w1 = RK_BF16_ROW(1); w2 = RK_BF16_ROW(2); w3 = RK_BF16_ROW(3);
+#undef RK_BF16_ROW
+            } else {
+                const float *W = (const float *)Wv;
+                w0 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q] * n_out + o);
+                w1 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q + 1] * n_out + o);
+                w2 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q + 2] * n_out + o);
+                w3 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q + 3] * n_out + o);
+            }
+            acc = _mm512_fmadd_ps(w0, x0, _mm512_fmadd_ps(w1, x1, acc));
+            acc = _mm512_fmadd_ps(w2, x2, _mm512_fmadd_ps(w3, x3, acc));
+            _mm512_mask_storeu_ps(part + o, m, acc);
+        }
+    }
+#endif
+    for (; q < q1; q++) {
+        int32_t j = nz[q]; float xj = xf[j];
+        if (kind == K_BF16) {
+            const uint16_t *row = (const uint16_t *)Wv + (int64_t)j * n_out;
+            for (int64_t o = 0; o < n_out; o++) part[o] += xj * bf16_to_f32(row[o]);
+        } else {
+            const float *row = (const float *)Wv + (int64_t)j * n_out;
+            for (int64_t o = 0; o < n_out; o++) part[o] += xj * row[o];
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- driver */
 
 static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
@@ -392,6 +437,11 @@ static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
             return;
         }
 #endif
+        if (p->part) {
+            int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
+            cols_block(kind, jb->w, p->xf, p->nz, q0, q1, p->part + u * jb->n_out, jb->n_out);
+            return;
+        }
         int64_t o0 = u * TILE, o1 = o0 + TILE < jb->n_out ? o0 + TILE : jb->n_out;
         cols_tile(kind, jb->w, jb->scale, p->xf, p->nz, p->n_nz, yf, o0, o1, jb->n_out);
         return;
@@ -457,6 +507,13 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
                 p->part = (float *)malloc(sizeof(float) * jb->n_out * p->units);
             } else
 #endif
+            if (kind != K_I8) {  /* blocks of nonzero inputs, each into its own partial sums (summed below) */
+                int64_t units = (p->n_nz + 31) / 32;
+                units = units > 8 ? 8 : units;
+                p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
+                p->units = units;
+                p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
+            } else
             p->units = (jb->n_out + TILE - 1) / TILE;
             (void)xmin; (void)xmax;
         } else {
