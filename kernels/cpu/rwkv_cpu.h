@@ -16,7 +16,8 @@
    * rk_quant_rows / rk_dequant: the activation rounding and rescaling around prefill's int8 GEMM.
    * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
-     time-mix tail.
+     time-mix tail; rk_v7_layer and rk_v6_layer run one token through a whole layer in one call
+     (fp32 activations, the projections as rk_gemv jobs).
    * Threads: a small pool of its own in which the caller never waits for a helper thread that
      has not started; OpenMP's barrier does, which costs milliseconds per call when the machine is
      busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. */
