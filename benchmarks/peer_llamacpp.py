@@ -308,7 +308,7 @@ def bench_model(version: str, shape: str, args, work: Path, llama_dir: Path) -> 
             ratio = lambda a, b: f"x{a / b:.2f}" if a and b else "-"
             lines.append(f"| rwkv-chat | `{strategy}` | {mine['decode']:.1f} | {mine['prefill']:.0f} | "
                          f"{ratio(mine['decode'], peer['decode'])} | {ratio(mine['prefill'], peer['prefill'])} | "
-                         f"{fmt_acc(accuracy(logits(('rwkv-chat', strategy)), reference))} |")
+                         f"{'(reference)' if strategy == 'cpu fp32' else fmt_acc(accuracy(logits(('rwkv-chat', strategy)), reference))} |")
     return lines + [""]
 
 
