@@ -380,6 +380,51 @@ static void cols_i8_vnni(const int8_t *W, const int32_t *nz, const uint8_t *lo, 
 }
 #endif
 
+/* fp32 / bf16 cols layout, a block of nonzero inputs [q0, q1): part = sum of x[j] W[j, :] over them.
+   Four rows at a time, each read front to back (the partial sums stay in L1): the rows stream like
+   the rows layout's, where a walk over output tiles would jump between rows. */
+static void cols_block(int kind, const void *Wv, const float *xf, const int32_t *nz, int64_t q0, int64_t q1,
+                       float *part, int64_t n_out) {
+    for (int64_t o = 0; o < n_out; o++) part[o] = 0.f;
+    int64_t q = q0;
+#ifdef RK_AVX512
+    for (; q + 4 <= q1; q += 4) {
+        __m512 x0 = _mm512_set1_ps(xf[nz[q]]), x1 = _mm512_set1_ps(xf[nz[q + 1]]);
+        __m512 x2 = _mm512_set1_ps(xf[nz[q + 2]]), x3 = _mm512_set1_ps(xf[nz[q + 3]]);
+        for (int64_t o = 0; o < n_out; o += 16) {
+            __mmask16 m = n_out - o >= 16 ? 0xffff : (__mmask16)((1u << (n_out - o)) - 1);
+            __m512 acc = _mm512_maskz_loadu_ps(m, part + o), w0, w1, w2, w3;
+            if (kind == K_BF16) {
+                const uint16_t *W = (const uint16_t *)Wv;
+#define RK_BF16_ROW(i) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+                    _mm256_maskz_loadu_epi16(m, W + (int64_t)nz[q + i] * n_out + o)), 16))
+                w0 = RK_BF16_ROW(0); w1 = RK_BF16_ROW(1); w2 = RK_BF16_ROW(2); w3 = RK_BF16_ROW(3);
+#undef RK_BF16_ROW
+            } else {
+                const float *W = (const float *)Wv;
+                w0 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q] * n_out + o);
+                w1 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q + 1] * n_out + o);
+                w2 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q + 2] * n_out + o);
+                w3 = _mm512_maskz_loadu_ps(m, W + (int64_t)nz[q + 3] * n_out + o);
+            }
+            acc = _mm512_fmadd_ps(w0, x0, _mm512_fmadd_ps(w1, x1, acc));
+            acc = _mm512_fmadd_ps(w2, x2, _mm512_fmadd_ps(w3, x3, acc));
+            _mm512_mask_storeu_ps(part + o, m, acc);
+        }
+    }
+#endif
+    for (; q < q1; q++) {
+        int32_t j = nz[q]; float xj = xf[j];
+        if (kind == K_BF16) {
+            const uint16_t *row = (const uint16_t *)Wv + (int64_t)j * n_out;
+            for (int64_t o = 0; o < n_out; o++) part[o] += xj * bf16_to_f32(row[o]);
+        } else {
+            const float *row = (const float *)Wv + (int64_t)j * n_out;
+            for (int64_t o = 0; o < n_out; o++) part[o] += xj * row[o];
+        }
+    }
+}
+
 /* ---------------------------------------------------------------- driver */
 
 static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
@@ -392,6 +437,11 @@ static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
             return;
         }
 #endif
+        if (p->part) {
+            int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
+            cols_block(kind, jb->w, p->xf, p->nz, q0, q1, p->part + u * jb->n_out, jb->n_out);
+            return;
+        }
         int64_t o0 = u * TILE, o1 = o0 + TILE < jb->n_out ? o0 + TILE : jb->n_out;
         cols_tile(kind, jb->w, jb->scale, p->xf, p->nz, p->n_nz, yf, o0, o1, jb->n_out);
         return;
@@ -457,6 +507,13 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
                 p->part = (float *)malloc(sizeof(float) * jb->n_out * p->units);
             } else
 #endif
+            if (kind != K_I8) {  /* blocks of nonzero inputs, each into its own partial sums (summed below) */
+                int64_t units = (p->n_nz + 31) / 32;
+                units = units > 8 ? 8 : units;
+                p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
+                p->units = units;
+                p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
+            } else
             p->units = (jb->n_out + TILE - 1) / TILE;
             (void)xmin; (void)xmax;
         } else {
@@ -742,24 +799,26 @@ void rk_group_norm_gate(int64_t H, int64_t N, const float *x, const void *ln_w, 
 /* RWKV-7 time mixing after the projections, one token: decay, in-context rate, removal key, value
    residual, the WKV step, GroupNorm, the r.k bonus and the gate. Writes y = the output
    projection's input and v_out = the (mixed) value; s_out = the new state [H][V][K]. */
-void rk_v7_step(int64_t H, int64_t N, int bf,
-                const void *r, const void *k, const void *v, const void *w_lora, const void *a_lora, const void *g,
-                const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
-                const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
-                const float *s_in, float *s_out, void *y, void *v_out) {
+/* The same with the activations (r ... v_first, y, v_out) in one dtype (`bf`) and the parameters
+   (a0 ... ln_b) in another (`pbf`); w0 is fp32. */
+static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
+                    const void *r, const void *k, const void *v, const void *w_lora, const void *a_lora, const void *g,
+                    const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
+                    const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
+                    const float *s_in, float *s_out, void *y, void *v_out) {
     int64_t C = H * N;
     float *buf = (float *)malloc(sizeof(float) * C * 7);
     float *rr = buf, *ww = buf + C, *kk = buf + 2 * C, *aa = buf + 3 * C, *k2 = buf + 4 * C, *v2 = buf + 5 * C, *o = buf + 6 * C;
     for (int64_t c = 0; c < C; c++) {
-        float a = sigmoidf_(ld(a0, bf, c) + ld(a_lora, bf, c));
+        float a = sigmoidf_(ld(a0, pbf, c) + ld(a_lora, bf, c));
         float kc = ld(k, bf, c), vc = ld(v, bf, c);
         rr[c] = ld(r, bf, c);
         ww[c] = rk_exp(-0.6065306597126334f * sigmoidf_(w0[c] + ld(w_lora, bf, c)));
         aa[c] = a;
-        kk[c] = kc * ld(k_k, bf, c);
-        k2[c] = kc * (1.f + (a - 1.f) * ld(k_a, bf, c));
+        kk[c] = kc * ld(k_k, pbf, c);
+        k2[c] = kc * (1.f + (a - 1.f) * ld(k_a, pbf, c));
         if (v_first != NULL) {
-            float mix = sigmoidf_(ld(v0, bf, c) + ld(v_lora, bf, c));
+            float mix = sigmoidf_(ld(v0, pbf, c) + ld(v_lora, bf, c));
             vc = vc + (ld(v_first, bf, c) - vc) * mix;
         }
         v2[c] = vc;
@@ -780,10 +839,10 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
         mean /= (float)N;
         for (int64_t i = 0; i < N; i++) { float d = oh[i] - mean; var += d * d; }
         float inv = 1.f / sqrtf(var / (float)N + 64e-5f);
-        for (int64_t i = 0; i < N; i++) { int64_t c = h * N + i; bonus += rr[c] * k2[c] * ld(r_k, bf, c); }
+        for (int64_t i = 0; i < N; i++) { int64_t c = h * N + i; bonus += rr[c] * k2[c] * ld(r_k, pbf, c); }
         for (int64_t i = 0; i < N; i++) {
             int64_t c = h * N + i;
-            float gn = (oh[i] - mean) * inv * ld(ln_w, bf, c) + ld(ln_b, bf, c);
+            float gn = (oh[i] - mean) * inv * ld(ln_w, pbf, c) + ld(ln_b, pbf, c);
             st(y, bf, c, (gn + bonus * v2[c]) * ld(g, bf, c));
             st(v_out, bf, c, v2[c]);
         }
@@ -791,3 +850,143 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
     free(buf);
 }
 
+void rk_v7_step(int64_t H, int64_t N, int bf,
+                const void *r, const void *k, const void *v, const void *w_lora, const void *a_lora, const void *g,
+                const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
+                const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
+                const float *s_in, float *s_out, void *y, void *v_out) {
+    v7_tail(H, N, bf, bf, r, k, v, w_lora, a_lora, g, v_lora, v_first, w0, a0, k_k, k_a, v0, r_k, ln_w, ln_b,
+            s_in, s_out, y, v_out);
+}
+
+
+/* ---------------------------------------------------------------- one whole layer, one token
+   The decode step of a layer in one call: layer norms, token shift mixes, every projection (as
+   rk_gemv jobs, so any weight format rk_gemv knows), the small LoRA nonlinearities, the time-mix
+   tail and the FFN. Activations stay fp32 throughout (the weights may be bf16 or int8: rk_gemv
+   rounds its input to what the weight format multiplies with); parameters and the token-shift
+   states are in the layer's dtype (`pbf`). */
+
+static void layer_norm_f(const float *x, const void *w, const void *b, int pbf, int64_t C, float *y) {
+    float mean = 0.f, var = 0.f;
+    for (int64_t c = 0; c < C; c++) mean += x[c];
+    mean /= (float)C;
+    for (int64_t c = 0; c < C; c++) { float d = x[c] - mean; var += d * d; }
+    float inv = 1.f / sqrtf(var / (float)C + 1e-5f);
+    for (int64_t c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * ld(w, pbf, c) + ld(b, pbf, c);
+}
+
+/* jobs[i] = lin[i] reading x[i] into y[i], with fp32 input and output */
+static void run_jobs(const job_t *lin, int n, float *const *x, float *const *y, int n_threads) {
+    job_t jobs[16];
+    for (int i = 0; i < n; i++) {
+        jobs[i] = lin[i];
+        jobs[i].x = x[i]; jobs[i].y = y[i];
+        jobs[i].flags &= ~(int64_t)(256 | 512);
+    }
+    rk_gemv(n, jobs, n_threads);
+}
+
+/* FFN of v7 (relu^2 key, value) and the residual: x += value(relu(key(mix(ln2(x))))^2). */
+static void relu_sq_ffn(const job_t *key, const job_t *value, const float *xk, float *h, float *o, float *x,
+                        int64_t C, int n_threads) {
+    float *kx[1] = { (float *)xk }, *ky[1] = { h };
+    run_jobs(key, 1, kx, ky, n_threads);
+    for (int64_t i = 0; i < key->n_out; i++) { float v = h[i] > 0.f ? h[i] : 0.f; h[i] = v * v; }
+    float *vx[1] = { h }, *vy[1] = { o };
+    run_jobs(value, 1, vx, vy, n_threads);
+    for (int64_t c = 0; c < C; c++) x[c] += o[c];
+}
+
+void rk_v7_layer(const v7_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
+                 const float *s_in, float *s_out, const float *v_first_in, float *v_first_out, int n_threads) {
+    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[12].n_out, pbf = (int)L->pbf;
+    int64_t rank = 0;
+    for (int i = 3; i < 7; i++) rank += L->lin[i].n_out;
+    float *buf = (float *)malloc(sizeof(float) * (C * 17 + rank + F));
+    float *xa = buf, *mix = buf + C, *r = mix + 6 * C, *k = r + C, *v = k + C, *lora = v + C, *y = lora + 4 * C,
+          *o = y + C, *vout = o + C, *low = vout + C, *h = low + rank;
+    float *lw = low, *la = lw + L->lin[3].n_out, *lg = la + L->lin[4].n_out, *lv = lg + L->lin[5].n_out;
+    /* time mix: x_m = xa + (previous xa - xa) * mix_m for m = r w k v a g */
+    layer_norm_f(x, L->ln1_w, L->ln1_b, pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        float d = ld(att_in, pbf, c) - xa[c];
+        for (int m = 0; m < 6; m++) mix[m * C + c] = xa[c] + d * ld(L->mix, pbf, m * C + c);
+        st(att_out, pbf, c, xa[c]);
+    }
+    float *xr = mix, *xw = mix + C, *xk = mix + 2 * C, *xv = mix + 3 * C, *xaa = mix + 4 * C, *xg = mix + 5 * C;
+    int nv = L->has_v ? 1 : 0;
+    float *x1[7] = { xr, xk, xv, xw, xaa, xg, xv }, *y1[7] = { r, k, v, lw, la, lg, lv };
+    run_jobs(L->lin, 6 + nv, x1, y1, n_threads);
+    for (int64_t i = 0; i < L->lin[3].n_out; i++) lw[i] = tanhf(lw[i]);
+    for (int64_t i = 0; i < L->lin[5].n_out; i++) lg[i] = sigmoidf_(lg[i]);
+    float *w_lora = lora, *a_lora = lora + C, *g = lora + 2 * C, *v_lora = lora + 3 * C;
+    float *x2[4] = { lw, la, lg, lv }, *y2[4] = { w_lora, a_lora, g, v_lora };
+    run_jobs(L->lin + 7, 3 + nv, x2, y2, n_threads);
+    v7_tail(H, N, 0, pbf, r, k, v, w_lora, a_lora, g, nv ? v_lora : NULL, nv ? v_first_in : NULL, L->w0, L->a0,
+            L->k_k, L->k_a, L->v0, L->r_k, L->lnx_w, L->lnx_b, s_in, s_out, y, v_first_out ? v_first_out : vout);
+    float *x3[1] = { y }, *y3[1] = { o };
+    run_jobs(L->lin + 11, 1, x3, y3, n_threads);
+    for (int64_t c = 0; c < C; c++) x[c] += o[c];
+    /* channel mix */
+    layer_norm_f(x, L->ln2_w, L->ln2_b, pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        mix[c] = xa[c] + (ld(ffn_in, pbf, c) - xa[c]) * ld(L->x_k, pbf, c);
+        st(ffn_out, pbf, c, xa[c]);
+    }
+    relu_sq_ffn(&L->lin[12], &L->lin[13], mix, h, o, x, C, n_threads);
+    free(buf);
+}
+
+void rk_v6_layer(const v6_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
+                 const float *s_in, float *s_out, int n_threads) {
+    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[14].n_out, D = L->lin[0].n_out / 5, Dd = L->lin[10].n_out;
+    int pbf = (int)L->pbf;
+    float *buf = (float *)malloc(sizeof(float) * (C * 18 + 5 * D + Dd + F));
+    float *xa = buf, *delta = xa + C, *lora = delta + C, *mix = lora + 5 * C, *r = mix + 5 * C, *k = r + C,
+          *v = k + C, *g = v + C, *o = g + C, *y = o + C, *low = y + C, *dlow = low + 5 * D, *h = dlow + Dd;
+    /* ddlerp: five data-dependent token-shift mixes w k v r g */
+    layer_norm_f(x, L->ln1_w, L->ln1_b, pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        delta[c] = ld(att_in, pbf, c) - xa[c];
+        mix[c] = xa[c] + delta[c] * ld(L->maa_x, pbf, c);
+        st(att_out, pbf, c, xa[c]);
+    }
+    float *x0[1] = { mix }, *y0[1] = { low };
+    run_jobs(L->lin, 1, x0, y0, n_threads);
+    for (int64_t i = 0; i < 5 * D; i++) low[i] = tanhf(low[i]);
+    float *x1[5], *y1[5];
+    for (int i = 0; i < 5; i++) { x1[i] = low + i * D; y1[i] = lora + i * C; }
+    run_jobs(L->lin + 1, 5, x1, y1, n_threads);
+    for (int m = 0; m < 5; m++)
+        for (int64_t c = 0; c < C; c++) mix[m * C + c] = xa[c] + delta[c] * (lora[m * C + c] + ld(L->maa, pbf, m * C + c));
+    float *xw = mix, *xk = mix + C, *xv = mix + 2 * C, *xr = mix + 3 * C, *xg = mix + 4 * C;
+    float *x2[5] = { xr, xk, xv, xg, xw }, *y2[5] = { r, k, v, g, dlow };
+    run_jobs(L->lin + 6, 5, x2, y2, n_threads);
+    for (int64_t i = 0; i < Dd; i++) dlow[i] = tanhf(dlow[i]);
+    float *decay = lora;  /* reused */
+    float *x3[1] = { dlow }, *y3[1] = { decay };
+    run_jobs(L->lin + 11, 1, x3, y3, n_threads);
+    for (int64_t c = 0; c < C; c++) decay[c] = rk_exp(-rk_exp(L->decay[c] + decay[c]));
+    wkv5_ctx_t ctx = { 1, H, N, r, k, v, decay, 0, L->bonus, s_in, s_out, o };
+    for (int64_t hh = 0; hh < H; hh++) wkv5_unit(&ctx, hh);
+    rk_group_norm_gate(H, N, o, L->lnx_w, L->lnx_b, 0, 64e-5f, g, 2, 0, y);
+    float *x4[1] = { y }, *y4[1] = { o };
+    run_jobs(L->lin + 12, 1, x4, y4, n_threads);  /* output */
+    for (int64_t c = 0; c < C; c++) x[c] += o[c];
+    /* channel mix: sigmoid(receptance) * value(relu(key)^2) */
+    layer_norm_f(x, L->ln2_w, L->ln2_b, pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        float d = ld(ffn_in, pbf, c) - xa[c];
+        mix[c] = xa[c] + d * ld(L->ffn_maa, pbf, c);
+        mix[C + c] = xa[c] + d * ld(L->ffn_maa, pbf, C + c);
+        st(ffn_out, pbf, c, xa[c]);
+    }
+    float *x5[2] = { mix, mix + C }, *y5[2] = { r, h };
+    run_jobs(L->lin + 13, 2, x5, y5, n_threads);
+    for (int64_t i = 0; i < F; i++) { float q = h[i] > 0.f ? h[i] : 0.f; h[i] = q * q; }
+    float *x6[1] = { h }, *y6[1] = { o };
+    run_jobs(L->lin + 15, 1, x6, y6, n_threads);
+    for (int64_t c = 0; c < C; c++) x[c] += sigmoidf_(r[c]) * o[c];
+    free(buf);
+}

@@ -16,7 +16,8 @@
    * rk_quant_rows / rk_dequant: the activation rounding and rescaling around prefill's int8 GEMM.
    * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
-     time-mix tail.
+     time-mix tail; rk_v7_layer and rk_v6_layer run one token through a whole layer in one call
+     (fp32 activations, the projections as rk_gemv jobs).
    * Threads: a small pool of its own in which the caller never waits for a helper thread that
      has not started; OpenMP's barrier does, which costs milliseconds per call when the machine is
      busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. */
@@ -55,5 +56,35 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
                 const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
                 const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
                 const float *s_in, float *s_out, void *y, void *v_out);
+
+/* One RWKV-7 layer for one token (rk_v7_layer). Vectors are in the layer's dtype (pbf: bf16, else
+   fp32) except w0 (fp32). lin: receptance, key, value, w1, a1, g1, v1 | w2, a2, g2, v2 | output |
+   ffn key, ffn value, as rk_gemv jobs (x, y unused); v1 / v2 unused when has_v is 0 (layer 0). */
+typedef struct {
+    int64_t H, N, pbf, has_v;
+    const void *ln1_w, *ln1_b, *ln2_w, *ln2_b, *mix, *x_k;
+    const float *w0;
+    const void *a0, *k_k, *k_a, *v0, *r_k, *lnx_w, *lnx_b;
+    job_t lin[14];
+} v7_layer_t;
+
+/* x [C] fp32, updated in place; att/ffn: the token-shift states in and out (layer dtype); s: the
+   WKV state [H][V][K]; v_first_in: layer 0's values (fp32, NULL in layer 0); v_first_out: where
+   layer 0 writes them (NULL in other layers). */
+void rk_v7_layer(const v7_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
+                 const float *s_in, float *s_out, const float *v_first_in, float *v_first_out, int n_threads);
+
+/* One RWKV-6 layer for one token (rk_v6_layer), as rk_v7_layer. decay, bonus, lnx: fp32 [C]. lin:
+   maa_w1 | maa_w2 x5 (w k v r g) | receptance, key, value, gate, decay_w1 | decay_w2 | output |
+   ffn receptance, ffn key | ffn value. */
+typedef struct {
+    int64_t H, N, pbf, unused;
+    const void *ln1_w, *ln1_b, *ln2_w, *ln2_b, *maa_x, *maa, *ffn_maa;
+    const float *decay, *bonus, *lnx_w, *lnx_b;
+    job_t lin[16];
+} v6_layer_t;
+
+void rk_v6_layer(const v6_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
+                 const float *s_in, float *s_out, int n_threads);
 
 #endif

@@ -264,9 +264,11 @@ class RWKV:
         new_layers = []
         for i, (w, layer_state) in enumerate(zip(self.layers, state.layers)):
             plan, device = self.plan[i], self.devices[i]
-            x = x.to(device=device, dtype=plan.dtype)
+            # a layer run in one call (one token) keeps the residual stream in fp32 whatever its weights
+            dtype = torch.float32 if len(ids) == 1 and getattr(w, "fused", None) is not None else plan.dtype
+            x = x.to(device=device, dtype=dtype)
             if v_first is not None:
-                v_first = v_first.to(device=device, dtype=plan.dtype)
+                v_first = v_first.to(device=device, dtype=dtype)
             x, layer_state, v_first = self._module.block(x, w, layer_state, v_first)
             new_layers.append(layer_state)
             if self.rescale and (i + 1) % self.rescale == 0:

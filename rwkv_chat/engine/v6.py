@@ -29,7 +29,7 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
     dt = plan.dtype
     lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
-    return SimpleNamespace(
+    w = SimpleNamespace(
         ops=ops, n_head=n_head,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         maa_x=vec("att.time_maa_x"),
@@ -47,6 +47,8 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
         ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
         ffn_receptance=lin("ffn.receptance.weight"),
     )
+    w.fused = ops.prepare_v6_layer(w)  # one call per layer for a single token, where the backend has it
+    return w
 
 
 zero_state = v5_2.zero_state
@@ -77,6 +79,8 @@ def channel_mix(x, w, ffn_x):
 
 
 def block(x, w, state, v_first):
+    if x.shape[0] == 1 and w.fused is not None:
+        return w.ops.layer("6", x, w, state, v_first)  # fp32 activations out (see RWKV._forward)
     att_x, wkv_state, ffn_x = state
     out, att_x, wkv_state = time_mix(layer_norm(x, w.ln1), w, att_x, wkv_state)
     x = x + out

@@ -262,3 +262,27 @@ def test_kernels_can_be_switched_off(monkeypatch):
     for rows in (1, 3):
         x = torch.randn(rows, 16, generator=gen(rows))
         assert rel(linear(x), x.double() @ weight.double().t()) <= 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", ["6", "7"])
+@pytest.mark.parametrize("strategy,fused,bound", [
+    ("cpu bf16", [True, True, True], 0.99),
+    ("cpu bf16i8", [True, True, True], 0.98),
+    ("cpu fp32 *1 -> cpu bf16", [True, True, True], 0.99),
+    ("cpu bf16 *1+", [True, False, False], 0.99),  # streamed layers run op by op after a one-call layer
+])
+def test_one_call_layers_decode_close_to_fp32(version, strategy, fused, bound, engine_models, token_sequence):
+    """Single tokens go through v6/v7 layers in one C call (fp32 activations, any weight format);
+    decoded one at a time they stay close to the fp32 logits of the whole sequence."""
+    path = engine_models[version, "three_heads"]
+    reference, _ = RWKV(path, "cpu fp32").forward(token_sequence, full_output=True)
+    model = RWKV(path, strategy)
+    assert [w.fused is not None for w in model.layers] == fused
+    state, rows = None, []
+    for token in token_sequence:
+        logits, state = model.forward([token], state)
+        rows.append(logits)
+    logits = torch.stack(rows)
+    assert torch.nn.functional.cosine_similarity(logits, reference, dim=-1).min() >= bound
+    assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.85

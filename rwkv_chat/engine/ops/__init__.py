@@ -1,5 +1,6 @@
 """Backends: the same functions (`wkv4`, `wkv5`, `wkv7`, and the fused single-token steps
-`v7_step` / `group_norm_gate`, which answer None where a backend has none) in three kinds:
+`v7_step` / `group_norm_gate`, and the one-call layers `prepare_v7_layer` / `prepare_v6_layer`,
+which answer None where a backend has none) in three kinds:
 
     torch_ref   plain torch on any device: the reference the others are tested against
     cpu         the C kernels (kernels/cpu/), when they build on this machine
