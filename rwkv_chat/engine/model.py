@@ -223,7 +223,11 @@ class RWKV:
         # decode threading whatever B is: torch on one thread (a step's products are small; a
         # second torch thread mostly waits at barriers), the C kernels keep theirs
         with torch.inference_mode(), self._thread_mode(1):
-            logits, new_states = self._forward_batch(ids, states)
+            if len(ids) == 1:  # the single-token forward (and its one-call layers) is the batch of one
+                logits, new_state = self._forward(ids, states[0], False)
+                logits, new_states = logits.unsqueeze(0), [new_state]
+            else:
+                logits, new_states = self._forward_batch(ids, states)
         return ordinary(logits), [s.made_ordinary() for s in new_states]
 
     def _forward_batch(self, ids: torch.Tensor, states: list[RWKVState]):
