@@ -60,7 +60,12 @@ def main(argv=None) -> None:
     parser.add_argument("--positions", default="1,8,32,64,128,200,201",
                         help="prompt lengths whose last-token logits are compared (201 after 200: a decode step)")
     parser.add_argument("--models-dir", default="/tmp/rwkv-chat-bench-models")
+    parser.add_argument("--plain-q4-0", action="store_true",
+                        help="i4 scales by llama.cpp's Q4_0 rule only (max|w| / -8), to compare the rounding")
     args = parser.parse_args(argv)
+    if args.plain_q4_0:
+        from rwkv_chat.engine import quant
+        quant._I4_CANDIDATES = (8.0,)
     positions = [int(p) for p in args.positions.split(",")]
     tokens = Tokenizer().encode(PROMPT)
     if len(tokens) < positions[-1]:

@@ -104,7 +104,8 @@ class QuantLinear:
             kind = cpu_kernels.K_I8 if bits == 8 else cpu_kernels.K_I4
             tag = 0
             if bits == 8:  # the kernel's offset correction, one float per row (rwkv_cpu.h)
-                self._corr = 32768.0 * (_group_sums(q) * scale.float()).sum(dim=1)
+                self._corr = torch.cat([32768.0 * (_group_sums(q[a:b]) * scale[a:b].float()).sum(dim=1)
+                                        for a, b in memory.row_blocks(q)])
                 tag = self._corr.data_ptr()
             self._job = (self.q.data_ptr(), self.scale.data_ptr(), self.out_features, self.in_features,
                          _flags(kind, "rows", dtype), tag)
