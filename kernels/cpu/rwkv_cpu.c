@@ -271,11 +271,15 @@ static __attribute__((noinline)) float row_i8_dot(const int8_t *w, const uint16_
                                                   const uint8_t *xhi, int64_t n) {
     int64_t ng = (n + GROUP - 1) / GROUP, c = 0;
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    /* four groups' scales at once: lanes [s0 x8, s1 x8] and [s2 x8, s3 x8] */
+    const __m512i first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
     for (; c + 128 <= n; c += 128) {
+        __m512 s4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + c / GROUP))));
         __m512i p = i8_pair(_mm512_loadu_si512(w + c), xlo + c, xhi + c, ~0ull);
         __m512i q = i8_pair(_mm512_loadu_si512(w + c + 64), xlo + c + 64, xhi + c + 64, ~0ull);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scales(s, c / GROUP, ng), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), pair_scales(s, c / GROUP + 2, ng), a1);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(first, s4), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_permutexvar_ps(second, s4), a1);
     }
     for (; c < n; c += 64) {
         __mmask64 m = n - c >= 64 ? ~0ull : (~0ull) >> (64 - (n - c));
