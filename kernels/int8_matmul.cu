@@ -1,5 +1,6 @@
-// Weight-only int8 matmul in Int8Linear's format: q [N, K] int8 row-major, scale [N] float32,
-//   y[m][n] = scale[n] * sum_k x[m][k] q[n][k]          (float32 accumulation)
+// Weight-only int8 matmul in QuantLinear's format: q [N, K] int8 row-major, scale [N, K / 32]
+// float32 (one per group of 32 inputs),
+//   y[m][n] = sum_k x[m][k] q[n][k] scale[n][k / 32]     (float32 accumulation)
 //
 // int8_gemv_kernel: one warp per output channel n. Each lane reads 16 weights at a time (one
 // 16-byte load; consecutive lanes read consecutive 16-byte pieces of the row, so a warp reads 512
@@ -7,7 +8,7 @@
 // weight is read once from memory for ROWS rows. The warp then sums its 32 partial dot products
 // with shuffles. Decode (one token) is ROWS = 1; short sequences run ROWS = 4 rows per block row.
 //
-// int8_dequantize_kernel: w = q * scale[:, None] in the activation dtype, for long sequences, where
+// int8_dequantize_kernel: w = q * (scale per group of 32) in the activation dtype, for long sequences, where
 // a dense matmul on the tensor cores beats any GEMV.
 #include "common.cuh"
 
@@ -66,6 +67,9 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(Int8MatmulProblem p
         for (int piece = lane; piece < pieces; piece += 32) {
             float weight[16];
             unpack16(q_row[piece], weight);
+            const float group_scale = p.scale[static_cast<size_t>(n) * (p.K / 32) + piece / 2];
+#pragma unroll
+            for (int e = 0; e < 16; ++e) weight[e] *= group_scale;
 #pragma unroll
             for (int m = 0; m < ROWS; ++m) {
                 if (m0 + m < p.M) {
@@ -82,10 +86,9 @@ __global__ void __launch_bounds__(kThreads) int8_gemv_kernel(Int8MatmulProblem p
     for (int m = 0; m < ROWS; ++m) acc[m] = warp_sum(acc[m]);
 
     if (n < p.N && lane == 0) {
-        const float scale = p.scale[n];
 #pragma unroll
         for (int m = 0; m < ROWS; ++m) {
-            if (m0 + m < p.M) y[static_cast<size_t>(m0 + m) * p.N + n] = from_float<F>(acc[m] * scale);
+            if (m0 + m < p.M) y[static_cast<size_t>(m0 + m) * p.N + n] = from_float<F>(acc[m]);
         }
     }
 }
@@ -95,7 +98,7 @@ __global__ void int8_dequantize_kernel(int N, int K, const int8_t* __restrict__ 
                                        F* __restrict__ w) {
     const size_t piece = static_cast<size_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // 16 weights each
     if (piece * 16 >= static_cast<size_t>(N) * K) return;
-    const float row_scale = scale[piece * 16 / K];  // K % 16 == 0: a piece never straddles two rows
+    const float row_scale = scale[piece / 2];  // K % 32 == 0: [N, K / 32] flat, two pieces per group
     float weight[16];
     unpack16(reinterpret_cast<const int4*>(q)[piece], weight);
 

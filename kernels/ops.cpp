@@ -35,13 +35,13 @@ void wkv4(const at::Tensor& k, const at::Tensor& v, const at::Tensor& decay, con
 
 void check_int8(const at::Tensor& q, const at::Tensor& scale, int64_t K, const at::Device& device) {
     TORCH_CHECK(q.dim() == 2 && q.size(1) == K, "q must be [N, ", K, "], got ", q.sizes());
-    TORCH_CHECK(K % 16 == 0, "the int8 kernels need in_features % 16 == 0, got ", K);
+    TORCH_CHECK(K % 32 == 0, "the int8 kernels need in_features % 32 == 0, got ", K);
     check(q, "q", at::kChar, q.numel(), device);
-    check(scale, "scale", at::kFloat, q.size(0), device);
+    check(scale, "scale", at::kFloat, q.size(0) * (K / 32), device);
     TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 16 == 0, "q must be 16-byte aligned");
 }
 
-// x [M, K], q [N, K] int8, scale [N] float32, y [M, N]; M <= kInt8GemvMaxRows.
+// x [M, K], q [N, K] int8, scale [N, K / 32] float32, y [M, N]; M <= kInt8GemvMaxRows.
 void int8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, at::Tensor& y) {
     TORCH_CHECK(x.dim() == 2, "int8_matmul: x must be [M, K], got ", x.sizes());
     const int64_t M = x.size(0), K = x.size(1), N = q.size(0);
@@ -61,7 +61,7 @@ void int8_matmul(const at::Tensor& x, const at::Tensor& q, const at::Tensor& sca
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// w [N, K] = q * scale[:, None] in w's dtype.
+// w [N, K] = q * scale (one per group of 32 inputs) in w's dtype.
 void int8_dequantize(const at::Tensor& q, const at::Tensor& scale, at::Tensor& w) {
     TORCH_CHECK(w.dim() == 2, "int8_dequantize: w must be [N, K], got ", w.sizes());
     const at::Device device = w.device();

@@ -8,7 +8,7 @@
 //   tokens   [B, T, H, N]  r, k, v, ... (N = head size; the wkv5_6/wkv7 builds fix N at compile
 //                          time with -DRWKV_HEAD_SIZE=N)
 //   v4       [B, T, C]     k, v, y; per-channel state aa, bb, pp [B, C]
-//   int8     q [N_out, K]  weights, scale [N_out], W ~= q * scale[:, None]; x [M, K], y [M, N_out]
+//   int8     q [N_out, K]  weights, scale [N_out, K / 32], W ~= q * scale per group of 32; x [M, K], y [M, N_out]
 // Activations are float32, float16 or bfloat16 (RwkvDtype); states, decays and scales are float32.
 #pragma once
 
@@ -61,13 +61,13 @@ struct Wkv7Problem {
     void* y;                // [B, T, H, N]
 };
 
-// y = x @ (q * scale[:, None])^T with float32 accumulation. Needs K % 16 == 0 and 16-byte
+// y = x @ (q * group scales)^T with float32 accumulation. Needs K % 32 == 0 and 16-byte
 // aligned x and q (each thread reads 16 weights at once).
 struct Int8MatmulProblem {
     int M, K, N;
     const void* x;        // [M, K]
     const int8_t* q;      // [N, K]
-    const float* scale;   // [N]
+    const float* scale;   // [N, K / 32]
     void* y;              // [M, N]
 };
 
@@ -82,6 +82,6 @@ int rwkv_wkv_head_size();
 // (rwkv_int8_dequantize) and use a dense matmul, which reaches the tensor cores.
 constexpr int kInt8GemvMaxRows = 16;
 void rwkv_int8_matmul(RwkvDtype dtype, const Int8MatmulProblem& problem, cudaStream_t stream);
-// w [N, K] = q * scale[:, None] in the activation dtype. Needs K % 16 == 0.
+// w [N, K] = q * group scales in the activation dtype. Needs K % 32 == 0.
 void rwkv_int8_dequantize(RwkvDtype dtype, int N, int K, const int8_t* q, const float* scale, void* w,
                           cudaStream_t stream);

@@ -143,7 +143,8 @@ static void pool_run(unit_fn fn, void *ctx, int64_t total, int n_threads) {
     pthread_mutex_unlock(&pool.call);
 }
 
-enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2 };
+enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2, K_I4 = 3 };
+#define GROUP 32  /* weights per fp16 scale along the input (int8 and int4) */
 
 /* job_t and its flags: see rwkv_cpu.h */
 
@@ -151,14 +152,16 @@ typedef struct {
     float *xf;        /* x as fp32 */
     int16_t *xq;      /* x rounded to int16 (int8 rows) */
     uint8_t *xlo, *xhi; /* its low byte and its high byte + 128 */
+    int8_t *x8;       /* int4 rows: x rounded to int8 per group of 32 (zero-padded to whole groups) */
+    float *xsl;       /* ... each group's scale, per 64 inputs as 16 lanes (8 per group) */
+    int32_t *xnl;     /* ... minus each group's sum of x8, in the same lanes */
     uint16_t *xb;     /* x as bf16 (bf16 rows) */
     int32_t *nz;      /* indices of nonzero inputs (cols layout) */
     int64_t n_nz;
-    float *part;      /* one partial sum [n_out] per work unit (cols layout) */
-    int vnni;         /* cols: int8 rows through cols_i8_vnni (xlo/xhi hold the nonzero inputs) */
     float xs;         /* int16 scale */
     int64_t units;    /* work units of this job */
     int64_t rows_per_unit;
+    float *part;      /* cols layout: one partial sum [n_out] per work unit, summed after the run */
 } prep_t;
 
 static inline float bf16_to_f32(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
@@ -235,150 +238,130 @@ static void rows_bf16(const uint16_t *W, const uint16_t *xb, const float *xf, fl
     (void)xf;
 }
 
-/* int8 rows. x is rounded to int16 and split as x = 256 * hi + lo (lo in [0, 255], hi in [-128, 127]),
-   both bytes fed to VNNI u8 x s8 dot products (hi offset by +128, corrected with the row sums of W).
-   Each row is read front to back on its own, 256 bytes a step into four independent accumulator
-   pairs, and reduced at once: measured here, that streams 2-3x faster than reading four rows side
-   by side or reducing four rows together. */
+/* Group-wise int8 and int4 rows (quant.py's format): W[r, k] = q[r, k] * scale[r, k / 32], the
+   scales fp16. The dot product of each group of 32 is exact in int32 and scaled in fp32.
+
+   int8: x is rounded to int16 for the whole vector and split as x = 256 * hi + lo (lo in [0, 255],
+   hi in [-128, 127]); both bytes feed VNNI u8 x s8 products, hi offset by +128, which adds
+   32768 * sum_g scale_g * sum(q in g) to every row: `corr` (one float per row, made at load).
+   int4: q + 8 in [0, 15] is stored as nibbles, per 64 inputs byte i holding input i (low) and
+   input i + 32 (high) (a last group of 32: i and i + 16); x is rounded to int8 per group of 32
+   (llama.cpp's Q4_0 x Q8_0 dot), and the +8 offset comes off through the group sums of x. */
+static inline int32_t nibble(const uint8_t *row, int64_t k, int64_t n32) {
+    int64_t base = k / 64 * 64, half = (n32 - base >= 64 ? 64 : n32 - base) / 2, i = k - base;
+    uint8_t b = row[base / 2 + i % half];
+    return (int32_t)(i < half ? b & 15 : b >> 4) - 8;
+}
+
 #if defined(RK_AVX512) && defined(__AVX512VNNI__)
-static __attribute__((noinline)) __m512 row_i8_lanes(const int8_t *w, const uint8_t *xlo, const uint8_t *xhi, int64_t n) {
-    __m512i l0 = _mm512_setzero_si512(), l1 = l0, l2 = l0, l3 = l0, h0 = l0, h1 = l0, h2 = l0, h3 = l0;
-    int64_t c = 0;
-    for (; c + 256 <= n; c += 256) {
-        __m512i a = _mm512_loadu_si512(w + c), b = _mm512_loadu_si512(w + c + 64);
-        __m512i d = _mm512_loadu_si512(w + c + 128), e = _mm512_loadu_si512(w + c + 192);
-        l0 = _mm512_dpbusd_epi32(l0, _mm512_loadu_si512(xlo + c), a); h0 = _mm512_dpbusd_epi32(h0, _mm512_loadu_si512(xhi + c), a);
-        l1 = _mm512_dpbusd_epi32(l1, _mm512_loadu_si512(xlo + c + 64), b); h1 = _mm512_dpbusd_epi32(h1, _mm512_loadu_si512(xhi + c + 64), b);
-        l2 = _mm512_dpbusd_epi32(l2, _mm512_loadu_si512(xlo + c + 128), d); h2 = _mm512_dpbusd_epi32(h2, _mm512_loadu_si512(xhi + c + 128), d);
-        l3 = _mm512_dpbusd_epi32(l3, _mm512_loadu_si512(xlo + c + 192), e); h3 = _mm512_dpbusd_epi32(h3, _mm512_loadu_si512(xhi + c + 192), e);
+/* lanes 0-7: the scale of group g, lanes 8-15: of group g + 1 (0 past the last group) */
+static inline __m512 pair_scales(const uint16_t *s, int64_t g, int64_t n_groups) {
+    __m128i two = _mm_maskz_loadu_epi16(g + 1 < n_groups ? 3 : 1, s + g);
+    const __m256i idx = _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_castsi128_si256(two)));
+}
+
+static inline __m512i i8_pair(__m512i w, const uint8_t *xlo, const uint8_t *xhi, __mmask64 m) {
+    __m512i z = _mm512_setzero_si512();
+    __m512i l = _mm512_dpbusd_epi32(z, _mm512_maskz_loadu_epi8(m, xlo), w);
+    __m512i h = _mm512_dpbusd_epi32(z, _mm512_maskz_loadu_epi8(m, xhi), w);
+    return _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);  /* |h| <= 4 * 255 * 127: no overflow */
+}
+
+static __attribute__((noinline)) float row_i8_dot(const int8_t *w, const uint16_t *s, const uint8_t *xlo,
+                                                  const uint8_t *xhi, int64_t n) {
+    int64_t ng = (n + GROUP - 1) / GROUP, c = 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    /* four groups' scales at once: lanes [s0 x8, s1 x8] and [s2 x8, s3 x8] */
+    const __m512i first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
+    for (; c + 128 <= n; c += 128) {
+        __m512 s4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + c / GROUP))));
+        __m512i p = i8_pair(_mm512_loadu_si512(w + c), xlo + c, xhi + c, ~0ull);
+        __m512i q = i8_pair(_mm512_loadu_si512(w + c + 64), xlo + c + 64, xhi + c + 64, ~0ull);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(first, s4), a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_permutexvar_ps(second, s4), a1);
     }
     for (; c < n; c += 64) {
         __mmask64 m = n - c >= 64 ? ~0ull : (~0ull) >> (64 - (n - c));
-        __m512i a = _mm512_maskz_loadu_epi8(m, w + c);
-        l0 = _mm512_dpbusd_epi32(l0, _mm512_maskz_loadu_epi8(m, xlo + c), a);
-        h0 = _mm512_dpbusd_epi32(h0, _mm512_maskz_loadu_epi8(m, xhi + c), a);
+        __m512i p = i8_pair(_mm512_maskz_loadu_epi8(m, w + c), xlo + c, xhi + c, m);
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scales(s, c / GROUP, ng), a0);
     }
-    __m512i l = _mm512_add_epi32(_mm512_add_epi32(l0, l1), _mm512_add_epi32(l2, l3));
-    __m512i h = _mm512_add_epi32(_mm512_add_epi32(h0, h1), _mm512_add_epi32(h2, h3));
-    /* 256 * hi-part + lo-part per lane in fp32: the int32 lane sums are exact, this rounds ~1e-7 */
-    return _mm512_fmadd_ps(_mm512_cvtepi32_ps(h), _mm512_set1_ps(256.f), _mm512_cvtepi32_ps(l));
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
 }
 
+static __attribute__((noinline)) float row_i4_dot(const uint8_t *w, const uint16_t *s, const int8_t *x8,
+                                                  const float *xsl, const int32_t *xnl, int64_t n32) {
+    const __m256i low = _mm256_set1_epi8(15);
+    int64_t ng = n32 / GROUP, c = 0;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (; c + 64 <= n32; c += 64) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
+        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                                       _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xnl + c / 4), q, _mm512_loadu_si512(x8 + c));
+        __m512 f = _mm512_mul_ps(pair_scales(s, c / GROUP, ng), _mm512_loadu_ps(xsl + c / 4));
+        if ((c / 64) & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, a1);
+        else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, a0);
+    }
+    if (c < n32) {  /* a last group of 32 */
+        __m128i v = _mm_loadu_si128((const __m128i *)(w + c / 2)), l = _mm_set1_epi8(15);
+        __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, l)), _mm_and_si128(_mm_srli_epi16(v, 4), l), 1);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xnl + c / 4), _mm512_zextsi256_si512(q),
+                                        _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(x8 + c))));
+        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(pair_scales(s, c / GROUP, ng), _mm512_loadu_ps(xsl + c / 4)), a0);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+}
 #endif
 
-static void rows_i8(const int8_t *W, const float *scale, const int32_t *rowsum, const int16_t *xq,
-                    const uint8_t *xlo, const uint8_t *xhi, float xs, float *y, int64_t r0, int64_t r1, int64_t n) {
-    int64_t r = r0;
+static inline float half_to_f32(uint16_t h) {
+#ifdef RK_AVX512
+    return _cvtsh_ss(h);
+#else
+    uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
+    union { uint32_t u; float f; } c;
+    if (e == 0) { c.f = ldexpf((float)m, -24); c.u |= sign; return c.f; }
+    c.u = sign | (e == 31 ? 0x7f800000u | (m << 13) : ((e + 112) << 23) | (m << 13));
+    return c.f;
+#endif
+}
+
+static void rows_i8(const int8_t *W, const uint16_t *scale, const float *corr, const prep_t *p, float *y,
+                    int64_t r0, int64_t r1, int64_t n) {
+    int64_t ng = (n + GROUP - 1) / GROUP, r = r0;
 #if defined(RK_AVX512) && defined(__AVX512VNNI__)
-    for (; r < r1; r++)
-        y[r] = (_mm512_reduce_add_ps(row_i8_lanes(W + r * n, xlo, xhi, n)) - 32768.f * (float)rowsum[r]) * xs * scale[r];
+    for (; r < r1; r++) y[r] = (row_i8_dot(W + r * n, scale + r * ng, p->xlo, p->xhi, n) - corr[r]) * p->xs;
 #endif
     for (; r < r1; r++) {
-        const int8_t *w = W + r * n; int64_t acc = 0;
-        for (int64_t c = 0; c < n; c++) acc += (int32_t)w[c] * (int32_t)xq[c];
-        y[r] = (float)acc * xs * scale[r];
+        const int8_t *w = W + r * n; float s = 0.f;
+        for (int64_t g = 0; g < ng; g++) {
+            int64_t acc = 0;
+            for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) acc += (int32_t)w[c] * (int32_t)p->xq[c];
+            s += (float)acc * half_to_f32(scale[r * ng + g]);
+        }
+        y[r] = s * p->xs;
     }
-    (void)xlo; (void)xhi; (void)rowsum;
+    (void)corr;
 }
 
-#define TILE 128
+static void rows_i4(const uint8_t *W, const uint16_t *scale, const prep_t *p, float *y, int64_t r0, int64_t r1, int64_t n) {
+    int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, r = r0;
+#if defined(RK_AVX512) && defined(__AVX512VNNI__)
+    for (; r < r1; r++) y[r] = row_i4_dot(W + r * (n32 / 2), scale + r * ng, p->x8, p->xsl, p->xnl, n32);
+#endif
+    for (; r < r1; r++) {
+        const uint8_t *w = W + r * (n32 / 2); float s = 0.f;
+        for (int64_t g = 0; g < ng; g++) {
+            int32_t acc = 0;
+            for (int64_t c = g * GROUP; c < (g + 1) * GROUP; c++) acc += nibble(w, c, n32) * (int32_t)p->x8[c];
+            s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
+        }
+        y[r] = s;
+    }
+}
 
 /* ------------------------------------------- cols layout: y[o] = sum over nonzero j of x[j] W[j,o] */
-
-static void cols_tile(int kind, const void *Wv, const float *scale, const float *xf, const int32_t *nz, int64_t n_nz,
-                      float *y, int64_t o0, int64_t o1, int64_t n_out) {
-    int64_t width = o1 - o0;
-#ifdef RK_AVX512
-    if (width == TILE) {
-        __m512 acc[TILE / 16];
-        for (int i = 0; i < TILE / 16; i++) acc[i] = _mm512_setzero_ps();
-        if (kind == K_I8) {
-            const int8_t *W = (const int8_t *)Wv;
-            for (int64_t q = 0; q < n_nz; q++) {
-                int32_t j = nz[q]; __m512 xj = _mm512_set1_ps(xf[j]);
-                const int8_t *row = W + (int64_t)j * n_out + o0;
-                for (int i = 0; i < TILE / 16; i++)
-                    acc[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(row + 16 * i)))), xj, acc[i]);
-            }
-            for (int i = 0; i < TILE / 16; i++)
-                _mm512_storeu_ps(y + o0 + 16 * i, _mm512_mul_ps(acc[i], _mm512_loadu_ps(scale + o0 + 16 * i)));
-        } else if (kind == K_BF16) {
-            const uint16_t *W = (const uint16_t *)Wv;
-            for (int64_t q = 0; q < n_nz; q++) {
-                int32_t j = nz[q]; __m512 xj = _mm512_set1_ps(xf[j]);
-                const uint16_t *row = W + (int64_t)j * n_out + o0;
-                for (int i = 0; i < TILE / 16; i++) {
-                    __m512i wi = _mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(row + 16 * i))), 16);
-                    acc[i] = _mm512_fmadd_ps(_mm512_castsi512_ps(wi), xj, acc[i]);
-                }
-            }
-            for (int i = 0; i < TILE / 16; i++) _mm512_storeu_ps(y + o0 + 16 * i, acc[i]);
-        } else {
-            const float *W = (const float *)Wv;
-            for (int64_t q = 0; q < n_nz; q++) {
-                int32_t j = nz[q]; __m512 xj = _mm512_set1_ps(xf[j]);
-                const float *row = W + (int64_t)j * n_out + o0;
-                for (int i = 0; i < TILE / 16; i++) acc[i] = _mm512_fmadd_ps(_mm512_loadu_ps(row + 16 * i), xj, acc[i]);
-            }
-            for (int i = 0; i < TILE / 16; i++) _mm512_storeu_ps(y + o0 + 16 * i, acc[i]);
-        }
-        return;
-    }
-#endif
-    float acc[TILE];
-    for (int64_t i = 0; i < width; i++) acc[i] = 0.f;
-    for (int64_t q = 0; q < n_nz; q++) {
-        int32_t j = nz[q]; float xj = xf[j];
-        if (kind == K_I8) {
-            const int8_t *row = (const int8_t *)Wv + (int64_t)j * n_out + o0;
-            for (int64_t i = 0; i < width; i++) acc[i] += xj * (float)row[i];
-        } else if (kind == K_BF16) {
-            const uint16_t *row = (const uint16_t *)Wv + (int64_t)j * n_out + o0;
-            for (int64_t i = 0; i < width; i++) acc[i] += xj * bf16_to_f32(row[i]);
-        } else {
-            const float *row = (const float *)Wv + (int64_t)j * n_out + o0;
-            for (int64_t i = 0; i < width; i++) acc[i] += xj * row[i];
-        }
-    }
-    for (int64_t i = 0; i < width; i++) y[o0 + i] = kind == K_I8 ? acc[i] * scale[o0 + i] : acc[i];
-}
-
-#if defined(RK_AVX512) && defined(__AVX512VNNI__) && defined(__AVX512VBMI__)
-#define RK_COLS_VNNI 1
-/* int8 cols layout for a nonnegative input (relu^2): x is rounded to u16 and split into two
-   unsigned bytes, so VNNI's u8 x s8 products need no offset correction. Four nonzero inputs at a
-   time: 16 bytes of each of their four rows are interleaved (vpermb) into the 4-byte groups that
-   vpdpbusd sums, so 64 weights cost one permute and two dot products. A unit takes 64 nonzero
-   inputs (their rows stay in L2 while it walks the output tiles of 64). */
-static void cols_i8_vnni(const int8_t *W, const int32_t *nz, const uint8_t *lo, const uint8_t *hi,
-                         int64_t q0, int64_t q1, float *part, int64_t n_out) {
-    const __m512i spread = _mm512_set_epi8(
-        63, 47, 31, 15, 62, 46, 30, 14, 61, 45, 29, 13, 60, 44, 28, 12, 59, 43, 27, 11, 58, 42, 26, 10,
-        57, 41, 25, 9, 56, 40, 24, 8, 55, 39, 23, 7, 54, 38, 22, 6, 53, 37, 21, 5, 52, 36, 20, 4,
-        51, 35, 19, 3, 50, 34, 18, 2, 49, 33, 17, 1, 48, 32, 16, 0);
-    for (int64_t o0 = 0; o0 < n_out; o0 += 64) {
-        __m512i l[4], h[4];
-        for (int i = 0; i < 4; i++) { l[i] = _mm512_setzero_si512(); h[i] = l[i]; }
-        for (int64_t q = q0; q < q1; q += 4) {
-            const int8_t *r0 = W + (int64_t)nz[q] * n_out + o0, *r1 = W + (int64_t)nz[q + 1] * n_out + o0;
-            const int8_t *r2 = W + (int64_t)nz[q + 2] * n_out + o0, *r3 = W + (int64_t)nz[q + 3] * n_out + o0;
-            __m512i xl = _mm512_set1_epi32(*(const int32_t *)(lo + q)), xh = _mm512_set1_epi32(*(const int32_t *)(hi + q));
-            for (int i = 0; i < 4; i++) {
-                __m512i z = _mm512_castsi128_si512(_mm_loadu_si128((const __m128i *)(r0 + 16 * i)));
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r1 + 16 * i)), 1);
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r2 + 16 * i)), 2);
-                z = _mm512_inserti32x4(z, _mm_loadu_si128((const __m128i *)(r3 + 16 * i)), 3);
-                z = _mm512_permutexvar_epi8(spread, z);
-                l[i] = _mm512_dpbusd_epi32(l[i], xl, z);
-                h[i] = _mm512_dpbusd_epi32(h[i], xh, z);
-            }
-        }
-        for (int i = 0; i < 4; i++)
-            _mm512_storeu_ps(part + o0 + 16 * i, _mm512_fmadd_ps(_mm512_cvtepi32_ps(h[i]), _mm512_set1_ps(256.f),
-                                                                 _mm512_cvtepi32_ps(l[i])));
-    }
-}
-#endif
 
 /* fp32 / bf16 cols layout, a block of nonzero inputs [q0, q1): part = sum of x[j] W[j, :] over them.
    Four rows at a time, each read front to back (the partial sums stay in L1): the rows stream like
@@ -430,25 +413,14 @@ static void cols_block(int kind, const void *Wv, const float *xf, const int32_t 
 static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
     int kind = (int)(jb->flags & 15), cols = (int)((jb->flags >> 4) & 1);
     if (cols) {
-#ifdef RK_COLS_VNNI
-        if (p->vnni) {
-            int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
-            cols_i8_vnni((const int8_t *)jb->w, p->nz, p->xlo, p->xhi, q0, q1, p->part + u * jb->n_out, jb->n_out);
-            return;
-        }
-#endif
-        if (p->part) {
-            int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
-            cols_block(kind, jb->w, p->xf, p->nz, q0, q1, p->part + u * jb->n_out, jb->n_out);
-            return;
-        }
-        int64_t o0 = u * TILE, o1 = o0 + TILE < jb->n_out ? o0 + TILE : jb->n_out;
-        cols_tile(kind, jb->w, jb->scale, p->xf, p->nz, p->n_nz, yf, o0, o1, jb->n_out);
+        int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
+        cols_block(kind, jb->w, p->xf, p->nz, q0, q1, p->part + u * jb->n_out, jb->n_out);
         return;
     }
     int64_t r0 = u * p->rows_per_unit, r1 = r0 + p->rows_per_unit < jb->n_out ? r0 + p->rows_per_unit : jb->n_out;
-    if (kind == K_I8) rows_i8((const int8_t *)jb->w, jb->scale, (const int32_t *)(intptr_t)jb->tag, p->xq, p->xlo, p->xhi,
-                              p->xs, yf, r0, r1, jb->n_in);
+    if (kind == K_I8) rows_i8((const int8_t *)jb->w, (const uint16_t *)jb->scale, (const float *)(intptr_t)jb->tag, p, yf,
+                              r0, r1, jb->n_in);
+    else if (kind == K_I4) rows_i4((const uint8_t *)jb->w, (const uint16_t *)jb->scale, p, yf, r0, r1, jb->n_in);
     else if (kind == K_BF16) rows_bf16((const uint16_t *)jb->w, p->xb, p->xf, yf, r0, r1, jb->n_in);
     else rows_f32((const float *)jb->w, p->xf, yf, r0, r1, jb->n_in);
 }
@@ -482,40 +454,14 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
         }
         if (cols) {
             p->nz = (int32_t *)malloc(sizeof(int32_t) * (n + 4));
-            float xmin = 0.f, xmax = 0.f;
-            for (int64_t c = 0; c < n; c++) {
-                float v = p->xf[c];
-                if (v != 0.f) p->nz[p->n_nz++] = (int32_t)c;
-                xmin = v < xmin ? v : xmin; xmax = v > xmax ? v : xmax;
-            }
-            p->xs = 1.f;
-#ifdef RK_COLS_VNNI
-            if (kind == K_I8 && xmin >= 0.f && jb->n_out % 64 == 0 && p->n_nz > 0) {
-                p->vnni = 1;
-                int64_t n_real = p->n_nz;
-                while (p->n_nz % 4) p->nz[p->n_nz++] = p->nz[0];  /* padding: a real row with a zero input */
-                p->xs = xmax / 65535.f;
-                float inv = 1.f / p->xs;
-                p->xlo = (uint8_t *)malloc(p->n_nz); p->xhi = (uint8_t *)malloc(p->n_nz);
-                for (int64_t q = 0; q < p->n_nz; q++) {
-                    int32_t v = q < n_real ? (int32_t)lrintf(p->xf[p->nz[q]] * inv) : 0;
-                    v = v > 65535 ? 65535 : v;
-                    p->xlo[q] = (uint8_t)(v & 255); p->xhi[q] = (uint8_t)(v >> 8);
-                }
-                p->rows_per_unit = 64;
-                p->units = (p->n_nz + 63) / 64;
-                p->part = (float *)malloc(sizeof(float) * jb->n_out * p->units);
-            } else
-#endif
-            if (kind != K_I8) {  /* blocks of nonzero inputs, each into its own partial sums (summed below) */
-                int64_t units = (p->n_nz + 31) / 32;
-                units = units > 8 ? 8 : units;
-                p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
-                p->units = units;
-                p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
-            } else
-            p->units = (jb->n_out + TILE - 1) / TILE;
-            (void)xmin; (void)xmax;
+            for (int64_t c = 0; c < n; c++)
+                if (p->xf[c] != 0.f) p->nz[p->n_nz++] = (int32_t)c;
+            /* blocks of nonzero inputs, each into its own partial sums (summed below) */
+            int64_t units = (p->n_nz + 31) / 32;
+            units = units > 8 ? 8 : units;
+            p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
+            p->units = units;
+            p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
         } else {
             if (kind == K_I8) {
                 float m = 0.f;
@@ -529,11 +475,27 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
                     q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
                     p->xq[c] = (int16_t)q; p->xlo[c] = (uint8_t)(q & 255); p->xhi[c] = (uint8_t)((q >> 8) + 128);
                 }
+            } else if (kind == K_I4) {
+                int64_t n32 = (n + GROUP - 1) / GROUP * GROUP;
+                p->x8 = (int8_t *)calloc((size_t)n32 + 64, 1);
+                p->xsl = (float *)calloc((size_t)n32 / 4 + 16, sizeof(float));
+                p->xnl = (int32_t *)calloc((size_t)n32 / 4 + 16, sizeof(int32_t));
+                for (int64_t g = 0; g < n32 / GROUP; g++) {
+                    float m = 0.f;
+                    for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
+                    float xs = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
+                    int32_t sum = 0;
+                    for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
+                        int32_t q = (int32_t)lrintf(p->xf[c] * inv);
+                        p->x8[c] = (int8_t)q; sum += q;
+                    }
+                    for (int l = 0; l < 8; l++) { p->xsl[g * 8 + l] = xs; p->xnl[g * 8 + l] = -sum; }
+                }
             } else if (kind == K_BF16) {
                 p->xb = (uint16_t *)malloc(sizeof(uint16_t) * n);
                 for (int64_t c = 0; c < n; c++) p->xb[c] = f32_to_bf16(p->xf[c]);
             }
-            int64_t bytes = n * (kind == K_F32 ? 4 : kind == K_BF16 ? 2 : 1);
+            int64_t bytes = kind == K_I4 ? n / 2 : n * (kind == K_F32 ? 4 : kind == K_BF16 ? 2 : 1);
             int64_t rpu = (64 * 1024) / (bytes > 0 ? bytes : 1);
             rpu = rpu < 4 ? 4 : (rpu / 4) * 4;
             p->rows_per_unit = rpu;
@@ -553,8 +515,6 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
                 const float *part = prep[i].part + u * n_out;
                 for (int64_t o = 0; o < n_out; o++) y[o] += part[o];
             }
-            if ((jobs[i].flags & 15) == K_I8)
-                for (int64_t o = 0; o < n_out; o++) y[o] *= prep[i].xs * jobs[i].scale[o];
         }
         if (jobs[i].flags & 512) {
             uint16_t *yb = (uint16_t *)jobs[i].y;
@@ -562,75 +522,42 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
             free(ybuf[i]);
         }
         free(prep[i].xf); free(prep[i].xq); free(prep[i].xlo); free(prep[i].xhi); free(prep[i].xb); free(prep[i].nz); free(prep[i].part);
+        free(prep[i].x8); free(prep[i].xsl); free(prep[i].xnl);
     }
     return 0;
 }
 
-/* ---------------------------------------------------------------- int8 GEMM helpers (prefill)
-   x [M, K] (fp32 or bf16) -> int8 per row (symmetric, scale amax / 127); int32 [M, N] products
-   -> y = acc * xs[m] * ws[n] (fp32 or bf16). */
-typedef struct { int64_t M, K; const void *x; int x_bf16; int8_t *q; float *xs; } quant_ctx_t;
+/* ---------------------------------------------------------------- dequantize (prefill)
+   Rows r0..r1 of a group-wise int8/int4 weight as fp32 or bf16 [rows, n], for torch's GEMMs. */
+typedef struct { int bits; int64_t r0, n; const void *q; const uint16_t *scale; void *out; int out_bf16; } deq_ctx_t;
 
-static void quant_unit(void *arg, int64_t m) {
-    const quant_ctx_t *c = (const quant_ctx_t *)arg;
-    int64_t K = c->K;
-    float buf[16384];
-    float *row = K <= 16384 ? buf : (float *)malloc(sizeof(float) * K);
-    if (c->x_bf16) {
-        const uint16_t *xb = (const uint16_t *)c->x + m * K;
-        #pragma omp simd
-        for (int64_t i = 0; i < K; i++) row[i] = bf16_to_f32(xb[i]);
-    }
-    else memcpy(row, (const float *)c->x + m * K, sizeof(float) * K);
-    float amax = 0.f;
-    #pragma omp simd reduction(max:amax)
-    for (int64_t i = 0; i < K; i++) { float a = fabsf(row[i]); amax = a > amax ? a : amax; }
-    float scale = amax > 0.f ? amax / 127.f : 1.f, inv = 1.f / scale;
-    int8_t *q = c->q + m * K;
-    int64_t i = 0;
-#ifdef RK_AVX512
-    __m512 vinv = _mm512_set1_ps(inv);
-    for (; i + 16 <= K; i += 16)  /* round to nearest even, like lrintf */
-        _mm_storeu_si128((__m128i *)(q + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(row + i), vinv))));
-#endif
-    for (; i < K; i++) q[i] = (int8_t)lrintf(row[i] * inv);
-    c->xs[m] = scale;
-    if (row != buf) free(row);
-}
-
-void rk_quant_rows(int64_t M, int64_t K, const void *x, int x_bf16, int8_t *q, float *xs, int n_threads) {
-    quant_ctx_t ctx = { M, K, x, x_bf16, q, xs };
-    pool_run(quant_unit, &ctx, M, M * K >= 65536 ? n_threads : 1);
-}
-
-typedef struct { int64_t M, N; const int32_t *acc; const float *xs, *ws; void *y; int y_bf16; } deq_ctx_t;
-
-static void deq_unit(void *arg, int64_t m) {
+static void deq_unit(void *arg, int64_t u) {
     const deq_ctx_t *c = (const deq_ctx_t *)arg;
-    int64_t N = c->N;
-    const int32_t *a = c->acc + m * N;
-    float s = c->xs[m];
-    if (c->y_bf16) {
-        uint16_t *y = (uint16_t *)c->y + m * N;
-        int64_t n = 0;
-#if defined(RK_AVX512) && defined(__AVX512BF16__)
-        __m512 vs = _mm512_set1_ps(s);
-        for (; n + 16 <= N; n += 16) {  /* round to nearest even, NaN kept: as f32_to_bf16 */
-            __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_loadu_si512(a + n)), vs), _mm512_loadu_ps(c->ws + n));
-            _mm256_storeu_si256((__m256i *)(y + n), (__m256i)_mm512_cvtneps_pbh(v));
+    int64_t n = c->n, ng = (n + GROUP - 1) / GROUP, n32 = ng * GROUP, r = c->r0 + u;
+    const uint16_t *s = c->scale + r * ng;
+    float buf[GROUP];
+    for (int64_t g = 0; g < ng; g++) {
+        int64_t k0 = g * GROUP, width = n - k0 < GROUP ? n - k0 : GROUP;
+        float sc = half_to_f32(s[g]);
+        if (c->bits == 8) {
+            const int8_t *q = (const int8_t *)c->q + r * n + k0;
+            #pragma omp simd
+            for (int64_t i = 0; i < width; i++) buf[i] = (float)q[i] * sc;
+        } else {
+            const uint8_t *q = (const uint8_t *)c->q + r * (n32 / 2);
+            for (int64_t i = 0; i < width; i++) buf[i] = (float)nibble(q, k0 + i, n32) * sc;
         }
-#endif
-        for (; n < N; n++) y[n] = f32_to_bf16((float)a[n] * s * c->ws[n]);
-    } else {
-        float *y = (float *)c->y + m * N;
-        #pragma omp simd
-        for (int64_t n = 0; n < N; n++) y[n] = (float)a[n] * s * c->ws[n];
+        if (c->out_bf16) {
+            uint16_t *o = (uint16_t *)c->out + u * n + k0;
+            for (int64_t i = 0; i < width; i++) o[i] = f32_to_bf16(buf[i]);
+        } else memcpy((float *)c->out + u * n + k0, buf, sizeof(float) * width);
     }
 }
 
-void rk_dequant(int64_t M, int64_t N, const int32_t *acc, const float *xs, const float *ws, void *y, int y_bf16, int n_threads) {
-    deq_ctx_t ctx = { M, N, acc, xs, ws, y, y_bf16 };
-    pool_run(deq_unit, &ctx, M, M * N >= 65536 ? n_threads : 1);
+void rk_dequant_groups(int bits, int64_t r0, int64_t r1, int64_t n, const void *q, const void *scale, void *out,
+                       int out_bf16, int n_threads) {
+    deq_ctx_t ctx = { bits, r0, n, q, (const uint16_t *)scale, out, out_bf16 };
+    pool_run(deq_unit, &ctx, r1 - r0, (r1 - r0) * n >= 65536 ? n_threads : 1);
 }
 
 

@@ -6,14 +6,16 @@
    Every function has a plain-torch twin in the engine computing the same thing; tensors are
    contiguous, float32 unless a `*_bf16`/`bf` flag says bfloat16 (stored as uint16).
 
-   * rk_gemv: several weight-times-vector products in one parallel task, weights in fp32, bf16 or
-     int8 (per-output-channel scale), stored either by output row ([out, in], a dot product per
-     output, each row streamed on its own) or by input row ([in, out], one scaled row added per
-     *nonzero* input, which skips the zeros of relu^2 activations in the FFN). int8 rows use
-     AVX-512 VNNI u8 x s8 dot products on the activation rounded to 16 bits and split into two
-     bytes (relative error ~1e-5, far below the int8 weight error); bf16 rows use AVX-512 BF16 dot
-     products with fp32 accumulation. Portable C loops otherwise.
-   * rk_quant_rows / rk_dequant: the activation rounding and rescaling around prefill's int8 GEMM.
+   * rk_gemv: several weight-times-vector products in one parallel task, weights in fp32, bf16,
+     or int8 / int4 in groups of 32 inputs per fp16 scale (quant.py's format), stored by output row
+     ([out, in], a dot product per output, each row streamed on its own) or, for fp32/bf16, by
+     input row ([in, out], one scaled row added per *nonzero* input, which skips the zeros of
+     relu^2 activations in the FFN). int8 rows use AVX-512 VNNI u8 x s8 dot products on the
+     activation rounded to 16 bits and split into two bytes (relative error ~1e-5, far below the
+     int8 weight error); int4 rows unpack nibbles and dot them with the activation rounded to int8
+     per group (llama.cpp's Q4_0 x Q8_0); bf16 rows use AVX-512 BF16 dot products with fp32
+     accumulation. Portable C loops otherwise.
+   * rk_dequant_groups: int8 / int4 rows back to fp32 or bf16, for prefill's GEMMs.
    * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
      time-mix tail; rk_v7_layer and rk_v6_layer run one token through a whole layer in one call
@@ -26,10 +28,12 @@
 
 #include <stdint.h>
 
-/* One weight-times-vector product for rk_gemv: y = W x. `tag`: int8 rows layout: the int32 sum of
-   each row of q (the offset correction of u8 x s8 products), else 0.
-   flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8), bit 4 layout (0 rows [out,in], 1 cols [in,out]),
-   bit 8 x is bf16, bit 9 y is bf16. */
+/* One weight-times-vector product for rk_gemv: y = W x. int8 / int4: `scale` points to the fp16
+   group scales [out, ceil(in / 32)] (cast), and for int8 `tag` to one float per row: 32768 *
+   sum over groups of scale * (sum of q in the group), the offset correction of u8 x s8 products;
+   else `tag` is 0.
+   flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8, 3 int4; int8/int4 rows only), bit 4 layout
+   (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16, bit 9 y is bf16. */
 typedef struct {
     const void *w; const float *scale; const void *x; void *y;
     int64_t n_out, n_in, flags, tag;
@@ -38,9 +42,8 @@ typedef struct {
 void rk_set_spin(int limit);
 /* 0, or -1 when n_jobs is over the limit */
 int rk_gemv(int n_jobs, const job_t *jobs, int n_threads);
-void rk_quant_rows(int64_t M, int64_t K, const void *x, int x_bf16, int8_t *q, float *xs, int n_threads);
-void rk_dequant(int64_t M, int64_t N, const int32_t *acc, const float *xs, const float *ws, void *y, int y_bf16,
-                int n_threads);
+void rk_dequant_groups(int bits, int64_t r0, int64_t r1, int64_t n, const void *q, const void *scale, void *out,
+                       int out_bf16, int n_threads);
 void rk_wkv4(int64_t T, int64_t C, const float *k, const float *v, const float *w, const float *u,
              const float *aa_in, const float *bb_in, const float *pp_in,
              float *aa_out, float *bb_out, float *pp_out, float *out, int n_threads);

@@ -14,7 +14,6 @@ from types import SimpleNamespace
 
 import torch
 
-from . import quant
 
 
 class RowOps:
@@ -55,37 +54,12 @@ class RowOps:
         return self.inner.group_norm_gate(out, g, w, dtype)  # stateless; a batch of one only
 
 
-class BatchInt8:
-    """An Int8Linear for a few rows: int8 x int8 products (torch._int_mm) on activations rounded
-    per row, as its own path does from 16 rows up, instead of aten's int8-weight kernel, which
-    widens the weights for every call (slower than one row at a time below ~16 rows). One row
-    still goes to the single-token kernel."""
-
-    def __init__(self, inner):
-        self.inner = inner
-        self._weight = inner.q.t() if inner.layout == "rows" else inner.q  # [in, out] view
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] == 1 or x.dim() != 2:
-            return self.inner(x)
-        y = self.inner._kernels.int8_gemm(x.contiguous(), self._weight, self.inner.scale, x.dtype)
-        return y.to(x.dtype)
-
-
-def batch_linear(linear):
-    """`linear` itself, or a BatchInt8 over it when it is a CPU int8 linear the kernels run."""
-    if (type(linear) is quant.Int8Linear and getattr(linear, "_cpu", False) and getattr(linear, "_kernels", None)
-            is not None and getattr(linear, "layout", None) in ("rows", "cols") and hasattr(torch, "_int_mm")):
-        return BatchInt8(linear)
-    return linear
-
-
 def batch_layers(layers) -> list[SimpleNamespace]:
-    """Each prepared layer with its backend wrapped in RowOps and its int8 linears in BatchInt8
-    (the weights are shared, not copied)."""
+    """Each prepared layer with its backend wrapped in RowOps (the weights are shared, not copied);
+    the linears take the [B, C] rows through their multi-token path."""
     wrapped = []
     for w in layers:
-        copy = SimpleNamespace(**{name: batch_linear(value) for name, value in vars(w).items()})
+        copy = SimpleNamespace(**vars(w))
         copy.ops = RowOps(w.ops)
         wrapped.append(copy)
     return wrapped

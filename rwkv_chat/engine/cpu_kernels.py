@@ -30,7 +30,7 @@ import torch
 
 from . import kernel_cache
 
-K_F32, K_BF16, K_I8 = 0, 1, 2
+K_F32, K_BF16, K_I8, K_I4 = 0, 1, 2, 3
 LAYOUT_COLS = 16
 X_BF16, Y_BF16 = 256, 512
 _SHORT_SPIN, _DECODE_SPIN = 2_000, 200_000  # pause instructions a helper spins before sleeping
@@ -102,14 +102,13 @@ class Kernels:
         lib.rk_wkv4.argtypes = [i64, i64] + [ptr] * 11 + [ctypes.c_int]
         lib.rk_wkv5.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
         lib.rk_wkv7.argtypes = [i64, i64, i64] + [ptr] * 9 + [ctypes.c_int]
-        lib.rk_quant_rows.argtypes = [i64, i64, ptr, ctypes.c_int, ptr, ptr, ctypes.c_int]
-        lib.rk_dequant.argtypes = [i64, i64, ptr, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
+        lib.rk_dequant_groups.argtypes = [ctypes.c_int, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_int]
         lib.rk_group_norm_gate.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int,
                                            ctypes.c_int, ptr]
         lib.rk_v7_step.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 20
         lib.rk_v7_layer.argtypes = [ptr] * 10 + [ctypes.c_int]
         lib.rk_v6_layer.argtypes = [ptr] * 8 + [ctypes.c_int]
-        for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_quant_rows, lib.rk_dequant, lib.rk_group_norm_gate,
+        for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_dequant_groups, lib.rk_group_norm_gate,
                    lib.rk_v7_step, lib.rk_v7_layer, lib.rk_v6_layer):
             fn.restype = None
         lib.rk_set_spin.argtypes = [ctypes.c_int]
@@ -148,19 +147,13 @@ class Kernels:
             torch.set_num_threads(n)
             self._threads = None
 
-    def int8_gemm(self, x, q_in_out, scale, out_dtype):
-        """x [M, K] (fp32/bf16, contiguous) @ int8 [K, N] weights with per-column scales: activations
-        rounded to int8 per row, int32 products (torch._int_mm), rescaled in one pass."""
-        M, K = x.shape
-        xq = torch.empty((M, K), dtype=torch.int8)
-        xs = torch.empty(M, dtype=torch.float32)
-        threads = self.threads()
-        self.lib.rk_quant_rows(M, K, x.data_ptr(), int(x.dtype == torch.bfloat16), xq.data_ptr(), xs.data_ptr(), threads)
-        acc = torch._int_mm(xq, q_in_out)
-        y = torch.empty((M, acc.shape[1]), dtype=out_dtype)
-        self.lib.rk_dequant(M, acc.shape[1], acc.data_ptr(), xs.data_ptr(), scale.data_ptr(), y.data_ptr(),
-                            int(out_dtype == torch.bfloat16), threads)
-        return y
+    def dequantize(self, bits: int, q, scale, start: int, stop: int, n_in: int, dtype):
+        """Rows start..stop of a group-wise int8/int4 weight (quant.py's format) as [rows, n_in] in
+        dtype (fp32 or bf16)."""
+        out = torch.empty((stop - start, n_in), dtype=dtype)
+        self.lib.rk_dequant_groups(bits, start, stop, n_in, q.data_ptr(), scale.data_ptr(), out.data_ptr(),
+                                   int(dtype == torch.bfloat16), self.threads())
+        return out
 
     def gemv_words(self, words) -> None:
         """Weight-times-vector jobs given as an array('q') of 8 words each (job_t in the C source:

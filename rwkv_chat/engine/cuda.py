@@ -31,9 +31,9 @@ are all converted to r's dtype; decays, bonuses and states are read as float32.
         r, k, v, kk, a, out [T, H, N]; decay: the factor w in (0, 1), [T, H, N];
         kk: unit-length removal key; a: in-context learning rate; state [H, V, K] float32:
         S <- S diag(w) + (S (-kk)) (kk a)^T + v k^T;  out = S r.
-    int8_matmul(x, q, scale)                -> x @ (q * scale[:, None]).T
-        x [..., K] float; q [N_out, K] int8, row-major (Int8Linear.q in its "rows" layout, which is
-        the only one it uses off the CPU); scale [N_out] (Int8Linear.scale); K % 16 == 0, else the twin;
+    int8_matmul(x, q, scale)                -> x @ W.T, W = q * scale per group of 32 inputs
+        x [..., K] float; q [N_out, K] int8, row-major (QuantLinear.q with bits=8); scale
+        [N_out, K / 32] float32 (QuantLinear.scale as float32); K % 32 == 0, else the twin;
         result [..., N_out] in x's dtype, accumulated in float32. Up to 16 rows: a GEMV kernel;
         longer inputs: dequantize 16M weights at a time and use a dense (tensor-core) matmul.
 
@@ -307,9 +307,9 @@ def wkv7(r, decay, k, v, kk, a, state):
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (q * scale[:, None]).T in x's dtype (see the module docstring)."""
+    """x @ W.T, W = q * scale per group of 32 inputs, in x's dtype (see the module docstring)."""
     K = x.shape[-1]
-    ops = _ops_for(x, COMMON_LIBRARY, None) if K % 16 == 0 and x.dtype in _FLOATS else None
+    ops = _ops_for(x, COMMON_LIBRARY, None) if K % 32 == 0 and x.dtype in _FLOATS else None
     if ops is None:
         return torch_int8_matmul(x, q, scale)
     N = q.shape[0]
@@ -327,7 +327,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
         for start in range(0, N, rows):
             part = q_[start:start + rows]
             w = torch.empty(part.shape, dtype=x.dtype, device=x.device)
-            ops.int8_dequantize(part, scale_[start:start + rows], w)
+            ops.int8_dequantize(part, scale_[start:start + rows].contiguous(), w)
             pieces.append(flat @ w.t())
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         calls["int8_dequant_matmul"] += 1
@@ -362,7 +362,9 @@ def torch_wkv7(r, decay, k, v, kk, a, state):
 
 
 def torch_int8_matmul(x, q, scale):
-    """Int8Linear's math, accumulated in float32 (the kernels' reference)."""
-    y = x.float() @ q.t().float()
-    return (y * scale.float()).to(_out_dtype(x))
+    """QuantLinear's int8 math (scale [N, K / 32]), accumulated in float32 (the kernels' reference)."""
+    N, K = q.shape
+    groups = scale.numel() // N  # ceil(K / 32): the last group may be short
+    w = torch.nn.functional.pad(q.float(), (0, 32 * groups - K)).view(N, groups, 32) * scale.float().view(N, groups, 1)
+    return (x.float() @ w.view(N, -1)[:, :K].t()).to(_out_dtype(x))
 

@@ -14,7 +14,7 @@ from . import batch, loader, memory
 from .common import layer_norm, pair
 from .ops import select
 from .placement import rescale_every, resolve_device
-from .quant import make_linear, quantize_rows
+from .quant import dequantize, make_linear, quantize_groups
 from .state import RWKVState, ordinary, time_state_layout
 from .strategy import LayerPlan, parse_strategy, plan_layers
 
@@ -36,39 +36,42 @@ def _state_tensor_problem(i: int, j: int, tensor, shape, dtype, device) -> str:
 
 
 class QuantizedRows:
-    """An int8 embedding table (per-row scales); indexing returns float rows of `dtype`."""
+    """A quantized embedding table (QuantLinear's format, `bits` 8 or 4); indexing returns float
+    rows of `dtype`."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
-        self.q, self.scale, self.dtype = q, scale, dtype
-        self.shape = q.shape
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, n_embd: int, dtype: torch.dtype):
+        self.q, self.scale, self.bits, self.dtype = q, scale, bits, dtype
+        self.shape = (q.shape[0], n_embd)
 
     def __getitem__(self, index) -> torch.Tensor:
-        return (self.q[index].float() * self.scale[index].unsqueeze(-1)).to(self.dtype)
+        index = torch.as_tensor(index)
+        rows = dequantize(self.q[index.reshape(-1)], self.scale[index.reshape(-1)], self.bits, self.shape[1])
+        return rows.reshape(*index.shape, self.shape[1]).to(self.dtype)
 
     def __len__(self) -> int:
         return self.q.shape[0]
 
 
 def embedding_table(sd, plan):
-    """emb.weight with ln0 applied (once, at load), in the first layer's dtype; int8 per row when
-    the first layer's weights are int8. Converted a block of rows at a time."""
+    """emb.weight with ln0 applied (once, at load), in the first layer's dtype; quantized like the
+    first layer's weights when those are (i8 / i4). Converted a block of rows at a time."""
     weight = sd["emb.weight"]
     ln0 = (sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
-    rows = weight.shape[0]
-    if plan.int8:
-        q = torch.empty(weight.shape, dtype=torch.int8)
-        scale = torch.empty(rows, dtype=torch.float32)
-    else:
-        out = torch.empty(weight.shape, dtype=plan.dtype)
+    out = torch.empty(weight.shape, dtype=plan.dtype) if not plan.quant else None
+    qs, scales = [], []
     for start, stop in memory.row_blocks(weight):
         block = weight[start:stop]
         normed = layer_norm(block.float(), ln0)
         memory.release(block)
-        if plan.int8:
-            q[start:stop], scale[start:stop] = quantize_rows(normed)
+        if plan.quant:
+            q, scale = quantize_groups(normed, plan.quant)
+            qs.append(q)
+            scales.append(scale)
         else:
             out[start:stop] = normed
-    return QuantizedRows(q, scale, plan.dtype) if plan.int8 else out
+    if plan.quant:
+        return QuantizedRows(torch.cat(qs), torch.cat(scales), plan.quant, weight.shape[1], plan.dtype)
+    return out
 
 
 class RWKV:
@@ -233,7 +236,6 @@ class RWKV:
     def _forward_batch(self, ids: torch.Tensor, states: list[RWKVState]):
         if self._batch_layers is None:
             self._batch_layers = batch.batch_layers(self.layers)
-            self._batch_head = batch.batch_linear(self.head)
         x = self.emb[ids]  # [B, C]: row b is sequence b's token
         v_first = None
         new_layers = []
@@ -247,7 +249,7 @@ class RWKV:
             if self.rescale and (i + 1) % self.rescale == 0:
                 x = x / 2
         x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
-        logits = self._batch_head(layer_norm(x, self.ln_out)).float().cpu()
+        logits = self.head(layer_norm(x, self.ln_out)).float().cpu()
         per_sequence = batch.unstack_states(new_layers, len(ids))
         new_states = [RWKVState(self.shape, layers, logits[b].clone(), state.tokens + 1)
                       for b, (layers, state) in enumerate(zip(per_sequence, states))]

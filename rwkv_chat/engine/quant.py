@@ -1,16 +1,27 @@
 """Linear layers with one call interface, `linear(x) -> x @ W.T`, whatever the weight format.
 
-Weights arrive in the checkpoint layout [out, in]. Quantizing happens once, at load.
+Weights arrive in the checkpoint layout [out, in]. Quantizing happens once, at load, and so does
+the choice of how each linear runs (its "paths"), from the device, the dtype and the kernels.
+
+Formats:
+* DenseLinear: fp32 / bf16 / fp16 weights.
+* QuantLinear: weight-only int8 (`i8`) or int4 (`i4`) in groups of GROUP = 32 inputs with one
+  fp16 scale each, llama.cpp's Q8_0 / Q4_0 blocks: W[o, k] ~= q[o, k] * scale[o, k // 32].
+  int8: q in [-127, 127], scale = the group's max |w| / 127. int4: q in [-8, 7] (stored as
+  q + 8 in nibbles, see `pack4`), scale chosen per group from a few candidates to minimise the
+  squared error (the max-|w| / -8 of Q4_0 is one of them). 8.5 and 4.5 bits per weight.
 
 On the CPU a single token (x of shape [1, in]) goes to the C kernels of `cpu_kernels` when they
 are available: weights stream from memory once, fp32 accumulation, no per-call conversion.
-Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for bf16, and for int8 an
-int8 x int8 GEMM (VNNI) on activations quantized per token.
+Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for bf16; quantized weights are
+first expanded to the activation dtype a block of rows at a time (the C kernels do it), so that
+the activations are never rounded to 8 bits. Elsewhere (CUDA, MPS, no kernels) the reference
+math runs: the same expansion in torch, then a matmul (CUDA int8: the kernels of cuda.py).
 
 Layouts: "rows" keeps the checkpoint's [out, in] (a dot product per output); "cols" stores
 [in, out] so that a single token only reads the rows of the inputs that are nonzero: the FFN's
-value projection takes relu(k)^2, which is mostly zeros. "cols" is used only where the kernels
-run (CPU); elsewhere every linear is "rows".
+value projection takes relu(k)^2, which is mostly zeros. "cols" is used only for float weights
+where the kernels run (CPU); every other linear is "rows".
 """
 from __future__ import annotations
 
@@ -21,9 +32,10 @@ import torch.nn.functional as F
 
 from . import cpu_kernels, cuda, memory
 
-_HAS_INT8PACK = hasattr(torch.ops.aten, "_weight_int8pack_mm")
-_HAS_INT_MM = hasattr(torch, "_int_mm")
+GROUP = 32  # weights per scale along the input dimension
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+_DEQUANT_ELEMENTS = 1 << 22  # weights expanded at a time for a multi-token product (16 MiB in fp32)
+_I4_CANDIDATES = (8.0, 7.75, 7.5, 7.25, 7.0, 6.75, 6.5)  # max|w| / c: the int4 scales tried per group
 
 
 def _kernels_for(device, dtype):
@@ -39,6 +51,10 @@ def _flags(kind: int, layout: str, dtype: torch.dtype) -> int:
     return flags
 
 
+def _single_token(linear, x: torch.Tensor) -> bool:
+    return linear._job is not None and x.shape[0] == 1 and x.dtype == linear.dtype and x.dim() == 2
+
+
 class DenseLinear:
     """Float weights. `weight` is [out, in] ("rows") or [in, out] ("cols")."""
 
@@ -50,93 +66,184 @@ class DenseLinear:
         # always a copy, never a view of the (memory-mapped) checkpoint
         self.weight = memory.converted(weight, dtype, transpose=self.layout == "cols").to(device)
         self._kernels = kernels
+        self._job = None
         if kernels is not None:
             kind = cpu_kernels.K_F32 if dtype == torch.float32 else cpu_kernels.K_BF16
             self._job = (self.weight.data_ptr(), 0, self.out_features, self.in_features, _flags(kind, self.layout, dtype), 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernels is not None and x.shape[0] == 1 and x.dtype == self.dtype and x.dim() == 2:
+        if _single_token(self, x):
             return run_group(((self, x),))[0]
         if self.layout == "cols":
             return x @ self.weight
         return F.linear(x, self.weight)
 
+    def on(self, device) -> "DenseLinear":
+        """A copy for `device` (streamed layers): the weight moved, plain torch math."""
+        clone = object.__new__(DenseLinear)
+        clone.__dict__.update(self.__dict__, weight=self.weight.to(device, non_blocking=True), _kernels=None, _job=None)
+        return clone
 
-class Int8Linear:
-    """Weight-only int8: per-output-channel symmetric scales, W ~= q * scale[:, None].
 
-    `q` is [out, in] ("rows") or [in, out] ("cols"); `scale` is [out] either way."""
+class QuantLinear:
+    """Weight-only int8 (bits=8) or int4 (bits=4) in groups of 32 inputs (module docstring).
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, layout: str = "rows"):
-        self.dtype = dtype
+    `q`: int8 [out, in] (bits 8) or uint8 [out, in32 / 2] nibbles (bits 4, in32 = in rounded up to
+    32); `scale`: fp16 [out, in32 / 32]. Always the "rows" layout."""
+
+    layout = "rows"
+
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, bits: int):
+        self.dtype, self.bits = dtype, bits
         self.out_features, self.in_features = weight.shape
-        kernels = _kernels_for(device, dtype)
-        self.layout = layout if kernels is not None else "rows"
-        q, scale, rowsum = quantize_rows(weight, with_rowsum=True)
-        self.q = (q.t() if self.layout == "cols" else q).contiguous().to(device)
-        self.scale = scale.to(device)
-        self._kernels = kernels
-        self._cpu = self.q.device.type == "cpu"
-        self._cuda = self.q.device.type == "cuda" and cuda.enabled()  # RWKV_CUDA_ON read once, here
-        self._scale_bf16 = self.scale.to(torch.bfloat16) if (self._cpu and _HAS_INT8PACK) else None
-        if kernels is not None:
-            # the kernel needs every row's sum of q (the offset correction of its u8 x s8 products)
-            self._rowsum = rowsum if self.layout == "rows" else None
+        q, scale = quantize_groups(weight, bits)
+        self.q, self.scale = q.to(device), scale.to(device)
+        self._kernels = _kernels_for(device, dtype)
+        self._job = None
+        if self._kernels is not None:
+            kind = cpu_kernels.K_I8 if bits == 8 else cpu_kernels.K_I4
+            tag = 0
+            if bits == 8:  # the kernel's offset correction, one float per row (rwkv_cpu.h)
+                self._corr = torch.cat([32768.0 * (_group_sums(q[a:b]) * scale[a:b].float()).sum(dim=1)
+                                        for a, b in memory.row_blocks(q)])
+                tag = self._corr.data_ptr()
             self._job = (self.q.data_ptr(), self.scale.data_ptr(), self.out_features, self.in_features,
-                         _flags(cpu_kernels.K_I8, self.layout, dtype),
-                         self._rowsum.data_ptr() if self._rowsum is not None else 0)
+                         _flags(kind, "rows", dtype), tag)
+        self._many = self._multi_token_path()
+
+    def _multi_token_path(self):
+        """How several tokens (or a token the C kernels do not take) run; decided once."""
+        if self._kernels is not None:
+            return self._expanded_matmul
+        if self.q.device.type == "cuda" and self.bits == 8 and cuda.enabled():  # RWKV_CUDA_ON read once, here
+            scale32 = self.scale.float()
+            return lambda x: cuda.int8_matmul(x, self.q, scale32)
+        return self._reference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernels is not None and x.shape[0] == 1 and x.dtype == self.dtype and x.dim() == 2:
+        if _single_token(self, x):
             return run_group(((self, x),))[0]
-        if self._cpu:
-            flat = x.reshape(-1, self.in_features)
-            if _HAS_INT_MM and flat.shape[0] >= 16:
-                w = self.q.t() if self.layout == "rows" else self.q
-                if self._kernels is not None:
-                    y = self._kernels.int8_gemm(flat.contiguous(), w, self.scale, x.dtype)
-                else:
-                    y = int8_gemm(flat, w, self.scale)
-            elif _HAS_INT8PACK and self.layout == "rows":
-                # aten's int8 weight kernel is fast with bf16 activations; int8 weights already
-                # dominate the error, so the bf16 activation rounding costs nothing measurable.
-                y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.q, self._scale_bf16)
-            else:
-                w = self.q.t() if self.layout == "rows" else self.q
-                y = (flat.float() @ w.float()) * self.scale
-            return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
-        if self._cuda:
-            return cuda.int8_matmul(x, self.q, self.scale)
-        return (x @ self.q.t().to(x.dtype)) * self.scale.to(x.dtype)
+        return self._many(x)
+
+    def _reference(self, x: torch.Tensor) -> torch.Tensor:
+        """The plain math: weights expanded to x's dtype, then a matmul (float32 for fp16 on the CPU)."""
+        dtype = torch.float32 if (x.dtype == torch.float16 and x.device.type == "cpu") else x.dtype
+        w = dequantize(self.q, self.scale, self.bits, self.in_features).to(dtype)
+        return (x.to(dtype) @ w.t()).to(x.dtype)
+
+    def _expanded_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """Several tokens on the CPU: rows of weights expanded by the C kernels, then torch's GEMM."""
+        flat = x.reshape(-1, self.in_features).contiguous()
+        N, K = self.out_features, self.in_features
+        step = max(1, _DEQUANT_ELEMENTS // K)
+        pieces = [flat @ self._kernels.dequantize(self.bits, self.q, self.scale, start, min(N, start + step), K,
+                                                   x.dtype).t()
+                  for start in range(0, N, step)]
+        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        return y.reshape(*x.shape[:-1], N)
+
+    def on(self, device) -> "QuantLinear":
+        """A copy for `device` (streamed layers): q and scale moved, the path for that device."""
+        clone = object.__new__(QuantLinear)
+        clone.__dict__.update(self.__dict__, q=self.q.to(device, non_blocking=True),
+                              scale=self.scale.to(device, non_blocking=True), _kernels=None, _job=None)
+        clone._many = clone._multi_token_path()
+        return clone
 
 
-def quantize_rows(weight: torch.Tensor, with_rowsum: bool = False):
-    """Symmetric per-row int8: (q, scale[, rowsum of q as int32]); a block of rows at a time to
+def _group_sums(q: torch.Tensor) -> torch.Tensor:
+    """int8 q [out, in] -> the sum of each group of 32 as float [out, groups] (the last one may be short)."""
+    rows, n = q.shape
+    padded = F.pad(q.float(), (0, -n % GROUP))
+    return padded.view(rows, -1, GROUP).sum(dim=-1)
+
+
+def quantize_groups(weight: torch.Tensor, bits: int):
+    """[out, in] float -> (q, fp16 scale) in QuantLinear's format; a block of rows at a time to
     bound the float temporaries."""
-    rows = weight.shape[0]
-    q = torch.empty(weight.shape, dtype=torch.int8)
-    scale = torch.empty(rows, dtype=torch.float32)
-    rowsum = torch.empty(rows, dtype=torch.int32)
+    rows, n = weight.shape
+    groups = -(-n // GROUP)
+    q = torch.empty((rows, n) if bits == 8 else (rows, groups * GROUP // 2), dtype=torch.int8 if bits == 8 else torch.uint8)
+    scale = torch.empty((rows, groups), dtype=torch.float16)
     for start, stop in memory.row_blocks(weight):
         block = weight[start:stop]
-        w = block.float()
+        w = F.pad(block.float(), (0, groups * GROUP - n)).view(stop - start, groups, GROUP)
         memory.release(block)
-        s = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-        rounded = torch.round(w / s[:, None]).clamp_(-127, 127)
-        q[start:stop] = rounded.to(torch.int8)
+        if bits == 8:
+            s = (w.abs().amax(dim=-1) / 127).half()
+            qs = _rounded(w, s, -127, 127)
+            q[start:stop] = qs.reshape(stop - start, -1)[:, :n].to(torch.int8)
+        else:
+            s, qs = _best_int4(w)
+            q[start:stop] = pack4(qs.reshape(stop - start, -1).to(torch.int8))
         scale[start:stop] = s
-        if with_rowsum:
-            rowsum[start:stop] = rounded.sum(dim=1).to(torch.int32)
-    return (q, scale, rowsum) if with_rowsum else (q, scale)
+    return q, scale
 
 
-def int8_gemm(x: torch.Tensor, q_in_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x [M, K] float times int8 weights given as [K, N] (a view is fine): activations are rounded
-    to int8 per token (symmetric), multiplied in int32 (VNNI), then rescaled. Returns float32."""
-    xf = x.float()
-    x_scale = xf.abs().amax(dim=1, keepdim=True).clamp_min(1e-30) / 127.0
-    xq = torch.round(xf / x_scale).to(torch.int8)
-    return torch._int_mm(xq, q_in_out).float() * x_scale * scale
+def _rounded(w: torch.Tensor, s: torch.Tensor, low: int, high: int) -> torch.Tensor:
+    """round(w / s) clamped, with s the fp16 group scales (a zero scale gives zeros)."""
+    s32 = s.float().unsqueeze(-1)
+    nonzero = s32 != 0
+    return torch.where(nonzero, torch.round(w / torch.where(nonzero, s32, 1.0)), 0.0).clamp_(low, high)
+
+
+def _best_int4(w: torch.Tensor):
+    """Per group of 32 [rows, groups, 32]: the fp16 scale among max|w| / c (signed so that the
+    largest weight can use -8) with the smallest squared error, and its q in [-8, 7]."""
+    signed_max = torch.gather(w, -1, w.abs().argmax(dim=-1, keepdim=True)).squeeze(-1)
+    best_s, best_q, best_err = None, None, None
+    for c in _I4_CANDIDATES:
+        s = (signed_max / -c).half()
+        qs = _rounded(w, s, -8, 7)
+        err = (qs * s.float().unsqueeze(-1) - w).square().sum(dim=-1)
+        if best_err is None:
+            best_s, best_q, best_err = s, qs, err
+        else:
+            better = err < best_err
+            best_s = torch.where(better, s, best_s)
+            best_q = torch.where(better.unsqueeze(-1), qs, best_q)
+            best_err = torch.minimum(err, best_err)
+    return best_s, best_q
+
+
+def pack4(q: torch.Tensor) -> torch.Tensor:
+    """int4 values [rows, in32] (in [-8, 7], in32 a multiple of 32) -> uint8 [rows, in32 / 2]: per 64
+    inputs, byte i holds input i + 8 in its low nibble and input i + 32 + 8 in its high one (a last
+    group of 32: inputs i and i + 16), so the kernel unpacks a whole 64 with one mask and one shift."""
+    rows, n32 = q.shape
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    full = n32 // 64 * 64
+    parts = []
+    if full:
+        chunks = u[:, :full].reshape(rows, -1, 2, 32)
+        parts.append((chunks[:, :, 0] | (chunks[:, :, 1] << 4)).reshape(rows, -1))
+    if n32 > full:
+        tail = u[:, full:].reshape(rows, 2, 16)
+        parts.append(tail[:, 0] | (tail[:, 1] << 4))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def unpack4(packed: torch.Tensor) -> torch.Tensor:
+    """pack4's inverse: uint8 [rows, in32 / 2] -> int8 values [rows, in32] in [-8, 7]."""
+    rows, half = packed.shape
+    n32 = 2 * half
+    full = n32 // 64 * 64
+    low, high = (packed & 15).to(torch.int8) - 8, (packed >> 4).to(torch.int8) - 8
+    parts = []
+    if full:
+        parts.append(torch.stack((low[:, :full // 2].reshape(rows, -1, 32), high[:, :full // 2].reshape(rows, -1, 32)),
+                                 dim=2).reshape(rows, -1))
+    if n32 > full:
+        parts.append(torch.cat((low[:, full // 2:], high[:, full // 2:]), dim=1))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, n_in: int) -> torch.Tensor:
+    """QuantLinear's weights (or QuantizedRows') back to float32 [rows, n_in]: the reference."""
+    values = q.float() if bits == 8 else unpack4(q).float()
+    rows = values.shape[0]
+    values = F.pad(values, (0, scale.shape[1] * GROUP - values.shape[1]))
+    return (values.view(rows, -1, GROUP) * scale.float().unsqueeze(-1)).view(rows, -1)[:, :n_in]
 
 
 def run_group(pairs) -> list[torch.Tensor]:
@@ -147,10 +254,10 @@ def run_group(pairs) -> list[torch.Tensor]:
     outputs, keep = [], []
     kernels = None
     for linear, x in pairs:
-        job = getattr(linear, "_job", None)
-        if job is None or linear._kernels is None or x.shape[0] != 1 or x.dtype != linear.dtype or x.dim() != 2:
+        if not (isinstance(linear, (DenseLinear, QuantLinear)) and _single_token(linear, x)):
             outputs.append(linear(x))
             continue
+        job = linear._job
         if not x.is_contiguous():
             x = x.contiguous()
             keep.append(x)  # alive until the call returns
@@ -171,38 +278,14 @@ class StreamedLinear:
         self.device = device
         for name in ("weight", "q", "scale"):
             tensor = getattr(inner, name, None)
-            if tensor is not None:
-                tensor = tensor.contiguous()
-                if torch.cuda.is_available():
-                    tensor = tensor.pin_memory()
-                setattr(inner, name, tensor)
+            if tensor is not None and torch.cuda.is_available():
+                setattr(inner, name, tensor.contiguous().pin_memory())
+        self._on_cpu = torch.device(device).type == "cpu"
         self.copies = 0  # how many times weights crossed to the device (tests and stats read it)
-        self._cuda = torch.device(device).type == "cuda" and cuda.enabled()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.copies += 1
-        on_device = _moved(self.inner, self.device, self._cuda)
-        return on_device(x)
-
-
-def _moved(linear, device, use_cuda: bool):
-    clone = object.__new__(type(linear))
-    clone.__dict__.update(linear.__dict__)
-    for name in ("weight", "q", "scale", "_scale_bf16"):
-        tensor = getattr(linear, name, None)
-        if tensor is not None:
-            setattr(clone, name, tensor.to(device, non_blocking=True))
-    on_cpu = torch.device(device).type == "cpu"
-    clone._cpu = on_cpu
-    clone._cuda = use_cuda
-    if not on_cpu:
-        clone._kernels = None  # streamed weights are "rows" (the inner linear was built for the host)
-    elif getattr(clone, "_kernels", None) is not None:
-        clone._job = (clone.q.data_ptr() if isinstance(clone, Int8Linear) else clone.weight.data_ptr(),
-                      clone.scale.data_ptr() if isinstance(clone, Int8Linear) else 0, *linear._job[2:])  # rowsum stays
-    if isinstance(clone, Int8Linear) and on_cpu and _HAS_INT8PACK and clone._scale_bf16 is None:
-        clone._scale_bf16 = clone.scale.to(torch.bfloat16)
-    return clone
+        return self.inner(x) if self._on_cpu else self.inner.on(self.device)(x)
 
 
 def make_linear(weight: torch.Tensor, plan, device, scale: float = 1.0, layout: str = "rows"):
@@ -214,8 +297,8 @@ def make_linear(weight: torch.Tensor, plan, device, scale: float = 1.0, layout: 
     home = "cpu" if plan.stream else device
     if plan.stream and torch.device(device).type != "cpu":
         layout = "rows"  # streamed to an accelerator: keep the plain layout
-    if plan.int8:
-        linear = Int8Linear(weight, plan.dtype, home, layout=layout)
+    if plan.quant:
+        linear = QuantLinear(weight, plan.dtype, home, bits=plan.quant)
     else:
         linear = DenseLinear(weight, plan.dtype, home, layout=layout)
     return StreamedLinear(linear, device) if plan.stream else linear

@@ -1,7 +1,9 @@
 """ChatRWKV strategy strings: parse them and assign every layer a device and dtypes.
 
-Grammar: segments `DEVICE DTYPE[i8] [*N[+]]` joined by `->`.
-There are n_layer + 1 slots; the last one holds ln_out and the head.
+Grammar: segments `DEVICE DTYPE[i8|i4] [*N[+]]` joined by `->`.
+There are n_layer + 1 slots; the last one holds ln_out and the head. `i8` / `i4` store that
+slot's matrices (and, on the first slot, the embedding) as int8 / int4 in groups of 32 weights per
+scale (quant.py); DTYPE stays the activation dtype.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ _SEGMENT = re.compile(
 class Segment:
     device: str  # "cpu", "cuda", "cuda:1", "mps", "dml"
     dtype: torch.dtype  # activation dtype (and weight dtype unless int8)
-    int8: bool
+    quant: int  # weight bits: 0 (DTYPE weights), 8 (i8) or 4 (i4)
     count: int | None  # slots asked for with *N, None when absent
     stream: bool  # *N+ : keep N slots resident, stream the rest through this device
     text: str
@@ -33,12 +35,12 @@ class Segment:
 class LayerPlan:
     device: str
     dtype: torch.dtype
-    int8: bool
+    quant: int  # 0, 8 or 4 (Segment.quant)
     stream: bool
 
     def describe(self) -> str:
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
-        return f"{self.device} {name}{'i8' if self.int8 else ''}{' (streamed)' if self.stream else ''}"
+        return f"{self.device} {name}{f'i{self.quant}' if self.quant else ''}{' (streamed)' if self.stream else ''}"
 
 
 def parse_strategy(text: str) -> list[Segment]:
@@ -53,16 +55,17 @@ def parse_strategy(text: str) -> list[Segment]:
         if match is None:
             raise StrategyError(f"strategy {text!r}: cannot read segment {part!r}; {_explain(part)}")
         quant = match["quant"]
-        if quant not in (None, "i8"):
+        if quant not in (None, "i8", "i4"):
             raise StrategyError(
-                f"strategy {text!r}: segment {part!r} asks for {quant} weights, which are not supported; use i8"
+                f"strategy {text!r}: segment {part!r} asks for {quant} weights, which are not supported; "
+                "use i8 (int8, ~8.5 bits per weight) or i4 (int4, ~4.5 bits per weight)"
             )
         count = match["count"]
         segments.append(
             Segment(
                 device=match["device"],
                 dtype=DTYPES[match["dtype"]],
-                int8=quant == "i8",
+                quant=0 if quant is None else int(quant[1:]),
                 count=None if count is None else int(count),
                 stream=match["stream"] is not None,
                 text=part,
@@ -80,9 +83,9 @@ def _explain(part: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|dml", words[0]):
         return f"unknown device {words[0]!r} (expected cpu, cuda, cuda:N, mps or dml)"
     if len(words) < 2:
-        return "the dtype is missing (expected fp32, fp16 or bf16, optionally with i8)"
+        return "the dtype is missing (expected fp32, fp16 or bf16, optionally with i8 or i4)"
     if not re.fullmatch(r"(fp32|fp16|bf16)(i\d+)?", words[1]):
-        return f"unknown dtype {words[1]!r} (expected fp32, fp16 or bf16, optionally with i8)"
+        return f"unknown dtype {words[1]!r} (expected fp32, fp16 or bf16, optionally with i8 or i4)"
     if len(words) > 3 or not re.fullmatch(r"\*\d+\+?", words[2]):
         return f"unexpected {' '.join(words[2:])!r} (expected '*N' or '*N+' with N a whole number)"
     return "expected 'DEVICE DTYPE [*N[+]]'"
@@ -121,8 +124,8 @@ def plan_layers(segments: list[Segment], n_layer: int) -> list[LayerPlan]:
     for i, (seg, size) in enumerate(zip(segments, sizes)):
         first_streamed = size - streamed if i == stream_index else size
         for j in range(size):
-            plan.append(LayerPlan(seg.device, seg.dtype, seg.int8, stream=j >= first_streamed))
+            plan.append(LayerPlan(seg.device, seg.dtype, seg.quant, stream=j >= first_streamed))
     # The head slot stays resident: streaming applies to the blocks only.
     last = plan[-1]
-    plan[-1] = LayerPlan(last.device, last.dtype, last.int8, stream=False)
+    plan[-1] = LayerPlan(last.device, last.dtype, last.quant, stream=False)
     return plan

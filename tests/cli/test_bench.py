@@ -87,3 +87,11 @@ def test_ratios_without_decode_figures_name_the_prefill_only():
     ours.decode_tok_s, refs[0].decode_tok_s, refs[1].decode_tok_s = 30.0, 10.0, 20.0
     assert ratio_lines(ours, refs)[1:] == ["  vs reference 'cpu bf16': prefill x2.50, decode x1.50",
                                            "  vs the reference's best: prefill x2.00, decode x1.50"]
+
+
+def test_reference_gets_float_strategies_where_it_lacks_the_format():
+    from rwkv_chat.benchmark import reference_strategies
+
+    assert reference_strategies("cpu  bf16i8", "6") == ["cpu bf16i8"]
+    assert reference_strategies("cpu bf16i8", "7") == ["cpu fp32", "cpu bf16"]  # no v7 int8 there
+    assert reference_strategies("cpu bf16i4 *8 -> cpu bf16i8", "6") == ["cpu fp32", "cpu bf16"]  # no int4 at all

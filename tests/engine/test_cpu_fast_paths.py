@@ -6,7 +6,7 @@ import torch
 from rwkv_chat import RWKV
 from rwkv_chat.engine import cpu_kernels
 from rwkv_chat.engine.ops import torch_ref
-from rwkv_chat.engine.quant import DenseLinear, Int8Linear, quantize_rows, run_group
+from rwkv_chat.engine.quant import DenseLinear, QuantLinear, run_group
 
 from .conftest import VERSIONS
 
@@ -47,60 +47,131 @@ def test_dense_single_token_matches_matmul(out_features, in_features, layout, dt
     assert rel(got, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def plain_dequantize(linear) -> torch.Tensor:
+    """QuantLinear's weights as float64, read the way its docstrings describe the format (a loop
+    over groups and, for int4, over the nibble layout), independent of quant.py's own helpers."""
+    out, n = linear.out_features, linear.in_features
+    n32 = -(-n // 32) * 32
+    w = torch.zeros(out, n32, dtype=torch.float64)
+    q, scale = linear.q, linear.scale.double()
+    for c in range(0, n32, 64):
+        width = min(64, n32 - c)
+        if linear.bits == 8:
+            stop = min(c + width, n)
+            w[:, c:stop] = q[:, c:stop].double()
+        else:
+            packed = q[:, c // 2:c // 2 + width // 2].long()
+            w[:, c:c + width // 2] = (packed & 15).double() - 8
+            w[:, c + width // 2:c + width] = (packed >> 4).double() - 8
+    w = w * scale.repeat_interleave(32, dim=1)
+    return w[:, :n]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_follow_the_group_rule(bits):
+    """int8: q = round(w / s), s = the fp16 of the group's max |w| / 127 (bit-exact); int4: q in
+    [-8, 7] with the group's largest |w| mapped exactly to -8 or another candidate, and the
+    weight error near Q4_0's."""
+    weight = torch.randn(37, 200, generator=gen(1))
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=bits)
+    assert linear.scale.dtype == torch.float16 and linear.scale.shape == (37, 7)
+    padded = torch.nn.functional.pad(weight, (0, 24)).view(37, 7, 32)
+    if bits == 8:
+        s = (padded.abs().amax(-1) / 127).half()
+        assert torch.equal(linear.scale, s)
+        want = torch.round(padded / s.float()[..., None]).clamp(-127, 127).view(37, -1)[:, :200].to(torch.int8)
+        assert torch.equal(linear.q, want)
+        assert rel(plain_dequantize(linear), weight) < 0.01
+    else:
+        assert linear.q.dtype == torch.uint8 and linear.q.shape == (37, 112)
+        error = (plain_dequantize(linear) - weight.double()).norm() / weight.double().norm()
+        # plain Q4_0 (scale = signed max / -8) on the same weights, for comparison
+        amax_signed = torch.gather(padded, -1, padded.abs().argmax(-1, keepdim=True))
+        d = (amax_signed / -8).half().float()
+        q40 = (torch.round(padded / d).clamp(-8, 7) * d).view(37, -1)[:, :200]
+        assert error <= (q40 - weight).norm() / weight.norm() + 1e-6
+        assert error < 0.1
+
+
 @needs_kernels
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
-@pytest.mark.parametrize("layout", ["rows", "cols"])
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_single_token_matches_dequantized(out_features, in_features, layout, dtype):
-    g = gen(3 * out_features + in_features)
+def test_quantized_single_token_matches_dequantized(out_features, in_features, bits, dtype):
+    g = gen(3 * out_features + in_features + bits)
     weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
     x = torch.randn(1, in_features, generator=g)
     x[0, torch.rand(in_features, generator=g) < 0.3] = 0
-    x[0, 3 % in_features] = 40.0  # an outlier: int16 activations must keep the small values
+    x[0, 3 % in_features] = 40.0  # an outlier: int16 activations (int8) must keep the small values
     x = x.to(dtype)
-    linear = Int8Linear(weight, dtype, "cpu", layout=layout)
-    q, scale = quantize_rows(weight)
-    expected = x.double() @ (q.double() * scale.double()[:, None]).t()
+    linear = QuantLinear(weight, dtype, "cpu", bits=bits)
+    expected = x.double() @ plain_dequantize(linear).t()
     got = linear(x)
-    assert got.dtype == dtype
-    assert rel(got, expected) <= (1e-3 if dtype == torch.float32 else 1e-2)  # int16 activations
-    # and the int8 weights themselves stay close to the float ones
-    assert rel(got, x.double() @ weight.double().t()) <= 0.05
+    assert got.dtype == dtype and got.shape == (1, out_features)
+    # int8: int16 activations, ~1e-5; int4: int8 activations per group of 32, ~1e-2 (as Q8_0)
+    tolerance = {8: 1e-3, 4: 2e-2}[bits] if dtype == torch.float32 else 2e-2
+    assert rel(got, expected) <= tolerance
+    assert rel(got, x.double() @ weight.double().t()) <= {8: 0.05, 4: 0.3}[bits]
 
 
 @needs_kernels
-@pytest.mark.parametrize("out_features,in_features", [(768, 3072), (128, 1001), (100, 256)])
-@pytest.mark.parametrize("density", [0.0, 0.03, 0.5, 1.0])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_int4_and_int8_kernels_are_exact_on_integer_inputs(bits):
+    """Activations that the kernels' rounding keeps exactly (int8 weights: integers up to 32767
+    with the max present, as int16; int4: up to 127 with each group's max present, as int8): the
+    group sums are exact integers, so the result equals the float64 product of the dequantized
+    weights up to float32 rounding of the scaled sums."""
+    g = gen(bits)
+    weight = torch.randn(64, 160, generator=g)
+    top = 32767 if bits == 8 else 127
+    x = torch.randint(-top, top + 1, (1, 160), generator=g).float()
+    x[0, ::32] = float(top)
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=bits)
+    expected = x.double() @ plain_dequantize(linear).t()
+    assert rel(linear(x), expected) <= 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_cols_with_relu_squared_input(out_features, in_features, density, dtype):
-    """Nonnegative inputs (the FFN's relu(k)^2) take the cols layout's u16-split VNNI path when the
-    output width allows; every density, including none and all nonzero, gives the exact product."""
-    g = gen(out_features + 7 * in_features + int(100 * density))
-    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    x = torch.relu(torch.randn(1, in_features, generator=g)).square()
-    x[0, torch.rand(in_features, generator=g) >= density] = 0
-    if density > 0:
-        x[0, 5] = 40.0  # an outlier: the 16-bit activations must keep the small values
-    x = x.to(dtype)
-    linear = Int8Linear(weight, dtype, "cpu", layout="cols")
-    q, scale = quantize_rows(weight)
-    expected = x.double() @ (q.double() * scale.double()[:, None]).t()
+def test_quantized_multi_token_matches_dequantized(bits, dtype, monkeypatch):
+    """Prefill: the C kernels expand the weights (a block of rows at a time) and torch multiplies;
+    the activations are not rounded to 8 bits."""
+    monkeypatch.setattr("rwkv_chat.engine.quant._DEQUANT_ELEMENTS", 100 * 256)  # several blocks
+    g = gen(5 + bits)
+    weight = torch.randn(300, 256, generator=g) / 16
+    x = torch.randn(40, 256, generator=g).to(dtype)
+    linear = QuantLinear(weight, dtype, "cpu", bits=bits)
     got = linear(x)
-    assert got.dtype == dtype and got.shape == (1, out_features)
-    if density == 0:
-        assert torch.count_nonzero(got) == 0
-    else:
-        assert rel(got, expected) <= (1e-4 if dtype == torch.float32 else 1e-2)
+    expected = x.double() @ plain_dequantize(linear).t()
+    assert got.shape == (40, 300) and got.dtype == dtype
+    assert rel(got, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_reference_path_without_kernels(bits, monkeypatch):
+    """Without the C kernels (and off the CPU) the torch reference runs the same format."""
+    monkeypatch.setattr(cpu_kernels, "get", lambda: None)
+    weight = torch.randn(50, 96, generator=gen(9))
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=bits)
+    assert linear._job is None
+    x = torch.randn(3, 96, generator=gen(10))
+    assert rel(linear(x), x.double() @ plain_dequantize(linear).t()) <= 1e-5
+    assert rel(linear(x[:1]), x[:1].double() @ plain_dequantize(linear).t()) <= 1e-5
 
 
 @needs_kernels
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("layout", ["rows", "cols"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("make", [DenseLinear, Int8Linear])
+@pytest.mark.parametrize("make", ["dense", 8, 4])
 def test_a_non_finite_input_gives_nan_outputs(bad, layout, dtype, make):
     """A diverged activation must show, not be rounded into plausible numbers by the int paths."""
-    linear = make(torch.randn(192, 256, generator=gen(5)), dtype, "cpu", layout=layout)
+    weight = torch.randn(192, 256, generator=gen(5))
+    if make == "dense":
+        linear = DenseLinear(weight, dtype, "cpu", layout=layout)
+    else:
+        linear = QuantLinear(weight, dtype, "cpu", bits=make)
     x = torch.relu(torch.randn(1, 256, generator=gen(6))).square()
     x[0, 7] = bad
     assert torch.isnan(linear(x.to(dtype))).all()
@@ -144,24 +215,12 @@ def test_single_token_calls_hold_torch_at_one_thread_and_restore_it(engine_model
 def test_group_of_linears_is_one_call_with_the_same_results():
     g = gen(11)
     linears = [DenseLinear(torch.randn(64, 96, generator=g), torch.float32, "cpu"),
-               Int8Linear(torch.randn(80, 96, generator=g), torch.float32, "cpu"),
-               Int8Linear(torch.randn(96, 200, generator=g), torch.float32, "cpu", layout="cols")]
+               QuantLinear(torch.randn(80, 96, generator=g), torch.float32, "cpu", bits=8),
+               QuantLinear(torch.randn(96, 200, generator=g), torch.float32, "cpu", bits=4)]
     xs = [torch.randn(1, 96, generator=g), torch.randn(1, 96, generator=g), torch.relu(torch.randn(1, 200, generator=g))]
     grouped = run_group(list(zip(linears, xs)))
     for linear, x, y in zip(linears, xs, grouped):
         assert torch.allclose(y, linear(x), rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_multi_token_int8_uses_int8_gemm_accurately(dtype):
-    g = gen(5)
-    weight = torch.randn(300, 256, generator=g) / 16
-    x = torch.randn(40, 256, generator=g).to(dtype)
-    linear = Int8Linear(weight, dtype, "cpu")
-    got = linear(x)
-    expected = x.double() @ weight.double().t()
-    cosine = torch.nn.functional.cosine_similarity(got.double(), expected, dim=-1).min()
-    assert got.shape == (40, 300) and cosine > 0.999
 
 
 # ---------------------------------------------------------------------------------------------

@@ -129,8 +129,9 @@ def wkv4_case(B, T, C, dtype, seed=0):
 def int8_case(M, K, N, dtype, seed=0):
     g = _gen(seed)
     weight = torch.randn(N, K, generator=g) / K**0.5
-    scale = weight.abs().amax(dim=1).clamp_min(1e-12) / 127.0
-    q = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    groups = weight.view(N, K // 32, 32)  # QuantLinear's int8 format: one scale per 32 inputs
+    scale = groups.abs().amax(dim=-1).clamp_min(1e-12) / 127.0
+    q = torch.round(groups / scale[..., None]).clamp(-127, 127).to(torch.int8).view(N, K)
     x = torch.randn(M, K, generator=g).to(dtype)
     return x, q, scale
 
@@ -386,7 +387,7 @@ def test_emulated_wkv4_matches_twin(emulators, dtype):
 def test_emulated_int8_gemv_matches_twin(emulators, dtype, M):
     emu = emulators[16]
     check_int8(emu.int8_matmul, M, 96, 37, dtype)  # fewer 16-byte pieces per row than lanes
-    check_int8(emu.int8_matmul, M, 1040, 11, dtype)  # more pieces than lanes, ragged last round
+    check_int8(emu.int8_matmul, M, 1056, 11, dtype)  # more pieces than lanes, ragged last round
 
 
 @needs_emulation
@@ -394,7 +395,7 @@ def test_emulated_int8_gemv_matches_twin(emulators, dtype, M):
 def test_emulated_int8_dequantize(emulators, dtype):
     _, q, scale = int8_case(1, 96, 37, torch.float32)
     got = emulators[16].int8_dequantize(q, scale, dtype)
-    assert torch.equal(got, (q.float() * scale[:, None]).to(dtype))
+    assert torch.equal(got, (q.float().view(37, 3, 32) * scale[..., None]).view(37, 96).to(dtype))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,7 +548,8 @@ def test_int8_with_unaligned_width_uses_the_twin(fresh_cuda, monkeypatch):
     monkeypatch.setenv("RWKV_CUDA_ON", "1")
     monkeypatch.setattr(cuda, "_is_cuda", lambda t: True)
     monkeypatch.setattr(cuda, "_build", _must_not_build)
-    x, q, scale = int8_case(3, 40, 7, torch.float32)  # 40 % 16 != 0
+    x, q, scale = int8_case(3, 64, 7, torch.float32)
+    x, q = x[:, :48], q[:, :48]  # 48 % 32 != 0: a short last group
     torch.testing.assert_close(cuda.int8_matmul(x, q, scale), cuda.torch_int8_matmul(x, q, scale))
 
 
@@ -623,14 +625,14 @@ def test_gpu_int8_matmul_matches_twin(kernels_on, dtype, M, K, N):
 
 @gpu_test
 def test_gpu_int8_matmul_takes_int8linear_weights(kernels_on):
-    from rwkv_chat.engine.quant import Int8Linear
+    from rwkv_chat.engine.quant import QuantLinear
 
     weight = torch.randn(512, 256)
-    linear = Int8Linear(weight, torch.float16, "cuda")
+    linear = QuantLinear(weight, torch.float16, "cuda", bits=8)
     x = torch.randn(2, 5, 256, dtype=torch.float16, device="cuda")
-    got = cuda.int8_matmul(x, linear.q, linear.scale)
+    got = cuda.int8_matmul(x, linear.q, linear.scale.float())
     assert got.shape == (2, 5, 512)
-    assert_close_scaled(got, linear(x), 2e-2, "int8 vs Int8Linear")
+    assert_close_scaled(got, linear(x), 2e-2, "int8 vs QuantLinear")
 
 
 @gpu_test

@@ -29,6 +29,11 @@ def runs(strategy: str, n_layer: int = 24) -> list[tuple[str, int]]:
         # free segments share the remainder in order, leftovers to the last
         ("cuda fp16 -> cpu fp32 *3 -> cuda:1 bf16", [("cuda fp16", 11), ("cpu fp32", 3), ("cuda:1 bf16", 11)]),
         ("cuda fp16i8 *20 -> cuda fp16", [("cuda fp16i8", 20), ("cuda fp16", 5)]),
+        # int4 weights, alone and mixed per layer with int8 and float layers
+        ("cpu bf16i4", [("cpu bf16i4", 25)]),
+        ("cpu bf16i4 *8 -> cpu bf16i8", [("cpu bf16i4", 8), ("cpu bf16i8", 17)]),
+        ("cpu fp32i8 *4 -> cpu fp32i4 *4 -> cpu fp32", [("cpu fp32i8", 4), ("cpu fp32i4", 4), ("cpu fp32", 17)]),
+        ("cuda fp16i4 *20+", [("cuda fp16i4", 20), ("cuda fp16i4 (streamed)", 4), ("cuda fp16i4", 1)]),
     ],
 )
 def test_allocation_matches_chatrwkv(strategy, expected):
@@ -37,7 +42,8 @@ def test_allocation_matches_chatrwkv(strategy, expected):
 
 def test_whitespace_and_dtypes_are_read():
     (seg,) = parse_strategy("  cuda:1   bf16i8   *7+ ")
-    assert (seg.device, seg.dtype, seg.int8, seg.count, seg.stream) == ("cuda:1", torch.bfloat16, True, 7, True)
+    assert (seg.device, seg.dtype, seg.quant, seg.count, seg.stream) == ("cuda:1", torch.bfloat16, 8, 7, True)
+    assert [s.quant for s in parse_strategy("cpu fp32 -> cpu fp32i8 -> cuda fp16i4")] == [0, 8, 4]
 
 
 @pytest.mark.parametrize(
@@ -49,8 +55,9 @@ def test_whitespace_and_dtypes_are_read():
         ("cuda", "dtype is missing"),
         ("cuda fp16 *x", "'*x'"),
         ("cuda fp16 20", "'20'"),
-        ("cuda fp16i4", "i4 weights, which are not supported"),
+        ("cuda fp16i2", "i2 weights, which are not supported; use i8 (int8, ~8.5 bits per weight) or i4"),
         ("cpu fp32i3", "i3 weights"),
+        ("cpu fp32q4", "optionally with i8 or i4"),
         ("cpu fp32 ->", "segment is empty"),
         ("cuda fp16 *2+ -> cpu fp32 *1+", "only one segment may stream"),
     ],
