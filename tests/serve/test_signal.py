@@ -11,15 +11,27 @@ from pathlib import Path
 
 import httpx
 
+from rwkv_chat.testing.checkpoints import make_checkpoint, save_checkpoint
+
 from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_sigterm_ends_open_streams_and_exits(make_model_file, tmp_path):
+def model_that_never_ends(path: Path) -> Path:
+    """A v7 checkpoint whose end-of-text token is never sampled: the final layer norm outputs a
+    constant vector of ones, and the head's row for token 0 sums it to -64."""
+    checkpoint = make_checkpoint("7", 2, 64)
+    checkpoint["ln_out.weight"].zero_()
+    checkpoint["ln_out.bias"].fill_(1.0)
+    checkpoint["head.weight"][0].fill_(-1.0)
+    return save_checkpoint(path, checkpoint)
+
+
+def test_sigterm_ends_open_streams_and_exits(tmp_path):
     port = free_port()
     env = dict(os.environ, RWKV_CHAT_HOME=str(tmp_path), PYTHONPATH=str(ROOT), RWKV_CHAT_API_KEY="k")
-    proc = subprocess.Popen([sys.executable, "-m", "rwkv_chat.cli", "serve", "-m", str(make_model_file("7", n_embd=64)),
+    proc = subprocess.Popen([sys.executable, "-m", "rwkv_chat.cli", "serve", "-m", str(model_that_never_ends(tmp_path / "never-ends.pth")),
                              "-s", "cpu fp32", "--port", str(port), "--max-tokens", "100000"],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
