@@ -145,6 +145,7 @@ static void pool_run(unit_fn fn, void *ctx, int64_t total, int n_threads) {
 
 enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2, K_I4 = 3 };
 #define GROUP 32  /* weights per fp16 scale along the input (int8 and int4) */
+#define RK_V7_DECAY_SCALE 0.6065306597126334f  /* e^-0.5: an RWKV-7 decay is exp(-e^-0.5 sigmoid(.)), v7.DECAY_SCALE */
 
 /* job_t and its flags: see rwkv_cpu.h */
 
@@ -740,7 +741,7 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
         float a = sigmoidf_(ld(a0, pbf, c) + ld(a_lora, bf, c));
         float kc = ld(k, bf, c), vc = ld(v, bf, c);
         rr[c] = ld(r, bf, c);
-        ww[c] = rk_exp(-0.6065306597126334f * sigmoidf_(w0[c] + ld(w_lora, bf, c)));
+        ww[c] = rk_exp(-RK_V7_DECAY_SCALE * sigmoidf_(w0[c] + ld(w_lora, bf, c)));
         aa[c] = a;
         kk[c] = kc * ld(k_k, pbf, c);
         k2[c] = kc * (1.f + (a - 1.f) * ld(k_a, pbf, c));

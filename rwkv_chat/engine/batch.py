@@ -14,6 +14,8 @@ from types import SimpleNamespace
 
 import torch
 
+from . import quant
+
 
 
 class RowOps:
@@ -54,12 +56,35 @@ class RowOps:
         return self.inner.group_norm_gate(out, g, w, dtype)  # stateless; a batch of one only
 
 
+class RowByRow:
+    """A quantized kernel linear for a few rows: each row is its own single-token job, up to 16 of
+    them in one C call (a layer's weights stay in cache from one row to the next), where the
+    multi-token path would expand every weight to floats at every step."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.dtype != self.inner.dtype:
+            return self.inner(x)
+        x = x.contiguous()
+        rows = []
+        for start in range(0, x.shape[0], 16):
+            rows += quant.run_group([(self.inner, x[b:b + 1]) for b in range(start, min(start + 16, x.shape[0]))])
+        return torch.cat(rows)
+
+
+def batch_linear(linear):
+    """`linear` itself, or RowByRow over it when it is a quantized linear the C kernels run."""
+    return RowByRow(linear) if isinstance(linear, quant.QuantLinear) and linear._job is not None else linear
+
+
 def batch_layers(layers) -> list[SimpleNamespace]:
-    """Each prepared layer with its backend wrapped in RowOps (the weights are shared, not copied);
-    the linears take the [B, C] rows through their multi-token path."""
+    """Each prepared layer with its backend wrapped in RowOps and its quantized kernel linears in
+    RowByRow (the weights are shared, not copied)."""
     wrapped = []
     for w in layers:
-        copy = SimpleNamespace(**vars(w))
+        copy = SimpleNamespace(**{name: batch_linear(value) for name, value in vars(w).items()})
         copy.ops = RowOps(w.ops)
         wrapped.append(copy)
     return wrapped

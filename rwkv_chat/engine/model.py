@@ -236,6 +236,7 @@ class RWKV:
     def _forward_batch(self, ids: torch.Tensor, states: list[RWKVState]):
         if self._batch_layers is None:
             self._batch_layers = batch.batch_layers(self.layers)
+            self._batch_head = batch.batch_linear(self.head)
         x = self.emb[ids]  # [B, C]: row b is sequence b's token
         v_first = None
         new_layers = []
@@ -249,7 +250,7 @@ class RWKV:
             if self.rescale and (i + 1) % self.rescale == 0:
                 x = x / 2
         x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
-        logits = self.head(layer_norm(x, self.ln_out)).float().cpu()
+        logits = self._batch_head(layer_norm(x, self.ln_out)).float().cpu()
         per_sequence = batch.unstack_states(new_layers, len(ids))
         new_states = [RWKVState(self.shape, layers, logits[b].clone(), state.tokens + 1)
                       for b, (layers, state) in enumerate(zip(per_sequence, states))]

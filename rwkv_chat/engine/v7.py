@@ -9,7 +9,7 @@ import torch
 from .common import head_group_norm, last_row, layer_norm, lora, mixed, pair, shifted, vector
 from .quant import make_linear, run_group
 
-_DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1)
+DECAY_SCALE = math.exp(-0.5)  # w = exp(-e^-0.5 * sigmoid(.)) keeps every decay in (0.545, 1); C: RK_V7_DECAY_SCALE
 
 
 def layer_shapes(d) -> dict[str, tuple]:
@@ -86,7 +86,7 @@ def time_mix(x, w, att_x, state, v_first):
     # the weights' own error (cosine 0.97 instead of the decode path's 0.995 at position 0).
     r, k, v, g = r.float(), k.float(), v.float(), g.float()
     a = torch.sigmoid(w.a0 + a_lora.float())  # in-context learning rate
-    decay = torch.exp(torch.sigmoid(w.w0 + w_lora.float()).mul_(-_DECAY_SCALE))
+    decay = torch.exp(torch.sigmoid(w.w0 + w_lora.float()).mul_(-DECAY_SCALE))
     kk = torch.nn.functional.normalize((k * w.k_k).view(T, H, -1), dim=-1)  # removal key, unit length per head
     k = k * (1 + (a - 1) * w.k_a)
     if w.first_layer:

@@ -41,11 +41,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..demo import UNSEEN_LOGIT, expand_to_world  # the runtime's part, re-exported for the trainer
+from ..engine.v7 import DECAY_SCALE  # w = exp(-DECAY_SCALE * sigmoid(.)), so w lies in (0.545, 1)
 from ..engine.ops import torch_ref  # the engine's one Python copy of the recurrence (chunked for long inputs)
 
 __all__ = ["DECAY_SCALE", "LN_X_EPS", "RWKV7", "RWKV7Config", "expand_to_world"]
 
-DECAY_SCALE = math.exp(-0.5)  # w = exp(-DECAY_SCALE * sigmoid(.)), so w lies in (0.545, 1)
+
 LN_X_EPS = 64e-5  # GroupNorm eps used by RWKV-7 runtimes (head size 64 convention)
 
 
