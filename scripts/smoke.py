@@ -2,7 +2,7 @@
 
 Chats with the bundled demo model, checks the conversation was stored and reopens it exactly,
 exports a snapshot (Ctrl+S) and opens it, drives the TUI for one message and Ctrl+S, and runs
-the `rwkv-chat` command (history, info). Everything is written under a temporary folder.
+the `rwkv-chat` command (history, info, and `serve` answering one chat request). Everything is written under a temporary folder.
 
     python scripts/smoke.py
 """
@@ -11,10 +11,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 
@@ -86,7 +89,45 @@ def main() -> None:
     check(titles == ["Hello! How are you?", "Hi there"], "rwkv-chat history lists both conversations")
     described = subprocess.run([*command, "info", str(path)], capture_output=True, text=True, check=True).stdout
     check("saved conversation" in described, "rwkv-chat info reads the snapshot")
+    check_serve(command)
     print(f"smoke: all passed in {time.perf_counter() - started:.1f}s")
+
+
+def check_serve(command: list[str]) -> None:
+    """`rwkv-chat serve` on the demo model answers a chat completion (stdlib HTTP only), then a
+    SIGTERM stops it."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([*command, "serve", "--port", str(port)], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"smoke: FAILED: rwkv-chat serve exited: {server.stderr.read().decode()[-800:]}")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=1):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise SystemExit("smoke: FAILED: rwkv-chat serve did not start in 120 s") from None
+                time.sleep(0.2)
+        with urllib.request.urlopen(url + "/v1/models", timeout=10) as response:
+            model = json.load(response)["data"][0]["id"]
+        body = {"model": model, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 8}
+        request = urllib.request.Request(url + "/v1/chat/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = json.load(response)
+        check(answer["choices"][0]["message"]["content"].strip() != "", "rwkv-chat serve answers a chat request")
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
 
 
 if __name__ == "__main__":
