@@ -17,7 +17,6 @@ import torch
 from . import quant
 
 
-
 class RowOps:
     """A backend (ops.torch_ref, ops.cpu.CpuOps, ops.cuda) applied row by row: row b of every
     per-token input is one token of sequence b, whose state is row b of the stacked state."""
@@ -44,16 +43,11 @@ class RowOps:
         out, states = zip(*rows)
         return torch.cat(out), torch.stack(states)
 
-    def v7_step(self, w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state):
-        # called only for a batch of one (the version code fuses single tokens): state [1, H, N, N]
-        fused = self.inner.v7_step(w, r, k, v, w_lora, a_lora, g, v_lora, v_first, state[0])
-        if fused is None:
-            return None
-        y, v_out, new_state = fused
-        return y, v_out, new_state.unsqueeze(0)
+    def v7_step(self, *args):
+        return None  # the fused one-token steps are for one sequence: the torch math runs per row
 
-    def group_norm_gate(self, out, g, w, dtype):
-        return self.inner.group_norm_gate(out, g, w, dtype)  # stateless; a batch of one only
+    def group_norm_gate(self, *args):
+        return None
 
 
 class RowByRow:
@@ -86,6 +80,7 @@ def batch_layers(layers) -> list[SimpleNamespace]:
     for w in layers:
         copy = SimpleNamespace(**{name: batch_linear(value) for name, value in vars(w).items()})
         copy.ops = RowOps(w.ops)
+        copy.fused = None  # the one-call layer takes one sequence's token, not a batch's
         wrapped.append(copy)
     return wrapped
 
