@@ -163,6 +163,7 @@ typedef struct {
     int64_t units;    /* work units of this job */
     int64_t rows_per_unit;
     float *part;      /* cols layout: one partial sum [n_out] per work unit, summed after the run */
+    int bad;          /* x has a NaN or an infinity */
 } prep_t;
 
 static inline float bf16_to_f32(uint16_t v) { union { uint32_t u; float f; } c; c.u = (uint32_t)v << 16; return c.f; }
@@ -174,72 +175,13 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* ---------------------------------------------------------------- rows layout: y[r] = W[r,:] . x
-   fp32 and bf16 rows: like the int8 rows below, each row is streamed on its own into four
-   independent accumulators and reduced at once. */
-#ifdef RK_AVX512
-static __attribute__((noinline)) float row_f32_dot(const float *w, const float *x, int64_t n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t c = 0;
-    for (; c + 64 <= n; c += 64) {
-        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c), _mm512_loadu_ps(x + c), a0);
-        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 16), _mm512_loadu_ps(x + c + 16), a1);
-        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 32), _mm512_loadu_ps(x + c + 32), a2);
-        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w + c + 48), _mm512_loadu_ps(x + c + 48), a3);
-    }
-    for (; c < n; c += 16) {
-        __mmask16 m = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
-        a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, w + c), _mm512_maskz_loadu_ps(m, x + c), a0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-#endif
+   With AVX-512, a tile of up to 4 rows times up to 4 vectors at a time: each weight chunk is
+   loaded once for the tile's vectors and each vector chunk once for its rows, and every (row,
+   vector) pair has its own accumulator, reduced at the end. A pair's arithmetic does not depend
+   on the rest of the tile, so a vector's results are the same in any batch. Portable loops
+   otherwise (one row and one vector at a time).
 
-static void rows_f32(const float *W, const float *x, float *y, int64_t r0, int64_t r1, int64_t n) {
-    int64_t r = r0;
-#ifdef RK_AVX512
-    for (; r < r1; r++) y[r] = row_f32_dot(W + r * n, x, n);
-#endif
-    for (; r < r1; r++) {
-        const float *w = W + r * n; float s = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t c = 0; c < n; c++) s += w[c] * x[c];
-        y[r] = s;
-    }
-}
-
-#if defined(RK_AVX512) && defined(__AVX512BF16__)
-static __attribute__((noinline)) float row_bf16_dot(const uint16_t *w, const uint16_t *x, int64_t n) {
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-    int64_t c = 0;
-    for (; c + 128 <= n; c += 128) {
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + c), (__m512bh)_mm512_loadu_si512(x + c));
-        a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + c + 32), (__m512bh)_mm512_loadu_si512(x + c + 32));
-        a2 = _mm512_dpbf16_ps(a2, (__m512bh)_mm512_loadu_si512(w + c + 64), (__m512bh)_mm512_loadu_si512(x + c + 64));
-        a3 = _mm512_dpbf16_ps(a3, (__m512bh)_mm512_loadu_si512(w + c + 96), (__m512bh)_mm512_loadu_si512(x + c + 96));
-    }
-    for (; c < n; c += 32) {
-        __mmask32 m = n - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (n - c)) - 1);
-        a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_maskz_loadu_epi16(m, w + c), (__m512bh)_mm512_maskz_loadu_epi16(m, x + c));
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-}
-#endif
-
-static void rows_bf16(const uint16_t *W, const uint16_t *xb, const float *xf, float *y, int64_t r0, int64_t r1, int64_t n) {
-    int64_t r = r0;
-#if defined(RK_AVX512) && defined(__AVX512BF16__)
-    for (; r < r1; r++) y[r] = row_bf16_dot(W + r * n, xb, n);
-#endif
-    for (; r < r1; r++) {
-        const uint16_t *w = W + r * n; float s = 0.f;
-        #pragma omp simd reduction(+:s)
-        for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * bf16_to_f32(xb[c]);
-        y[r] = s;
-    }
-    (void)xf;
-}
-
-/* Group-wise int8 and int4 rows (quant.py's format): W[r, k] = q[r, k] * scale[r, k / 32], the
+   Group-wise int8 and int4 rows (quant.py's format): W[r, k] = q[r, k] * scale[r, k / 32], the
    scales fp16. The dot product of each group of 32 is exact in int32 and scaled in fp32.
 
    int8: x is rounded to int16 for the whole vector and split as x = 256 * hi + lo (lo in [0, 255],
@@ -254,68 +196,6 @@ static inline int32_t nibble(const uint8_t *row, int64_t k, int64_t n32) {
     return (int32_t)(i < half ? b & 15 : b >> 4) - 8;
 }
 
-#if defined(RK_AVX512) && defined(__AVX512VNNI__)
-/* lanes 0-7: the scale of group g, lanes 8-15: of group g + 1 (0 past the last group) */
-static inline __m512 pair_scales(const uint16_t *s, int64_t g, int64_t n_groups) {
-    __m128i two = _mm_maskz_loadu_epi16(g + 1 < n_groups ? 3 : 1, s + g);
-    const __m256i idx = _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_castsi128_si256(two)));
-}
-
-static inline __m512i i8_pair(__m512i w, const uint8_t *xlo, const uint8_t *xhi, __mmask64 m) {
-    __m512i z = _mm512_setzero_si512();
-    __m512i l = _mm512_dpbusd_epi32(z, _mm512_maskz_loadu_epi8(m, xlo), w);
-    __m512i h = _mm512_dpbusd_epi32(z, _mm512_maskz_loadu_epi8(m, xhi), w);
-    return _mm512_add_epi32(_mm512_slli_epi32(h, 8), l);  /* |h| <= 4 * 255 * 127: no overflow */
-}
-
-static __attribute__((noinline)) float row_i8_dot(const int8_t *w, const uint16_t *s, const uint8_t *xlo,
-                                                  const uint8_t *xhi, int64_t n) {
-    int64_t ng = (n + GROUP - 1) / GROUP, c = 0;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    /* four groups' scales at once: lanes [s0 x8, s1 x8] and [s2 x8, s3 x8] */
-    const __m512i first = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(2));
-    for (; c + 128 <= n; c += 128) {
-        __m512 s4 = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_loadl_epi64((const __m128i *)(s + c / GROUP))));
-        __m512i p = i8_pair(_mm512_loadu_si512(w + c), xlo + c, xhi + c, ~0ull);
-        __m512i q = i8_pair(_mm512_loadu_si512(w + c + 64), xlo + c + 64, xhi + c + 64, ~0ull);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_permutexvar_ps(first, s4), a0);
-        a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q), _mm512_permutexvar_ps(second, s4), a1);
-    }
-    for (; c < n; c += 64) {
-        __mmask64 m = n - c >= 64 ? ~0ull : (~0ull) >> (64 - (n - c));
-        __m512i p = i8_pair(_mm512_maskz_loadu_epi8(m, w + c), xlo + c, xhi + c, m);
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), pair_scales(s, c / GROUP, ng), a0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-}
-
-static __attribute__((noinline)) float row_i4_dot(const uint8_t *w, const uint16_t *s, const int8_t *x8,
-                                                  const float *xsl, const int32_t *xnl, int64_t n32) {
-    const __m256i low = _mm256_set1_epi8(15);
-    int64_t ng = n32 / GROUP, c = 0;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    for (; c + 64 <= n32; c += 64) {
-        __m256i v = _mm256_loadu_si256((const __m256i *)(w + c / 2));
-        __m512i q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
-                                       _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
-        __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xnl + c / 4), q, _mm512_loadu_si512(x8 + c));
-        __m512 f = _mm512_mul_ps(pair_scales(s, c / GROUP, ng), _mm512_loadu_ps(xsl + c / 4));
-        if ((c / 64) & 1) a1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, a1);
-        else a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), f, a0);
-    }
-    if (c < n32) {  /* a last group of 32 */
-        __m128i v = _mm_loadu_si128((const __m128i *)(w + c / 2)), l = _mm_set1_epi8(15);
-        __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, l)), _mm_and_si128(_mm_srli_epi16(v, 4), l), 1);
-        __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(xnl + c / 4), _mm512_zextsi256_si512(q),
-                                        _mm512_zextsi256_si512(_mm256_loadu_si256((const __m256i *)(x8 + c))));
-        a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(pair_scales(s, c / GROUP, ng), _mm512_loadu_ps(xsl + c / 4)), a0);
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-}
-#endif
-
 static inline float half_to_f32(uint16_t h) {
 #ifdef RK_AVX512
     return _cvtsh_ss(h);
@@ -328,39 +208,202 @@ static inline float half_to_f32(uint16_t h) {
 #endif
 }
 
-static void rows_i8(const int8_t *W, const uint16_t *scale, const float *corr, const prep_t *p, float *y,
-                    int64_t r0, int64_t r1, int64_t n) {
-    int64_t ng = (n + GROUP - 1) / GROUP, r = r0;
-#if defined(RK_AVX512) && defined(__AVX512VNNI__)
-    for (; r < r1; r++) y[r] = (row_i8_dot(W + r * n, scale + r * ng, p->xlo, p->xhi, n) - corr[r]) * p->xs;
-#endif
-    for (; r < r1; r++) {
-        const int8_t *w = W + r * n; float s = 0.f;
-        for (int64_t g = 0; g < ng; g++) {
-            int64_t acc = 0;
-            for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) acc += (int32_t)w[c] * (int32_t)p->xq[c];
-            s += (float)acc * half_to_f32(scale[r * ng + g]);
-        }
-        y[r] = s * p->xs;
-    }
-    (void)corr;
-}
-
-static void rows_i4(const uint8_t *W, const uint16_t *scale, const prep_t *p, float *y, int64_t r0, int64_t r1, int64_t n) {
-    int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, r = r0;
-#if defined(RK_AVX512) && defined(__AVX512VNNI__)
-    for (; r < r1; r++) y[r] = row_i4_dot(W + r * (n32 / 2), scale + r * ng, p->x8, p->xsl, p->xnl, n32);
-#endif
-    for (; r < r1; r++) {
-        const uint8_t *w = W + r * (n32 / 2); float s = 0.f;
-        for (int64_t g = 0; g < ng; g++) {
-            int32_t acc = 0;
-            for (int64_t c = g * GROUP; c < (g + 1) * GROUP; c++) acc += nibble(w, c, n32) * (int32_t)p->x8[c];
-            s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
+static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0, int64_t r1) {
+    int kind = (int)(jb->flags & 15);
+    int64_t n = jb->n_in, ng = (n + GROUP - 1) / GROUP, n32 = ng * GROUP;
+    const uint16_t *scale = (const uint16_t *)jb->scale;
+    for (int64_t r = r0; r < r1; r++) {
+        float s = 0.f;
+        if (kind == K_F32) {
+            const float *w = (const float *)jb->w + r * n;
+            for (int64_t c = 0; c < n; c++) s += w[c] * p->xf[c];
+        } else if (kind == K_BF16) {
+            const uint16_t *w = (const uint16_t *)jb->w + r * n;
+            for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * bf16_to_f32(p->xb[c]);
+        } else if (kind == K_I8) {
+            const int8_t *w = (const int8_t *)jb->w + r * n;
+            for (int64_t g = 0; g < ng; g++) {
+                int64_t acc = 0;
+                for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) acc += (int32_t)w[c] * (int32_t)p->xq[c];
+                s += (float)acc * half_to_f32(scale[r * ng + g]);
+            }
+            s *= p->xs;
+        } else {
+            const uint8_t *w = (const uint8_t *)jb->w + r * (n32 / 2);
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t acc = 0;
+                for (int64_t c = g * GROUP; c < (g + 1) * GROUP; c++) acc += nibble(w, c, n32) * (int32_t)p->x8[c];
+                s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
+            }
         }
         y[r] = s;
     }
 }
+
+#ifdef RK_AVX512
+#define RK_TILE 4  /* rows and vectors of a tile */
+#ifndef RK_ROWS
+#define RK_ROWS 4
+#endif
+#define RK_ALWAYS_INLINE static inline __attribute__((always_inline))
+
+/* tile(R, M) for R, M in 1..4 as compile-time constants, so the accumulators stay in registers */
+#define RK_SPECIALIZE(TILE) switch ((R - 1) * 4 + (M - 1)) { \
+    case 0: TILE(1, 1); break;  case 1: TILE(1, 2); break;  case 2: TILE(1, 3); break;  case 3: TILE(1, 4); break; \
+    case 4: TILE(2, 1); break;  case 5: TILE(2, 2); break;  case 6: TILE(2, 3); break;  case 7: TILE(2, 4); break; \
+    case 8: TILE(3, 1); break;  case 9: TILE(3, 2); break;  case 10: TILE(3, 3); break; case 11: TILE(3, 4); break; \
+    case 12: TILE(4, 1); break; case 13: TILE(4, 2); break; case 14: TILE(4, 3); break; default: TILE(4, 4); break; }
+
+/* the tile's results: y[j][r0 + i] = f(sum of acc[i][j]) */
+#define RK_TILE_ZERO(acc) for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) acc[i][j] = _mm512_setzero_ps()
+
+RK_ALWAYS_INLINE void tile_f32(const float *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
+                               const int M, int64_t n) {
+    __m512 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc);
+    for (int64_t c = 0; c < n; c += 16) {
+        __mmask16 mk = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
+        __m512 w[RK_TILE];
+        for (int i = 0; i < R; i++) w[i] = _mm512_maskz_loadu_ps(mk, W + (r0 + i) * n + c);
+        for (int j = 0; j < M; j++) {
+            __m512 x = _mm512_maskz_loadu_ps(mk, ps[j]->xf + c);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+#ifdef __AVX512BF16__
+RK_ALWAYS_INLINE void tile_bf16(const uint16_t *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
+                                const int M, int64_t n) {
+    __m512 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc);
+    for (int64_t c = 0; c < n; c += 32) {
+        __mmask32 mk = n - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (n - c)) - 1);
+        __m512i w[RK_TILE];
+        for (int i = 0; i < R; i++) w[i] = _mm512_maskz_loadu_epi16(mk, W + (r0 + i) * n + c);
+        for (int j = 0; j < M; j++) {
+            __m512i x = _mm512_maskz_loadu_epi16(mk, ps[j]->xb + c);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i], (__m512bh)x);
+        }
+    }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#endif
+
+#ifdef __AVX512VNNI__
+/* lanes 0-7: the scale of group g, lanes 8-15: of group g + 1 (0 past the last group) */
+static inline __m512 pair_scales(const uint16_t *s, int64_t g, int64_t n_groups) {
+    __m128i two = _mm_maskz_loadu_epi16(g + 1 < n_groups ? 3 : 1, s + g);
+    const __m256i idx = _mm256_set_epi16(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_castsi128_si256(two)));
+}
+
+RK_ALWAYS_INLINE void tile_i8(const int8_t *W, const uint16_t *S, const float *corr, const prep_t *const *ps,
+                              float *const *ys, int64_t r0, const int R, const int M, int64_t n) {
+    int64_t ng = (n + GROUP - 1) / GROUP;
+    __m512 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc);
+    for (int64_t c = 0; c < n; c += 64) {
+        __mmask64 mk = n - c >= 64 ? ~0ull : (~0ull) >> (64 - (n - c));
+        __m512i w[RK_TILE];
+        __m512 s[RK_TILE];
+        for (int i = 0; i < R; i++) {
+            _mm_prefetch((const char *)(W + (r0 + 2 * RK_TILE + i) * n + c), _MM_HINT_T0);
+            w[i] = _mm512_maskz_loadu_epi8(mk, W + (r0 + i) * n + c);
+            s[i] = pair_scales(S + (r0 + i) * ng, c / GROUP, ng);
+        }
+        for (int j = 0; j < M; j++) {
+            __m512i lo = _mm512_maskz_loadu_epi8(mk, ps[j]->xlo + c), hi = _mm512_maskz_loadu_epi8(mk, ps[j]->xhi + c);
+            for (int i = 0; i < R; i++) {
+                /* 256 * (hi . q) + lo . q, exact in int32: |hi . q| <= 4 * 255 * 127 per lane */
+                __m512i d = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, w[i]), 8);
+                d = _mm512_dpbusd_epi32(d, lo, w[i]);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s[i], acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++)
+        for (int j = 0; j < M; j++) ys[j][r0 + i] = (_mm512_reduce_add_ps(acc[i][j]) - corr[r0 + i]) * ps[j]->xs;
+}
+
+RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
+                              int64_t r0, const int R, const int M, int64_t n32) {
+    const __m256i low = _mm256_set1_epi8(15);
+    int64_t ng = n32 / GROUP;
+    __m512 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc);
+    for (int64_t c = 0; c < n32; c += 64) {
+        __m512i q[RK_TILE];
+        __m512 s[RK_TILE];
+        for (int i = 0; i < R; i++) {
+            const uint8_t *row = W + (r0 + i) * (n32 / 2) + c / 2;
+            if (c + 64 <= n32) {
+                __m256i v = _mm256_loadu_si256((const __m256i *)row);
+                q[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                                          _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+            } else {  /* a last group of 32: inputs i and i + 16 in byte i */
+                __m128i v = _mm_loadu_si128((const __m128i *)row), l = _mm_set1_epi8(15);
+                q[i] = _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, l)),
+                                                                      _mm_and_si128(_mm_srli_epi16(v, 4), l), 1));
+            }
+            s[i] = pair_scales(S + (r0 + i) * ng, c / GROUP, ng);
+        }
+        for (int j = 0; j < M; j++) {
+            __m512i offset = _mm512_loadu_si512(ps[j]->xnl + c / 4), x = _mm512_loadu_si512(ps[j]->x8 + c);
+            __m512 xs = _mm512_loadu_ps(ps[j]->xsl + c / 4);
+            for (int i = 0; i < R; i++) {
+                __m512i d = _mm512_dpbusd_epi32(offset, q[i], x);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[i], xs), acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+#endif
+
+/* rows r0 .. r0 + R (R <= 4) of a job for M (<= 4) vectors; 0 when this kind has no tile here */
+static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys, int64_t r0, int R, int M) {
+    int kind = (int)(jb->flags & 15);
+    int64_t n = jb->n_in;
+    if (kind == K_F32) {
+        const float *W = (const float *)jb->w;
+#define RK_F32(r_, m_) tile_f32(W, ps, ys, r0, r_, m_, n)
+        RK_SPECIALIZE(RK_F32)
+#undef RK_F32
+        return 1;
+    }
+#ifdef __AVX512BF16__
+    if (kind == K_BF16) {
+        const uint16_t *W = (const uint16_t *)jb->w;
+#define RK_BF16(r_, m_) tile_bf16(W, ps, ys, r0, r_, m_, n)
+        RK_SPECIALIZE(RK_BF16)
+#undef RK_BF16
+        return 1;
+    }
+#endif
+#ifdef __AVX512VNNI__
+    const uint16_t *S = (const uint16_t *)jb->scale;
+    if (kind == K_I8) {
+        const int8_t *W = (const int8_t *)jb->w;
+        const float *corr = (const float *)(intptr_t)jb->tag;
+#define RK_I8(r_, m_) tile_i8(W, S, corr, ps, ys, r0, r_, m_, n)
+        RK_SPECIALIZE(RK_I8)
+#undef RK_I8
+        return 1;
+    }
+    if (kind == K_I4) {
+        const uint8_t *W = (const uint8_t *)jb->w;
+        int64_t n32 = (n + GROUP - 1) / GROUP * GROUP;
+#define RK_I4(r_, m_) tile_i4(W, S, ps, ys, r0, r_, m_, n32)
+        RK_SPECIALIZE(RK_I4)
+#undef RK_I4
+        return 1;
+    }
+#endif
+    return 0;
+}
+#endif
 
 /* ------------------------------------------- cols layout: y[o] = sum over nonzero j of x[j] W[j,o] */
 
@@ -409,121 +452,181 @@ static void cols_block(int kind, const void *Wv, const float *xf, const int32_t 
     }
 }
 
-/* ---------------------------------------------------------------- driver */
+/* ---------------------------------------------------------------- driver
+   A job multiplies its weight with M vectors (flags bits 32-47, 0 meaning 1): x [M, n_in] and
+   y [M, n_out]. Each vector is prepared on its own (rounded to what the weight format multiplies
+   with) and every output is computed by the same row function as for a single vector, so a row of
+   a batch is bitwise the row computed alone. Rows layout: a work unit is a block of weight rows,
+   taken a few at a time for every vector while they sit in L1, so a batch reads the weights from
+   memory once. Cols layout: a unit is a block of one vector's nonzero inputs. */
 
-static void run_unit(const job_t *jb, const prep_t *p, int64_t u, float *yf) {
-    int kind = (int)(jb->flags & 15), cols = (int)((jb->flags >> 4) & 1);
-    if (cols) {
-        int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
-        cols_block(kind, jb->w, p->xf, p->nz, q0, q1, p->part + u * jb->n_out, jb->n_out);
-        return;
-    }
-    int64_t r0 = u * p->rows_per_unit, r1 = r0 + p->rows_per_unit < jb->n_out ? r0 + p->rows_per_unit : jb->n_out;
-    if (kind == K_I8) rows_i8((const int8_t *)jb->w, (const uint16_t *)jb->scale, (const float *)(intptr_t)jb->tag, p, yf,
-                              r0, r1, jb->n_in);
-    else if (kind == K_I4) rows_i4((const uint8_t *)jb->w, (const uint16_t *)jb->scale, p, yf, r0, r1, jb->n_in);
-    else if (kind == K_BF16) rows_bf16((const uint16_t *)jb->w, p->xb, p->xf, yf, r0, r1, jb->n_in);
-    else rows_f32((const float *)jb->w, p->xf, yf, r0, r1, jb->n_in);
+static inline int64_t job_vectors(const job_t *jb) {
+    int64_t m = (jb->flags >> 32) & 0xffff;
+    return m ? m : 1;
 }
 
-typedef struct { const job_t *jobs; const prep_t *prep; float **ybuf; int n_jobs; int64_t first[17]; } gemv_ctx_t;
+static int64_t row_bytes(int kind, int64_t n) {
+    int64_t b = kind == K_I4 ? n / 2 : n * (kind == K_F32 ? 4 : kind == K_BF16 ? 2 : 1);
+    return b > 0 ? b : 1;
+}
+
+/* one vector of a job: its copies and roundings; p->bad when it has a NaN or an infinity */
+static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
+    int64_t n = jb->n_in, kind = jb->flags & 15, cols = (jb->flags >> 4) & 1;
+    memset(p, 0, sizeof(*p));
+    p->xf = (float *)malloc(sizeof(float) * n);
+    if (jb->flags & 256) { const uint16_t *xb = (const uint16_t *)x; for (int64_t c = 0; c < n; c++) p->xf[c] = bf16_to_f32(xb[c]); }
+    else memcpy(p->xf, x, sizeof(float) * n);
+    int finite = 1;
+    for (int64_t c = 0; c < n; c++) finite &= isfinite(p->xf[c]) != 0;
+    if (!finite) { p->bad = 1; return; }
+    if (cols) {
+        p->nz = (int32_t *)malloc(sizeof(int32_t) * (n + 4));
+        for (int64_t c = 0; c < n; c++)
+            if (p->xf[c] != 0.f) p->nz[p->n_nz++] = (int32_t)c;
+        /* blocks of nonzero inputs, each into its own partial sums (summed after the run) */
+        int64_t units = (p->n_nz + 31) / 32;
+        units = units > 8 ? 8 : units;
+        p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
+        p->units = units;
+        p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
+    } else if (kind == K_I8) {
+        float m = 0.f;
+        for (int64_t c = 0; c < n; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
+        p->xq = (int16_t *)malloc(sizeof(int16_t) * n);
+        p->xs = m > 0.f ? m / 32767.f : 1.f;
+        float inv = 1.f / p->xs;
+        p->xlo = (uint8_t *)malloc(n); p->xhi = (uint8_t *)malloc(n);
+        for (int64_t c = 0; c < n; c++) {
+            int32_t q = (int32_t)lrintf(p->xf[c] * inv);
+            q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
+            p->xq[c] = (int16_t)q; p->xlo[c] = (uint8_t)(q & 255); p->xhi[c] = (uint8_t)((q >> 8) + 128);
+        }
+    } else if (kind == K_I4) {
+        int64_t n32 = (n + GROUP - 1) / GROUP * GROUP;
+        p->x8 = (int8_t *)calloc((size_t)n32 + 64, 1);
+        p->xsl = (float *)calloc((size_t)n32 / 4 + 16, sizeof(float));
+        p->xnl = (int32_t *)calloc((size_t)n32 / 4 + 16, sizeof(int32_t));
+        for (int64_t g = 0; g < n32 / GROUP; g++) {
+            float m = 0.f;
+            for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
+            float xs = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
+            int32_t sum = 0;
+            for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
+                int32_t q = (int32_t)lrintf(p->xf[c] * inv);
+                p->x8[c] = (int8_t)q; sum += q;
+            }
+            for (int l = 0; l < 8; l++) { p->xsl[g * 8 + l] = xs; p->xnl[g * 8 + l] = -sum; }
+        }
+    } else if (kind == K_BF16) {
+        p->xb = (uint16_t *)malloc(sizeof(uint16_t) * n);
+        for (int64_t c = 0; c < n; c++) p->xb[c] = f32_to_bf16(p->xf[c]);
+    }
+}
+
+static void free_prep(prep_t *p) {
+    free(p->xf); free(p->xq); free(p->xlo); free(p->xhi); free(p->xb); free(p->nz); free(p->part);
+    free(p->x8); free(p->xsl); free(p->xnl);
+}
+
+typedef struct {
+    const job_t *jb;
+    prep_t *prep;        /* one per vector */
+    float *y;            /* fp32 outputs [M, n_out] (y itself, or a buffer when y is bf16) */
+    int64_t M, units, rows_per_unit;
+} job_run_t;
+
+static void run_unit(const job_run_t *j, int64_t u) {
+    const job_t *jb = j->jb;
+    int64_t n_out = jb->n_out;
+    if ((jb->flags >> 4) & 1) {  /* cols: find the vector whose unit this is */
+        int64_t m = 0;
+        while (u >= j->prep[m].units) u -= j->prep[m].units, m++;
+        const prep_t *p = &j->prep[m];
+        int64_t q0 = u * p->rows_per_unit, q1 = q0 + p->rows_per_unit < p->n_nz ? q0 + p->rows_per_unit : p->n_nz;
+        cols_block((int)(jb->flags & 15), jb->w, p->xf, p->nz, q0, q1, p->part + u * n_out, n_out);
+        return;
+    }
+    int64_t r0 = u * j->rows_per_unit, r1 = r0 + j->rows_per_unit < n_out ? r0 + j->rows_per_unit : n_out;
+    const prep_t *ps[16];
+    float *ys[16];
+    int64_t m = 0;
+    while (m < j->M) {  /* up to 16 good vectors at a time: their rows stay in L1 between tiles */
+        int count = 0;
+        for (; m < j->M && count < 16; m++)
+            if (!j->prep[m].bad) { ps[count] = &j->prep[m]; ys[count] = j->y + m * n_out; count++; }
+#ifdef RK_AVX512
+        /* one vector: a row at a time, streamed in order; several: tiles of 4 rows */
+        int rows = count == 1 ? 1 : RK_TILE;
+        for (int64_t a = r0; a < r1; a += rows) {
+            int R = r1 - a < rows ? (int)(r1 - a) : rows;
+            for (int t = 0; t < count; t += RK_TILE)
+                if (!rows_tile(jb, ps + t, ys + t, a, R, count - t < RK_TILE ? count - t : RK_TILE))
+                    for (int v = t; v < count && v < t + RK_TILE; v++) rows_portable(jb, ps[v], ys[v], a, a + R);
+        }
+#else
+        for (int v = 0; v < count; v++) rows_portable(jb, ps[v], ys[v], r0, r1);
+#endif
+    }
+}
+
+typedef struct { job_run_t *runs; int n_jobs; int64_t first[17]; } gemv_ctx_t;
 
 static void gemv_unit(void *arg, int64_t u) {
     gemv_ctx_t *c = (gemv_ctx_t *)arg;
     int i = 0;
     while (u >= c->first[i + 1]) i++;
-    run_unit(&c->jobs[i], &c->prep[i], u - c->first[i], c->ybuf[i]);
+    run_unit(&c->runs[i], u - c->first[i]);
 }
 
 int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
-    prep_t prep[16]; float *ybuf[16];
+    job_run_t runs[16];
     if (n_jobs > 16) return -1;
-    int64_t total = 0;
+    gemv_ctx_t ctx = { runs, n_jobs, {0} };
     for (int i = 0; i < n_jobs; i++) {
-        const job_t *jb = &jobs[i]; prep_t *p = &prep[i];
-        int64_t n = jb->n_in, kind = jb->flags & 15, cols = (jb->flags >> 4) & 1;
-        memset(p, 0, sizeof(*p));
-        p->xf = (float *)malloc(sizeof(float) * n);
-        if (jb->flags & 256) { const uint16_t *xb = (const uint16_t *)jb->x; for (int64_t c = 0; c < n; c++) p->xf[c] = bf16_to_f32(xb[c]); }
-        else memcpy(p->xf, jb->x, sizeof(float) * n);
-        ybuf[i] = (jb->flags & 512) ? (float *)malloc(sizeof(float) * jb->n_out) : (float *)jb->y;
-        int finite = 1;
-        for (int64_t c = 0; c < n; c++) finite &= isfinite(p->xf[c]) != 0;
-        if (!finite) {  /* a diverged activation: every output is NaN, as a float product would make it */
-            for (int64_t o = 0; o < jb->n_out; o++) ybuf[i][o] = NAN;
-            continue;
+        const job_t *jb = &jobs[i];
+        job_run_t *j = &runs[i];
+        int64_t n_out = jb->n_out, n_in = jb->n_in, xsize = (jb->flags & 256) ? 2 : 4;
+        j->jb = jb; j->M = job_vectors(jb);
+        j->prep = (prep_t *)malloc(sizeof(prep_t) * j->M);
+        j->y = (jb->flags & 512) ? (float *)malloc(sizeof(float) * n_out * j->M) : (float *)jb->y;
+        j->units = 0;
+        for (int64_t m = 0; m < j->M; m++) {
+            prep_t *p = &j->prep[m];
+            prep_vector(jb, (const char *)jb->x + m * n_in * xsize, p);
+            if (p->bad) {  /* a diverged activation: every output is NaN, as a float product would make it */
+                for (int64_t o = 0; o < n_out; o++) j->y[m * n_out + o] = NAN;
+            } else if ((jb->flags >> 4) & 1) j->units += p->units;
         }
-        if (cols) {
-            p->nz = (int32_t *)malloc(sizeof(int32_t) * (n + 4));
-            for (int64_t c = 0; c < n; c++)
-                if (p->xf[c] != 0.f) p->nz[p->n_nz++] = (int32_t)c;
-            /* blocks of nonzero inputs, each into its own partial sums (summed below) */
-            int64_t units = (p->n_nz + 31) / 32;
-            units = units > 8 ? 8 : units;
-            p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
-            p->units = units;
-            p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
-        } else {
-            if (kind == K_I8) {
-                float m = 0.f;
-                for (int64_t c = 0; c < n; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
-                p->xq = (int16_t *)malloc(sizeof(int16_t) * n);
-                p->xs = m > 0.f ? m / 32767.f : 1.f;
-                float inv = 1.f / p->xs;
-                p->xlo = (uint8_t *)malloc(n); p->xhi = (uint8_t *)malloc(n);
-                for (int64_t c = 0; c < n; c++) {
-                    int32_t q = (int32_t)lrintf(p->xf[c] * inv);
-                    q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
-                    p->xq[c] = (int16_t)q; p->xlo[c] = (uint8_t)(q & 255); p->xhi[c] = (uint8_t)((q >> 8) + 128);
-                }
-            } else if (kind == K_I4) {
-                int64_t n32 = (n + GROUP - 1) / GROUP * GROUP;
-                p->x8 = (int8_t *)calloc((size_t)n32 + 64, 1);
-                p->xsl = (float *)calloc((size_t)n32 / 4 + 16, sizeof(float));
-                p->xnl = (int32_t *)calloc((size_t)n32 / 4 + 16, sizeof(int32_t));
-                for (int64_t g = 0; g < n32 / GROUP; g++) {
-                    float m = 0.f;
-                    for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
-                    float xs = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
-                    int32_t sum = 0;
-                    for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
-                        int32_t q = (int32_t)lrintf(p->xf[c] * inv);
-                        p->x8[c] = (int8_t)q; sum += q;
-                    }
-                    for (int l = 0; l < 8; l++) { p->xsl[g * 8 + l] = xs; p->xnl[g * 8 + l] = -sum; }
-                }
-            } else if (kind == K_BF16) {
-                p->xb = (uint16_t *)malloc(sizeof(uint16_t) * n);
-                for (int64_t c = 0; c < n; c++) p->xb[c] = f32_to_bf16(p->xf[c]);
-            }
-            int64_t bytes = kind == K_I4 ? n / 2 : n * (kind == K_F32 ? 4 : kind == K_BF16 ? 2 : 1);
-            int64_t rpu = (64 * 1024) / (bytes > 0 ? bytes : 1);
-            rpu = rpu < 4 ? 4 : (rpu / 4) * 4;
-            p->rows_per_unit = rpu;
-            p->units = (jb->n_out + rpu - 1) / rpu;
+        if (!((jb->flags >> 4) & 1)) {
+            int64_t rpu = (64 * 1024) / row_bytes((int)(jb->flags & 15), n_in);
+            j->rows_per_unit = rpu < 4 ? 4 : (rpu / 4) * 4;
+            j->units = (n_out + j->rows_per_unit - 1) / j->rows_per_unit;
         }
-        total += p->units;
+        ctx.first[i + 1] = ctx.first[i] + j->units;
     }
-    gemv_ctx_t ctx = { jobs, prep, ybuf, n_jobs, {0} };
-    for (int i = 0; i < n_jobs; i++) ctx.first[i + 1] = ctx.first[i] + prep[i].units;
-    pool_run(gemv_unit, &ctx, total, n_threads);
+    pool_run(gemv_unit, &ctx, ctx.first[n_jobs], n_threads);
     for (int i = 0; i < n_jobs; i++) {
-        if (prep[i].part) {
-            int64_t n_out = jobs[i].n_out;
-            float *y = ybuf[i];
-            for (int64_t o = 0; o < n_out; o++) y[o] = 0.f;
-            for (int64_t u = 0; u < prep[i].units; u++) {
-                const float *part = prep[i].part + u * n_out;
-                for (int64_t o = 0; o < n_out; o++) y[o] += part[o];
+        job_run_t *j = &runs[i];
+        int64_t n_out = j->jb->n_out;
+        for (int64_t m = 0; m < j->M; m++) {
+            prep_t *p = &j->prep[m];
+            if (p->part) {
+                float *y = j->y + m * n_out;
+                for (int64_t o = 0; o < n_out; o++) y[o] = 0.f;
+                for (int64_t u = 0; u < p->units; u++) {
+                    const float *part = p->part + u * n_out;
+                    for (int64_t o = 0; o < n_out; o++) y[o] += part[o];
+                }
             }
+            free_prep(p);
         }
-        if (jobs[i].flags & 512) {
-            uint16_t *yb = (uint16_t *)jobs[i].y;
-            for (int64_t o = 0; o < jobs[i].n_out; o++) yb[o] = f32_to_bf16(ybuf[i][o]);
-            free(ybuf[i]);
+        if (j->jb->flags & 512) {
+            uint16_t *yb = (uint16_t *)j->jb->y;
+            for (int64_t o = 0; o < n_out * j->M; o++) yb[o] = f32_to_bf16(j->y[o]);
+            free(j->y);
         }
-        free(prep[i].xf); free(prep[i].xq); free(prep[i].xlo); free(prep[i].xhi); free(prep[i].xb); free(prep[i].nz); free(prep[i].part);
-        free(prep[i].x8); free(prep[i].xsl); free(prep[i].xnl);
+        free(j->prep);
     }
     return 0;
 }
@@ -659,6 +762,27 @@ static void wkv7_unit(void *arg, int64_t h) {
     /* Works on the transposed state St[k][v] so every inner loop runs over v without reductions. */
     const wkv7_ctx_t *x = (const wkv7_ctx_t *)arg;
     int64_t T = x->T, H = x->H, N = x->N;
+    if (T == 1) {  /* one token (decode): S[v][k] in place, a dot product per row, no transposes */
+        int64_t off = h * N;
+        const float *S = x->s_in + h * N * N, *rt = x->r + off, *wt = x->w + off, *kt = x->k + off, *vt = x->v + off,
+                    *kkt = x->kk + off, *at = x->a + off;
+        float *S_out = x->s_out + h * N * N, *out = x->out + off, b[1024];
+        for (int64_t j = 0; j < N; j++) b[j] = kkt[j] * at[j];
+        for (int64_t i = 0; i < N; i++) {
+            const float *row = S + i * N;
+            float *new_row = S_out + i * N, sa = 0.f, o = 0.f, vi = vt[i];
+            #pragma omp simd reduction(+:sa)
+            for (int64_t j = 0; j < N; j++) sa += row[j] * kkt[j];
+            #pragma omp simd reduction(+:o)
+            for (int64_t j = 0; j < N; j++) {
+                float s = row[j] * wt[j] - sa * b[j] + vi * kt[j];
+                new_row[j] = s;
+                o += s * rt[j];
+            }
+            out[i] = o;
+        }
+        return;
+    }
     float small[64 * 64], sa[1024], o[1024];
     float *St = N <= 64 ? small : (float *)malloc(sizeof(float) * N * N);
     const float *S_in = x->s_in + h * N * N;
@@ -789,11 +913,13 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
 
 
 /* ---------------------------------------------------------------- one whole layer, one token
-   The decode step of a layer in one call: layer norms, token shift mixes, every projection (as
-   rk_gemv jobs, so any weight format rk_gemv knows), the small LoRA nonlinearities, the time-mix
-   tail and the FFN. Activations stay fp32 throughout (the weights may be bf16 or int8: rk_gemv
-   rounds its input to what the weight format multiplies with); parameters and the token-shift
-   states are in the layer's dtype (`pbf`). */
+   The decode step of a layer in one call, for B sequences at once (one token each; B = 1 for a
+   single conversation): layer norms, token shift mixes, every projection (as rk_gemv jobs over
+   the B rows, so any weight format rk_gemv knows, the weights read once for all rows), the small
+   LoRA nonlinearities, the time-mix tail and the FFN. Every row's arithmetic is the same whatever
+   B is. Activations stay fp32 throughout (the weights may be bf16 or int8: rk_gemv rounds its
+   input to what the weight format multiplies with); parameters and the token-shift states are in
+   the layer's dtype (`pbf`). Per-row arrays are [B, ...] contiguous. */
 
 static void layer_norm_f(const float *x, const void *w, const void *b, int pbf, int64_t C, float *y) {
     float mean = 0.f, var = 0.f;
@@ -804,117 +930,175 @@ static void layer_norm_f(const float *x, const void *w, const void *b, int pbf, 
     for (int64_t c = 0; c < C; c++) y[c] = (x[c] - mean) * inv * ld(w, pbf, c) + ld(b, pbf, c);
 }
 
-/* jobs[i] = lin[i] reading x[i] into y[i], with fp32 input and output */
-static void run_jobs(const job_t *lin, int n, float *const *x, float *const *y, int n_threads) {
+/* jobs[i] = lin[i] reading the B rows x[i] into y[i], with fp32 input and output */
+static void run_jobs(const job_t *lin, int n, float *const *x, float *const *y, int64_t B, int n_threads) {
     job_t jobs[16];
     for (int i = 0; i < n; i++) {
         jobs[i] = lin[i];
         jobs[i].x = x[i]; jobs[i].y = y[i];
-        jobs[i].flags &= ~(int64_t)(256 | 512);
+        jobs[i].flags = (jobs[i].flags & ~(int64_t)(256 | 512) & 0xffffffffLL) | (B << 32);
     }
     rk_gemv(n, jobs, n_threads);
 }
 
-/* FFN of v7 (relu^2 key, value) and the residual: x += value(relu(key(mix(ln2(x))))^2). */
-static void relu_sq_ffn(const job_t *key, const job_t *value, const float *xk, float *h, float *o, float *x,
-                        int64_t C, int n_threads) {
-    float *kx[1] = { (float *)xk }, *ky[1] = { h };
-    run_jobs(key, 1, kx, ky, n_threads);
-    for (int64_t i = 0; i < key->n_out; i++) { float v = h[i] > 0.f ? h[i] : 0.f; h[i] = v * v; }
-    float *vx[1] = { h }, *vy[1] = { o };
-    run_jobs(value, 1, vx, vy, n_threads);
-    for (int64_t c = 0; c < C; c++) x[c] += o[c];
+static void relu_square(float *h, int64_t n) {
+    for (int64_t i = 0; i < n; i++) { float v = h[i] > 0.f ? h[i] : 0.f; h[i] = v * v; }
 }
 
-void rk_v7_layer(const v7_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
-                 const float *s_in, float *s_out, const float *v_first_in, float *v_first_out, int n_threads) {
-    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[12].n_out, pbf = (int)L->pbf;
+/* A sequence's states in a batch: where its token-shift and WKV states are read and written. */
+typedef struct { const void *att_in; void *att_out; const void *ffn_in; void *ffn_out; const float *s_in; float *s_out; } row_states_t;
+
+typedef struct {
+    const v7_layer_t *L;
+    const row_states_t *rows;
+    int64_t C;
+    int nv;
+    float *r, *k, *v, *w_lora, *a_lora, *g, *v_lora, *y, *v_out;
+    const float *v_first_in;
+} v7_tails_t;
+
+static void v7_tail_unit(void *arg, int64_t b) {
+    const v7_tails_t *t = (const v7_tails_t *)arg;
+    const v7_layer_t *L = t->L;
+    int64_t i = b * t->C;
+    v7_tail(L->H, L->N, 0, (int)L->pbf, t->r + i, t->k + i, t->v + i, t->w_lora + i, t->a_lora + i, t->g + i,
+            t->nv ? t->v_lora + i : NULL, t->nv ? t->v_first_in + i : NULL, L->w0, L->a0, L->k_k, L->k_a, L->v0,
+            L->r_k, L->lnx_w, L->lnx_b, t->rows[b].s_in, t->rows[b].s_out, t->y + i, t->v_out + i);
+}
+
+void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, const float *v_first_in,
+                 float *v_first_out, int n_threads) {
+    const row_states_t *rows = (const row_states_t *)states;
+    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[12].n_out, pbf = (int)L->pbf, BC = B * C;
     int64_t rank = 0;
     for (int i = 3; i < 7; i++) rank += L->lin[i].n_out;
-    float *buf = (float *)malloc(sizeof(float) * (C * 17 + rank + F));
-    float *xa = buf, *mix = buf + C, *r = mix + 6 * C, *k = r + C, *v = k + C, *lora = v + C, *y = lora + 4 * C,
-          *o = y + C, *vout = o + C, *low = vout + C, *h = low + rank;
-    float *lw = low, *la = lw + L->lin[3].n_out, *lg = la + L->lin[4].n_out, *lv = lg + L->lin[5].n_out;
-    /* time mix: x_m = xa + (previous xa - xa) * mix_m for m = r w k v a g */
-    layer_norm_f(x, L->ln1_w, L->ln1_b, pbf, C, xa);
-    for (int64_t c = 0; c < C; c++) {
-        float d = ld(att_in, pbf, c) - xa[c];
-        for (int m = 0; m < 6; m++) mix[m * C + c] = xa[c] + d * ld(L->mix, pbf, m * C + c);
-        st(att_out, pbf, c, xa[c]);
+    float *buf = (float *)malloc(sizeof(float) * B * (C * 17 + rank + F));
+    float *xa = buf, *mix = xa + BC, *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *lora = v + BC, *y = lora + 4 * BC,
+          *o = y + BC, *vout = o + BC, *low = vout + BC, *h = low + B * rank;
+    float *lw = low, *la = lw + B * L->lin[3].n_out, *lg = la + B * L->lin[4].n_out, *lv = lg + B * L->lin[5].n_out;
+    /* time mix: x_m = xa + (previous xa - xa) * mix_m for m = r w k v a g; mix is [6][B][C] */
+    for (int64_t b = 0; b < B; b++) {
+        layer_norm_f(x + b * C, L->ln1_w, L->ln1_b, pbf, C, xa + b * C);
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = b * C + c;
+            float d = ld(rows[b].att_in, pbf, c) - xa[i];
+            for (int m = 0; m < 6; m++) mix[m * BC + i] = xa[i] + d * ld(L->mix, pbf, m * C + c);
+            st(rows[b].att_out, pbf, c, xa[i]);
+        }
     }
-    float *xr = mix, *xw = mix + C, *xk = mix + 2 * C, *xv = mix + 3 * C, *xaa = mix + 4 * C, *xg = mix + 5 * C;
+    float *xr = mix, *xw = mix + BC, *xk = mix + 2 * BC, *xv = mix + 3 * BC, *xaa = mix + 4 * BC, *xg = mix + 5 * BC;
     int nv = L->has_v ? 1 : 0;
     float *x1[7] = { xr, xk, xv, xw, xaa, xg, xv }, *y1[7] = { r, k, v, lw, la, lg, lv };
-    run_jobs(L->lin, 6 + nv, x1, y1, n_threads);
-    for (int64_t i = 0; i < L->lin[3].n_out; i++) lw[i] = tanhf(lw[i]);
-    for (int64_t i = 0; i < L->lin[5].n_out; i++) lg[i] = sigmoidf_(lg[i]);
-    float *w_lora = lora, *a_lora = lora + C, *g = lora + 2 * C, *v_lora = lora + 3 * C;
+    run_jobs(L->lin, 6 + nv, x1, y1, B, n_threads);
+    for (int64_t i = 0; i < B * L->lin[3].n_out; i++) lw[i] = tanhf(lw[i]);
+    for (int64_t i = 0; i < B * L->lin[5].n_out; i++) lg[i] = sigmoidf_(lg[i]);
+    float *w_lora = lora, *a_lora = lora + BC, *g = lora + 2 * BC, *v_lora = lora + 3 * BC;
     float *x2[4] = { lw, la, lg, lv }, *y2[4] = { w_lora, a_lora, g, v_lora };
-    run_jobs(L->lin + 7, 3 + nv, x2, y2, n_threads);
-    v7_tail(H, N, 0, pbf, r, k, v, w_lora, a_lora, g, nv ? v_lora : NULL, nv ? v_first_in : NULL, L->w0, L->a0,
-            L->k_k, L->k_a, L->v0, L->r_k, L->lnx_w, L->lnx_b, s_in, s_out, y, v_first_out ? v_first_out : vout);
+    run_jobs(L->lin + 7, 3 + nv, x2, y2, B, n_threads);
+    v7_tails_t tails = { L, rows, C, nv, r, k, v, w_lora, a_lora, g, v_lora, y, v_first_out ? v_first_out : vout,
+                         v_first_in };
+    pool_run(v7_tail_unit, &tails, B, n_threads);  /* the sequences' recurrences side by side */
     float *x3[1] = { y }, *y3[1] = { o };
-    run_jobs(L->lin + 11, 1, x3, y3, n_threads);
-    for (int64_t c = 0; c < C; c++) x[c] += o[c];
-    /* channel mix */
-    layer_norm_f(x, L->ln2_w, L->ln2_b, pbf, C, xa);
-    for (int64_t c = 0; c < C; c++) {
-        mix[c] = xa[c] + (ld(ffn_in, pbf, c) - xa[c]) * ld(L->x_k, pbf, c);
-        st(ffn_out, pbf, c, xa[c]);
+    run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
+    for (int64_t i = 0; i < BC; i++) x[i] += o[i];
+    /* channel mix: x += value(relu(key(mix(ln2(x))))^2) */
+    for (int64_t b = 0; b < B; b++) {
+        layer_norm_f(x + b * C, L->ln2_w, L->ln2_b, pbf, C, xa + b * C);
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = b * C + c;
+            mix[i] = xa[i] + (ld(rows[b].ffn_in, pbf, c) - xa[i]) * ld(L->x_k, pbf, c);
+            st(rows[b].ffn_out, pbf, c, xa[i]);
+        }
     }
-    relu_sq_ffn(&L->lin[12], &L->lin[13], mix, h, o, x, C, n_threads);
+    float *x4[1] = { mix }, *y4[1] = { h };
+    run_jobs(L->lin + 12, 1, x4, y4, B, n_threads);
+    relu_square(h, B * F);
+    float *x5[1] = { h }, *y5[1] = { o };
+    run_jobs(L->lin + 13, 1, x5, y5, B, n_threads);
+    for (int64_t i = 0; i < BC; i++) x[i] += o[i];
     free(buf);
 }
 
-void rk_v6_layer(const v6_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
-                 const float *s_in, float *s_out, int n_threads) {
+typedef struct {
+    const v6_layer_t *L;
+    const row_states_t *rows;
+    float *r, *k, *v, *g, *decay, *o, *y;
+} v6_tails_t;
+
+static void v6_tail_unit(void *arg, int64_t b) {
+    const v6_tails_t *t = (const v6_tails_t *)arg;
+    const v6_layer_t *L = t->L;
+    int64_t H = L->H, N = L->N, i = b * H * N;
+    wkv5_ctx_t ctx = { 1, H, N, t->r + i, t->k + i, t->v + i, t->decay + i, 0, L->bonus, t->rows[b].s_in,
+                       t->rows[b].s_out, t->o + i };
+    for (int64_t hh = 0; hh < H; hh++) wkv5_unit(&ctx, hh);
+    rk_group_norm_gate(H, N, t->o + i, L->lnx_w, L->lnx_b, 0, 64e-5f, t->g + i, 2, 0, t->y + i);
+}
+
+void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, int n_threads) {
+    const row_states_t *rows = (const row_states_t *)states;
     int64_t H = L->H, N = L->N, C = H * N, F = L->lin[14].n_out, D = L->lin[0].n_out / 5, Dd = L->lin[10].n_out;
+    int64_t BC = B * C;
     int pbf = (int)L->pbf;
-    float *buf = (float *)malloc(sizeof(float) * (C * 18 + 5 * D + Dd + F));
-    float *xa = buf, *delta = xa + C, *lora = delta + C, *mix = lora + 5 * C, *r = mix + 5 * C, *k = r + C,
-          *v = k + C, *g = v + C, *o = g + C, *y = o + C, *low = y + C, *dlow = low + 5 * D, *h = dlow + Dd;
+    float *buf = (float *)malloc(sizeof(float) * B * (C * 18 + 10 * D + Dd + F));
+    float *xa = buf, *delta = xa + BC, *lora = delta + BC, *mix = lora + 5 * BC, *r = mix + 5 * BC, *k = r + BC,
+          *v = k + BC, *g = v + BC, *o = g + BC, *y = o + BC, *low = y + BC, *lows = low + 5 * B * D,
+          *dlow = lows + 5 * B * D, *h = dlow + B * Dd;
     /* ddlerp: five data-dependent token-shift mixes w k v r g */
-    layer_norm_f(x, L->ln1_w, L->ln1_b, pbf, C, xa);
-    for (int64_t c = 0; c < C; c++) {
-        delta[c] = ld(att_in, pbf, c) - xa[c];
-        mix[c] = xa[c] + delta[c] * ld(L->maa_x, pbf, c);
-        st(att_out, pbf, c, xa[c]);
+    for (int64_t b = 0; b < B; b++) {
+        layer_norm_f(x + b * C, L->ln1_w, L->ln1_b, pbf, C, xa + b * C);
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = b * C + c;
+            delta[i] = ld(rows[b].att_in, pbf, c) - xa[i];
+            mix[i] = xa[i] + delta[i] * ld(L->maa_x, pbf, c);
+            st(rows[b].att_out, pbf, c, xa[i]);
+        }
     }
     float *x0[1] = { mix }, *y0[1] = { low };
-    run_jobs(L->lin, 1, x0, y0, n_threads);
-    for (int64_t i = 0; i < 5 * D; i++) low[i] = tanhf(low[i]);
+    run_jobs(L->lin, 1, x0, y0, B, n_threads);
+    /* low is [B][5][D]; each of the five second projections reads its [B][D] slice (lows) */
+    for (int64_t b = 0; b < B; b++)
+        for (int m = 0; m < 5; m++)
+            for (int64_t i = 0; i < D; i++) lows[(m * B + b) * D + i] = tanhf(low[(b * 5 + m) * D + i]);
     float *x1[5], *y1[5];
-    for (int i = 0; i < 5; i++) { x1[i] = low + i * D; y1[i] = lora + i * C; }
-    run_jobs(L->lin + 1, 5, x1, y1, n_threads);
+    for (int m = 0; m < 5; m++) { x1[m] = lows + m * B * D; y1[m] = lora + m * BC; }
+    run_jobs(L->lin + 1, 5, x1, y1, B, n_threads);
     for (int m = 0; m < 5; m++)
-        for (int64_t c = 0; c < C; c++) mix[m * C + c] = xa[c] + delta[c] * (lora[m * C + c] + ld(L->maa, pbf, m * C + c));
-    float *xw = mix, *xk = mix + C, *xv = mix + 2 * C, *xr = mix + 3 * C, *xg = mix + 4 * C;
+        for (int64_t b = 0; b < B; b++)
+            for (int64_t c = 0; c < C; c++) {
+                int64_t i = b * C + c;
+                mix[m * BC + i] = xa[i] + delta[i] * (lora[m * BC + i] + ld(L->maa, pbf, m * C + c));
+            }
+    float *xw = mix, *xk = mix + BC, *xv = mix + 2 * BC, *xr = mix + 3 * BC, *xg = mix + 4 * BC;
     float *x2[5] = { xr, xk, xv, xg, xw }, *y2[5] = { r, k, v, g, dlow };
-    run_jobs(L->lin + 6, 5, x2, y2, n_threads);
-    for (int64_t i = 0; i < Dd; i++) dlow[i] = tanhf(dlow[i]);
+    run_jobs(L->lin + 6, 5, x2, y2, B, n_threads);
+    for (int64_t i = 0; i < B * Dd; i++) dlow[i] = tanhf(dlow[i]);
     float *decay = lora;  /* reused */
     float *x3[1] = { dlow }, *y3[1] = { decay };
-    run_jobs(L->lin + 11, 1, x3, y3, n_threads);
-    for (int64_t c = 0; c < C; c++) decay[c] = rk_exp(-rk_exp(L->decay[c] + decay[c]));
-    wkv5_ctx_t ctx = { 1, H, N, r, k, v, decay, 0, L->bonus, s_in, s_out, o };
-    for (int64_t hh = 0; hh < H; hh++) wkv5_unit(&ctx, hh);
-    rk_group_norm_gate(H, N, o, L->lnx_w, L->lnx_b, 0, 64e-5f, g, 2, 0, y);
+    run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t c = 0; c < C; c++) decay[b * C + c] = rk_exp(-rk_exp(L->decay[c] + decay[b * C + c]));
+    v6_tails_t tails = { L, rows, r, k, v, g, decay, o, y };
+    pool_run(v6_tail_unit, &tails, B, n_threads);  /* the sequences' recurrences side by side */
     float *x4[1] = { y }, *y4[1] = { o };
-    run_jobs(L->lin + 12, 1, x4, y4, n_threads);  /* output */
-    for (int64_t c = 0; c < C; c++) x[c] += o[c];
+    run_jobs(L->lin + 12, 1, x4, y4, B, n_threads);  /* output */
+    for (int64_t i = 0; i < BC; i++) x[i] += o[i];
     /* channel mix: sigmoid(receptance) * value(relu(key)^2) */
-    layer_norm_f(x, L->ln2_w, L->ln2_b, pbf, C, xa);
-    for (int64_t c = 0; c < C; c++) {
-        float d = ld(ffn_in, pbf, c) - xa[c];
-        mix[c] = xa[c] + d * ld(L->ffn_maa, pbf, c);
-        mix[C + c] = xa[c] + d * ld(L->ffn_maa, pbf, C + c);
-        st(ffn_out, pbf, c, xa[c]);
+    for (int64_t b = 0; b < B; b++) {
+        layer_norm_f(x + b * C, L->ln2_w, L->ln2_b, pbf, C, xa + b * C);
+        for (int64_t c = 0; c < C; c++) {
+            int64_t i = b * C + c;
+            float d = ld(rows[b].ffn_in, pbf, c) - xa[i];
+            mix[i] = xa[i] + d * ld(L->ffn_maa, pbf, c);
+            mix[BC + i] = xa[i] + d * ld(L->ffn_maa, pbf, C + c);
+            st(rows[b].ffn_out, pbf, c, xa[i]);
+        }
     }
-    float *x5[2] = { mix, mix + C }, *y5[2] = { r, h };
-    run_jobs(L->lin + 13, 2, x5, y5, n_threads);
-    for (int64_t i = 0; i < F; i++) { float q = h[i] > 0.f ? h[i] : 0.f; h[i] = q * q; }
+    float *x5[2] = { mix, mix + BC }, *y5[2] = { r, h };
+    run_jobs(L->lin + 13, 2, x5, y5, B, n_threads);
+    relu_square(h, B * F);
     float *x6[1] = { h }, *y6[1] = { o };
-    run_jobs(L->lin + 15, 1, x6, y6, n_threads);
-    for (int64_t c = 0; c < C; c++) x[c] += sigmoidf_(r[c]) * o[c];
+    run_jobs(L->lin + 15, 1, x6, y6, B, n_threads);
+    for (int64_t i = 0; i < BC; i++) x[i] += sigmoidf_(r[i]) * o[i];
     free(buf);
 }

@@ -19,7 +19,8 @@
    * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
      time-mix tail; rk_v7_layer and rk_v6_layer run one token through a whole layer in one call
-     (fp32 activations, the projections as rk_gemv jobs).
+     (fp32 activations, the projections as rk_gemv jobs), or one token of each of B sequences
+     (a server's batch: the weights read once for all of them).
    * Threads: a small pool of its own in which the caller never waits for a helper thread that
      has not started; OpenMP's barrier does, which costs milliseconds per call when the machine is
      busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. */
@@ -33,7 +34,8 @@
    sum over groups of scale * (sum of q in the group), the offset correction of u8 x s8 products;
    else `tag` is 0.
    flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8, 3 int4; int8/int4 rows only), bit 4 layout
-   (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16, bit 9 y is bf16. */
+   (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16, bit 9 y is bf16, bits 32-47 the number M of
+   vectors (0 means 1): x is [M, in] and y [M, out], each row computed exactly as it would be alone. */
 typedef struct {
     const void *w; const float *scale; const void *x; void *y;
     int64_t n_out, n_in, flags, tag;
@@ -60,7 +62,7 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
                 const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
                 const float *s_in, float *s_out, void *y, void *v_out);
 
-/* One RWKV-7 layer for one token (rk_v7_layer). Vectors are in the layer's dtype (pbf: bf16, else
+/* One RWKV-7 layer for one token of B sequences (rk_v7_layer). Vectors are in the layer's dtype (pbf: bf16, else
    fp32) except w0 (fp32). lin: receptance, key, value, w1, a1, g1, v1 | w2, a2, g2, v2 | output |
    ffn key, ffn value, as rk_gemv jobs (x, y unused); v1 / v2 unused when has_v is 0 (layer 0). */
 typedef struct {
@@ -71,11 +73,13 @@ typedef struct {
     job_t lin[14];
 } v7_layer_t;
 
-/* x [C] fp32, updated in place; att/ffn: the token-shift states in and out (layer dtype); s: the
-   WKV state [H][V][K]; v_first_in: layer 0's values (fp32, NULL in layer 0); v_first_out: where
-   layer 0 writes them (NULL in other layers). */
-void rk_v7_layer(const v7_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
-                 const float *s_in, float *s_out, const float *v_first_in, float *v_first_out, int n_threads);
+/* B sequences, one token each (B = 1: a single conversation). x [B, C] fp32, updated in place;
+   states: for each sequence six pointers, where its states are read and written in place:
+   att_in, att_out, ffn_in, ffn_out (the token-shift states, layer dtype [C]), s_in, s_out (the
+   WKV state [H][V][K], fp32); v_first_in: layer 0's values [B, C] (fp32, NULL in layer 0);
+   v_first_out: where layer 0 writes them (NULL in other layers). */
+void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, const float *v_first_in,
+                 float *v_first_out, int n_threads);
 
 /* One RWKV-6 layer for one token (rk_v6_layer), as rk_v7_layer. decay, bonus, lnx: fp32 [C]. lin:
    maa_w1 | maa_w2 x5 (w k v r g) | receptance, key, value, gate, decay_w1 | decay_w2 | output |
@@ -87,7 +91,6 @@ typedef struct {
     job_t lin[16];
 } v6_layer_t;
 
-void rk_v6_layer(const v6_layer_t *L, float *x, const void *att_in, void *att_out, const void *ffn_in, void *ffn_out,
-                 const float *s_in, float *s_out, int n_threads);
+void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, int n_threads);
 
 #endif

@@ -24,6 +24,7 @@ import platform
 import sys
 import threading
 import warnings
+from array import array
 from pathlib import Path
 
 import torch
@@ -106,8 +107,8 @@ class Kernels:
         lib.rk_group_norm_gate.argtypes = [i64, i64, ptr, ptr, ptr, ctypes.c_int, ctypes.c_float, ptr, ctypes.c_int,
                                            ctypes.c_int, ptr]
         lib.rk_v7_step.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 20
-        lib.rk_v7_layer.argtypes = [ptr] * 10 + [ctypes.c_int]
-        lib.rk_v6_layer.argtypes = [ptr] * 8 + [ctypes.c_int]
+        lib.rk_v7_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
+        lib.rk_v6_layer.argtypes = [ptr, i64, ptr, ptr, ctypes.c_int]
         for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_dequant_groups, lib.rk_group_norm_gate,
                    lib.rk_v7_step, lib.rk_v7_layer, lib.rk_v6_layer):
             fn.restype = None
@@ -190,20 +191,28 @@ class Kernels:
                             state.data_ptr(), new_state.data_ptr(), y.data_ptr(), v_out.data_ptr())
         return y, v_out, new_state
 
-    def layer(self, version, layer, x, att_x, wkv, ffn_x, v_first=None):
-        """One token through a whole RWKV-7 or RWKV-6 layer (rk_v7_layer / rk_v6_layer). `layer`:
-        the array of words ops.cpu made at load; x: [C] fp32, updated in place; v_first (v7): fp32
-        [C] after layer 0, None in it. Returns (new att_x, new wkv state, new ffn_x, v_first)."""
-        new_att, new_ffn, new_wkv = torch.empty_like(att_x), torch.empty_like(ffn_x), torch.empty_like(wkv)
-        states = (att_x.data_ptr(), new_att.data_ptr(), ffn_x.data_ptr(), new_ffn.data_ptr(), wkv.data_ptr(),
-                  new_wkv.data_ptr())
+    def layer(self, version, layer, x, states, v_first=None):
+        """One token of each of B sequences through a whole RWKV-7 or RWKV-6 layer (rk_v7_layer /
+        rk_v6_layer); B = 1 for a single conversation. `layer`: the array of words ops.cpu made at
+        load; x: [B, C] fp32, updated in place; states: for each sequence its (att_x, wkv, ffn_x),
+        read in place; v_first (v7): fp32 [B, C] after layer 0, None in it. Returns (for each
+        sequence its new [att_x, wkv, ffn_x], v_first)."""
+        new_states, table = [], []
+        for att_x, wkv, ffn_x in states:
+            new = [torch.empty_like(att_x), torch.empty_like(wkv), torch.empty_like(ffn_x)]
+            new_states.append(new)
+            table += (att_x.data_ptr(), new[0].data_ptr(), ffn_x.data_ptr(), new[2].data_ptr(), wkv.data_ptr(),
+                      new[1].data_ptr())
+        words = array("q", table)
         if version == "6":
-            self.lib.rk_v6_layer(layer.buffer_info()[0], x.data_ptr(), *states, self.threads())
-            return new_att, new_wkv, new_ffn, v_first
+            self.lib.rk_v6_layer(layer.buffer_info()[0], x.shape[0], x.data_ptr(), words.buffer_info()[0],
+                                 self.threads())
+            return new_states, v_first
         first_out = torch.empty_like(x) if v_first is None else None
-        self.lib.rk_v7_layer(layer.buffer_info()[0], x.data_ptr(), *states, 0 if v_first is None else v_first.data_ptr(),
+        self.lib.rk_v7_layer(layer.buffer_info()[0], x.shape[0], x.data_ptr(), words.buffer_info()[0],
+                             0 if v_first is None else v_first.data_ptr(),
                              0 if first_out is None else first_out.data_ptr(), self.threads())
-        return new_att, new_wkv, new_ffn, (first_out if v_first is None else v_first)
+        return new_states, (first_out if v_first is None else v_first)
 
     def wkv4(self, k, v, w, u, aa, bb, pp):
         T, C = k.shape

@@ -237,21 +237,10 @@ class RWKV:
         if self._batch_layers is None:
             self._batch_layers = batch.batch_layers(self.layers)
             self._batch_head = batch.batch_linear(self.head)
-        x = self.emb[ids]  # [B, C]: row b is sequence b's token
-        v_first = None
-        new_layers = []
-        for i, (w, layer_state) in enumerate(zip(self._batch_layers, batch.stack_states(states))):
-            plan, device = self.plan[i], self.devices[i]
-            x = x.to(device=device, dtype=plan.dtype)
-            if v_first is not None:
-                v_first = v_first.to(device=device, dtype=plan.dtype)
-            x, layer_state, v_first = self._module.block(x, w, [t.to(device) for t in layer_state], v_first)
-            new_layers.append(layer_state)
-            if self.rescale and (i + 1) % self.rescale == 0:
-                x = x / 2
-        x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
-        logits = self._batch_head(layer_norm(x, self.ln_out)).float().cpu()
-        per_sequence = batch.unstack_states(new_layers, len(ids))
+        layers = self._batch_layers
+        x, new_layers = self._run_layers(self.emb[ids], layers, batch.layer_states(layers, states), one_token=True)
+        logits = self._batch_head(self._final_norm(x)).float().cpu()
+        per_sequence = batch.sequence_states(layers, new_layers, len(ids))
         new_states = [RWKVState(self.shape, layers, logits[b].clone(), state.tokens + 1)
                       for b, (layers, state) in enumerate(zip(per_sequence, states))]
         return logits, new_states
@@ -266,13 +255,22 @@ class RWKV:
         return kernels.token_mode(n_tokens) if kernels is not None else contextlib.nullcontext()
 
     def _forward(self, ids: torch.Tensor, state: RWKVState, full_output: bool):
-        x = self.emb[ids]
+        x, new_layers = self._run_layers(self.emb[ids], self.layers, state.layers, one_token=len(ids) == 1)
+        if not full_output:
+            x = x[-1:]
+        logits = self.head(self._final_norm(x)).float().cpu()
+        new_state = RWKVState(self.shape, new_layers, logits[-1].clone(), state.tokens + len(ids))
+        return (logits if full_output else logits[0]), new_state
+
+    def _run_layers(self, x: torch.Tensor, layers, states, one_token: bool):
+        """x through every layer -> (x, new per-layer states). one_token: each row of x is one
+        token of its own sequence (a decode step, of one sequence or of a batch)."""
         v_first = None
         new_layers = []
-        for i, (w, layer_state) in enumerate(zip(self.layers, state.layers)):
+        for i, (w, layer_state) in enumerate(zip(layers, states)):
             plan, device = self.plan[i], self.devices[i]
-            # a layer run in one call (one token) keeps the residual stream in fp32 whatever its weights
-            dtype = torch.float32 if len(ids) == 1 and getattr(w, "fused", None) is not None else plan.dtype
+            # a layer run in one call keeps the residual stream in fp32 whatever its weights
+            dtype = torch.float32 if one_token and w.fused is not None else plan.dtype
             x = x.to(device=device, dtype=dtype)
             if v_first is not None:
                 v_first = v_first.to(device=device, dtype=dtype)
@@ -280,12 +278,10 @@ class RWKV:
             new_layers.append(layer_state)
             if self.rescale and (i + 1) % self.rescale == 0:
                 x = x / 2
-        if not full_output:
-            x = x[-1:]
-        x = x.to(device=self.devices[-1], dtype=self.plan[-1].dtype)
-        logits = self.head(layer_norm(x, self.ln_out)).float().cpu()
-        new_state = RWKVState(self.shape, new_layers, logits[-1].clone(), state.tokens + len(ids))
-        return (logits if full_output else logits[0]), new_state
+        return x, new_layers
+
+    def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm(x.to(device=self.devices[-1], dtype=self.plan[-1].dtype), self.ln_out)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, int):

@@ -11,9 +11,10 @@ Formats:
   q + 8 in nibbles, see `pack4`), scale chosen per group from a few candidates to minimise the
   squared error (the max-|w| / -8 of Q4_0 is one of them). 8.5 and 4.5 bits per weight.
 
-On the CPU a single token (x of shape [1, in]) goes to the C kernels of `cpu_kernels` when they
-are available: weights stream from memory once, fp32 accumulation, no per-call conversion.
-Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for bf16; quantized weights are
+On the CPU a single token (x of shape [1, in]), or a few (up to KERNEL_ROWS: a server's batch, a
+short prompt), goes to the C kernels of `cpu_kernels` when they are available: weights stream from
+memory once for all rows, fp32 accumulation, no per-call conversion, and each row's result is
+bitwise the one it gets alone. Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for bf16; quantized weights are
 first expanded to the activation dtype a block of rows at a time (the C kernels do it), so that
 the activations are never rounded to 8 bits. Elsewhere (CUDA, MPS, no kernels) the reference
 math runs: the same expansion in torch, then a matmul (CUDA int8: the kernels of cuda.py).
@@ -51,8 +52,12 @@ def _flags(kind: int, layout: str, dtype: torch.dtype) -> int:
     return flags
 
 
-def _single_token(linear, x: torch.Tensor) -> bool:
-    return linear._job is not None and x.shape[0] == 1 and x.dtype == linear.dtype and x.dim() == 2
+KERNEL_ROWS = 16  # inputs of up to this many rows go to the C kernels' GEMV (longer ones: the GEMMs)
+
+
+def _kernel_rows(linear, x: torch.Tensor) -> bool:
+    """Whether the C kernels multiply x: a few rows ([rows, in]) in the weight's dtype."""
+    return linear._job is not None and x.dim() == 2 and 1 <= x.shape[0] <= KERNEL_ROWS and x.dtype == linear.dtype
 
 
 class DenseLinear:
@@ -72,7 +77,7 @@ class DenseLinear:
             self._job = (self.weight.data_ptr(), 0, self.out_features, self.in_features, _flags(kind, self.layout, dtype), 0)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if _single_token(self, x):
+        if _kernel_rows(self, x):
             return run_group(((self, x),))[0]
         if self.layout == "cols":
             return x @ self.weight
@@ -121,7 +126,7 @@ class QuantLinear:
         return self._reference
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if _single_token(self, x):
+        if _kernel_rows(self, x):
             return run_group(((self, x),))[0]
         return self._many(x)
 
@@ -247,22 +252,24 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, bits: int, n_in: int) -> to
 
 
 def run_group(pairs) -> list[torch.Tensor]:
-    """[(linear, x), ...] -> [linear(x), ...]; single-token kernel linears share one parallel task.
+    """[(linear, x), ...] -> [linear(x), ...]; the kernel linears given a few rows share one
+    parallel task, each row computed exactly as it would be alone.
 
-    Linears the kernels cannot run (or inputs that are not one token) are simply called."""
+    Linears the kernels cannot run (or inputs of more rows) are simply called."""
     words: list[int] = []
     outputs, keep = [], []
     kernels = None
     for linear, x in pairs:
-        if not (isinstance(linear, (DenseLinear, QuantLinear)) and _single_token(linear, x)):
+        if not (isinstance(linear, (DenseLinear, QuantLinear)) and _kernel_rows(linear, x)):
             outputs.append(linear(x))
             continue
         job = linear._job
         if not x.is_contiguous():
             x = x.contiguous()
             keep.append(x)  # alive until the call returns
-        y = torch.empty((1, job[2]), dtype=linear.dtype)
-        words += (job[0], job[1], x.data_ptr(), y.data_ptr(), job[2], job[3], job[4], job[5])
+        rows = x.shape[0]
+        y = torch.empty((rows, job[2]), dtype=linear.dtype)
+        words += (job[0], job[1], x.data_ptr(), y.data_ptr(), job[2], job[3], job[4] | rows << 32, job[5])
         outputs.append(y)
         kernels = linear._kernels
     if words:

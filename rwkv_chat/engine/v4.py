@@ -37,6 +37,7 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
         ffn_key=lin("ffn.key.weight"),
         ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
         ffn_receptance=lin("ffn.receptance.weight"),
+        fused=None, sequences=False,  # no one-call layer (see v7.py)
     )
 
 

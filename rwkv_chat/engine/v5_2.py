@@ -41,6 +41,8 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
         ffn_key=lin("ffn.key.weight"),
         ffn_value=lin("ffn.value.weight", output_scale, "cols"),  # its input relu(k)^2 is mostly zeros
         ffn_receptance=lin("ffn.receptance.weight"),
+        fused=None,  # no one-call layer (see v7.py)
+        sequences=False,  # x's rows are one sequence's tokens (batch.py's copies: a token of each of B sequences)
     )
 
 
@@ -54,7 +56,7 @@ def zero_state(shape, plan, device) -> list[torch.Tensor]:
 def attention_output(out, g, x, w):
     """output(GroupNorm(out) * silu(g)); `g` is the gate projection before the silu."""
     T, C = x.shape
-    if T == 1:  # one token: GroupNorm and gate in one call where the backend fuses them
+    if T == 1 or w.sequences:  # one token (of each sequence): GroupNorm and gate in one call where fused
         y = w.ops.group_norm_gate(out, g, w, x.dtype)
         if y is not None:
             return w.output(y)

@@ -50,6 +50,7 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
     if layer > 0:
         w.v0, w.v1, w.v2 = vec("att.v0"), small("att.v1"), small("att.v2")
     w.fused = ops.prepare_v7_layer(w)  # one call per layer for a single token, where the backend has it
+    w.sequences = False  # x's rows are one sequence's tokens (batch.py's copies: a token of each of B sequences)
     return w
 
 
@@ -108,8 +109,8 @@ def channel_mix(x, w, ffn_x):
 
 
 def block(x, w, state, v_first):
-    if x.shape[0] == 1 and w.fused is not None:
-        return w.ops.layer("7", x, w, state, v_first)  # fp32 activations out (see RWKV._forward)
+    if w.fused is not None and (x.shape[0] == 1 or w.sequences):  # one token (of each sequence)
+        return w.ops.layer("7", x, w, state, v_first)  # fp32 activations out (see RWKV._run_layers)
     att_x, wkv_state, ffn_x = state
     out, att_x, wkv_state, v_first = time_mix(layer_norm(x, w.ln1), w, att_x, wkv_state, v_first)
     x = x + out

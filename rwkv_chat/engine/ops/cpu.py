@@ -82,15 +82,16 @@ class CpuOps:
         return _layer_words(w, 0, vectors, jobs)
 
     def layer(self, version, x, w, state, v_first):
-        """One token through a whole v7 / v6 layer in one C call -> (x [1, C] fp32, state, v_first
-        fp32 or None); None when w has no prepared words."""
+        """One token through a whole v7 / v6 layer in one C call -> (x [B, C] fp32, state, v_first
+        fp32 or None); None when w has no prepared words. x: [1, C] and one sequence's state, or
+        [B, C] and a list of B sequences' states (a batch, engine/batch.py: w.sequences)."""
         if w.fused is None:
             return None
-        x = x.reshape(-1).to(torch.float32, copy=True)
+        x = x.to(torch.float32, copy=True).contiguous()
         if v_first is not None:
-            v_first = v_first.reshape(-1).float().contiguous()
-        att_x, wkv, ffn_x, v_first = self.kernels.layer(version, w.fused, x, *state, v_first)
-        return x.view(1, -1), [att_x, wkv, ffn_x], v_first
+            v_first = v_first.float().contiguous()
+        rows, v_first = self.kernels.layer(version, w.fused, x, state if w.sequences else [state], v_first)
+        return x, (rows if w.sequences else rows[0]), v_first
 
     def group_norm_gate(self, out, g, w, dtype):
         """One token: GroupNorm over heads of `out` times silu(g) ([1, C] in dtype); None when the C
