@@ -156,6 +156,8 @@ typedef struct {
     int8_t *x8;       /* int4 rows: x rounded to int8 per group of 32 (zero-padded to whole groups) */
     float *xsl;       /* ... each group's scale, per 64 inputs as 16 lanes (8 per group) */
     int32_t *xnl;     /* ... minus each group's sum of x8, in the same lanes */
+    float *bxs;       /* ... per full block (flag BLOCKS), its 8 groups' scales twice (16 lanes) */
+    int32_t *boff;    /* ... and -4 times each group's sum of x8, in the same lanes */
     uint16_t *xb;     /* x as bf16 (bf16 rows) */
     int32_t *nz;      /* indices of nonzero inputs (cols layout) */
     int64_t n_nz;
@@ -190,6 +192,17 @@ static inline uint16_t f32_to_bf16(float f) {
    int4: q + 8 in [0, 15] is stored as nibbles, per 64 inputs byte i holding input i (low) and
    input i + 32 (high) (a last group of 32: i and i + 16); x is rounded to int8 per group of 32
    (llama.cpp's Q4_0 x Q8_0 dot), and the +8 offset comes off through the group sums of x. */
+#define RK_BLOCK 256   /* int8 / int4 rows with flag BLOCKS: 8 groups interleaved (quant.block_order) */
+#define RK_BLOCKS 1024 /* the job flag */
+
+/* where input k of a row of n inputs is stored: a full block holds in chunk j (64 bytes), lane l
+   (4 bytes) the inputs 8j + 4 (l / 8) .. + 3 of its group l % 8; later inputs keep their place */
+static inline int64_t stored_index(int64_t k, int64_t n, int blocks) {
+    if (!blocks || k >= n / RK_BLOCK * RK_BLOCK) return k;
+    int64_t g = (k % RK_BLOCK) / GROUP, o = k % GROUP;
+    return k / RK_BLOCK * RK_BLOCK + (o / 8) * 64 + ((o % 8) / 4 * 8 + g) * 4 + o % 4;
+}
+
 static inline int32_t nibble(const uint8_t *row, int64_t k, int64_t n32) {
     int64_t base = k / 64 * 64, half = (n32 - base >= 64 ? 64 : n32 - base) / 2, i = k - base;
     uint8_t b = row[base / 2 + i % half];
@@ -209,7 +222,7 @@ static inline float half_to_f32(uint16_t h) {
 }
 
 static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0, int64_t r1) {
-    int kind = (int)(jb->flags & 15);
+    int kind = (int)(jb->flags & 15), blocks = (jb->flags & RK_BLOCKS) != 0;
     int64_t n = jb->n_in, ng = (n + GROUP - 1) / GROUP, n32 = ng * GROUP;
     const uint16_t *scale = (const uint16_t *)jb->scale;
     for (int64_t r = r0; r < r1; r++) {
@@ -224,7 +237,8 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
             const int8_t *w = (const int8_t *)jb->w + r * n;
             for (int64_t g = 0; g < ng; g++) {
                 int64_t acc = 0;
-                for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) acc += (int32_t)w[c] * (int32_t)p->xq[c];
+                for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++)
+                    acc += (int32_t)w[stored_index(c, n, blocks)] * (int32_t)p->xq[c];
                 s += (float)acc * half_to_f32(scale[r * ng + g]);
             }
             s *= p->xs;
@@ -232,7 +246,10 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
             const uint8_t *w = (const uint8_t *)jb->w + r * (n32 / 2);
             for (int64_t g = 0; g < ng; g++) {
                 int32_t acc = 0;
-                for (int64_t c = g * GROUP; c < (g + 1) * GROUP; c++) acc += nibble(w, c, n32) * (int32_t)p->x8[c];
+                for (int64_t c = g * GROUP; c < (g + 1) * GROUP; c++) {
+                    int64_t at = stored_index(c, n, blocks);
+                    acc += nibble(w, at, n32) * (int32_t)p->x8[at];
+                }
                 s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
             }
         }
@@ -299,24 +316,55 @@ static inline __m512 pair_scales(const uint16_t *s, int64_t g, int64_t n_groups)
     return _mm512_cvtph_ps(_mm256_permutexvar_epi16(idx, _mm256_castsi128_si256(two)));
 }
 
+/* int8 and int4 tiles: first the full blocks of 8 groups (quant.block_order: each int32 lane
+   sums one group over the block's four chunks, then one conversion and scaling per block), then
+   the inputs past them as pairs of groups (lanes 0-7 one group, 8-15 the next), scaled per chunk. */
+static inline __m512 block_scales(const uint16_t *s) {  /* 8 groups' scales, twice */
+    return _mm512_cvtph_ps(_mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)s)));
+}
+
 RK_ALWAYS_INLINE void tile_i8(const int8_t *W, const uint16_t *S, const float *corr, const prep_t *const *ps,
-                              float *const *ys, int64_t r0, const int R, const int M, int64_t n) {
-    int64_t ng = (n + GROUP - 1) / GROUP;
+                              float *const *ys, int64_t r0, const int R, const int M, int64_t n, int blocks) {
+    int64_t ng = (n + GROUP - 1) / GROUP, nb = blocks ? n / RK_BLOCK : 0;
     __m512 acc[RK_TILE][RK_TILE];
     RK_TILE_ZERO(acc);
-    for (int64_t c = 0; c < n; c += 64) {
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t base = b * RK_BLOCK;
+        __m512i hi[RK_TILE][RK_TILE], lo[RK_TILE][RK_TILE];
+        for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) hi[i][j] = lo[i][j] = _mm512_setzero_si512();
+        for (int64_t c = base; c < base + RK_BLOCK; c += 64) {
+            __m512i w[RK_TILE];
+            for (int i = 0; i < R; i++) {
+                _mm_prefetch((const char *)(W + (r0 + 4 + i) * n + c), _MM_HINT_T0);
+                w[i] = _mm512_loadu_si512(W + (r0 + i) * n + c);
+            }
+            for (int j = 0; j < M; j++) {
+                __m512i h = _mm512_loadu_si512(ps[j]->xhi + c), l = _mm512_loadu_si512(ps[j]->xlo + c);
+                for (int i = 0; i < R; i++) {
+                    hi[i][j] = _mm512_dpbusd_epi32(hi[i][j], h, w[i]);
+                    lo[i][j] = _mm512_dpbusd_epi32(lo[i][j], l, w[i]);
+                }
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            __m512 s = block_scales(S + (r0 + i) * ng + b * 8);
+            /* 256 * (hi . q) + lo . q, exact in int32: |hi . q| <= 16 * 255 * 127 per lane */
+            for (int j = 0; j < M; j++)
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(_mm512_slli_epi32(hi[i][j], 8), lo[i][j])),
+                                            s, acc[i][j]);
+        }
+    }
+    for (int64_t c = nb * RK_BLOCK; c < n; c += 64) {
         __mmask64 mk = n - c >= 64 ? ~0ull : (~0ull) >> (64 - (n - c));
         __m512i w[RK_TILE];
         __m512 s[RK_TILE];
         for (int i = 0; i < R; i++) {
-            _mm_prefetch((const char *)(W + (r0 + 2 * RK_TILE + i) * n + c), _MM_HINT_T0);
             w[i] = _mm512_maskz_loadu_epi8(mk, W + (r0 + i) * n + c);
             s[i] = pair_scales(S + (r0 + i) * ng, c / GROUP, ng);
         }
         for (int j = 0; j < M; j++) {
             __m512i lo = _mm512_maskz_loadu_epi8(mk, ps[j]->xlo + c), hi = _mm512_maskz_loadu_epi8(mk, ps[j]->xhi + c);
             for (int i = 0; i < R; i++) {
-                /* 256 * (hi . q) + lo . q, exact in int32: |hi . q| <= 4 * 255 * 127 per lane */
                 __m512i d = _mm512_slli_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), hi, w[i]), 8);
                 d = _mm512_dpbusd_epi32(d, lo, w[i]);
                 acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), s[i], acc[i][j]);
@@ -327,22 +375,50 @@ RK_ALWAYS_INLINE void tile_i8(const int8_t *W, const uint16_t *S, const float *c
         for (int j = 0; j < M; j++) ys[j][r0 + i] = (_mm512_reduce_add_ps(acc[i][j]) - corr[r0 + i]) * ps[j]->xs;
 }
 
-RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
-                              int64_t r0, const int R, const int M, int64_t n32) {
+RK_ALWAYS_INLINE __m512i unpack_nibbles(const uint8_t *p) {  /* 32 bytes -> their 64 nibbles (low ones first) */
     const __m256i low = _mm256_set1_epi8(15);
-    int64_t ng = n32 / GROUP;
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
+                              _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+}
+
+RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
+                              int64_t r0, const int R, const int M, int64_t n, int blocks) {
+    int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, nb = blocks ? n / RK_BLOCK : 0;
     __m512 acc[RK_TILE][RK_TILE];
     RK_TILE_ZERO(acc);
-    for (int64_t c = 0; c < n32; c += 64) {
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t base = b * RK_BLOCK;
+        __m512i d[RK_TILE][RK_TILE];
+        for (int j = 0; j < M; j++) {  /* the +8 offset of q, per lane: -4 times its group's sum of x */
+            __m512i offset = _mm512_loadu_si512(ps[j]->boff + b * 16);
+            for (int i = 0; i < R; i++) d[i][j] = offset;
+        }
+        for (int64_t c = base; c < base + RK_BLOCK; c += 64) {
+            __m512i q[RK_TILE];
+            for (int i = 0; i < R; i++) {
+                _mm_prefetch((const char *)(W + (r0 + 4 + i) * (n32 / 2) + c / 2), _MM_HINT_T0);
+                q[i] = unpack_nibbles(W + (r0 + i) * (n32 / 2) + c / 2);
+            }
+            for (int j = 0; j < M; j++) {
+                __m512i x = _mm512_loadu_si512(ps[j]->x8 + c);
+                for (int i = 0; i < R; i++) d[i][j] = _mm512_dpbusd_epi32(d[i][j], q[i], x);
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            __m512 s = block_scales(S + (r0 + i) * ng + b * 8);
+            for (int j = 0; j < M; j++)
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[i][j]), _mm512_mul_ps(s, _mm512_loadu_ps(ps[j]->bxs + b * 16)),
+                                            acc[i][j]);
+        }
+    }
+    for (int64_t c = nb * RK_BLOCK; c < n32; c += 64) {
         __m512i q[RK_TILE];
         __m512 s[RK_TILE];
         for (int i = 0; i < R; i++) {
             const uint8_t *row = W + (r0 + i) * (n32 / 2) + c / 2;
-            if (c + 64 <= n32) {
-                __m256i v = _mm256_loadu_si256((const __m256i *)row);
-                q[i] = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
-                                          _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
-            } else {  /* a last group of 32: inputs i and i + 16 in byte i */
+            if (c + 64 <= n32) q[i] = unpack_nibbles(row);
+            else {  /* a last group of 32: inputs i and i + 16 in byte i */
                 __m128i v = _mm_loadu_si128((const __m128i *)row), l = _mm_set1_epi8(15);
                 q[i] = _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, l)),
                                                                       _mm_and_si128(_mm_srli_epi16(v, 4), l), 1));
@@ -353,8 +429,8 @@ RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t 
             __m512i offset = _mm512_loadu_si512(ps[j]->xnl + c / 4), x = _mm512_loadu_si512(ps[j]->x8 + c);
             __m512 xs = _mm512_loadu_ps(ps[j]->xsl + c / 4);
             for (int i = 0; i < R; i++) {
-                __m512i d = _mm512_dpbusd_epi32(offset, q[i], x);
-                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_mul_ps(s[i], xs), acc[i][j]);
+                __m512i dd = _mm512_dpbusd_epi32(offset, q[i], x);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dd), _mm512_mul_ps(s[i], xs), acc[i][j]);
             }
         }
     }
@@ -384,18 +460,18 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
 #endif
 #ifdef __AVX512VNNI__
     const uint16_t *S = (const uint16_t *)jb->scale;
+    int blocks = (jb->flags & RK_BLOCKS) != 0;
     if (kind == K_I8) {
         const int8_t *W = (const int8_t *)jb->w;
         const float *corr = (const float *)(intptr_t)jb->tag;
-#define RK_I8(r_, m_) tile_i8(W, S, corr, ps, ys, r0, r_, m_, n)
+#define RK_I8(r_, m_) tile_i8(W, S, corr, ps, ys, r0, r_, m_, n, blocks)
         RK_SPECIALIZE(RK_I8)
 #undef RK_I8
         return 1;
     }
     if (kind == K_I4) {
         const uint8_t *W = (const uint8_t *)jb->w;
-        int64_t n32 = (n + GROUP - 1) / GROUP * GROUP;
-#define RK_I4(r_, m_) tile_i4(W, S, ps, ys, r0, r_, m_, n32)
+#define RK_I4(r_, m_) tile_i4(W, S, ps, ys, r0, r_, m_, n, blocks)
         RK_SPECIALIZE(RK_I4)
 #undef RK_I4
         return 1;
@@ -470,6 +546,30 @@ static int64_t row_bytes(int kind, int64_t n) {
     return b > 0 ? b : 1;
 }
 
+static int all_finite(const float *x, int64_t n) {
+    int64_t c = 0;
+#ifdef RK_AVX512
+    __mmask16 bad = 0;
+    for (; c + 16 <= n; c += 16) bad |= _mm512_fpclass_ps_mask(_mm512_loadu_ps(x + c), 0x99);  /* NaN, +-inf */
+    if (bad) return 0;
+#endif
+    for (; c < n; c++)
+        if (!isfinite(x[c])) return 0;
+    return 1;
+}
+
+static float abs_max(const float *x, int64_t n) {
+    float m = 0.f;
+    int64_t c = 0;
+#ifdef RK_AVX512
+    __m512 v = _mm512_setzero_ps();
+    for (; c + 16 <= n; c += 16) v = _mm512_max_ps(v, _mm512_abs_ps(_mm512_loadu_ps(x + c)));
+    m = _mm512_reduce_max_ps(v);
+#endif
+    for (; c < n; c++) { float a = fabsf(x[c]); m = a > m ? a : m; }
+    return m;
+}
+
 /* one vector of a job: its copies and roundings; p->bad when it has a NaN or an infinity */
 static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
     int64_t n = jb->n_in, kind = jb->flags & 15, cols = (jb->flags >> 4) & 1;
@@ -477,9 +577,7 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
     p->xf = (float *)malloc(sizeof(float) * n);
     if (jb->flags & 256) { const uint16_t *xb = (const uint16_t *)x; for (int64_t c = 0; c < n; c++) p->xf[c] = bf16_to_f32(xb[c]); }
     else memcpy(p->xf, x, sizeof(float) * n);
-    int finite = 1;
-    for (int64_t c = 0; c < n; c++) finite &= isfinite(p->xf[c]) != 0;
-    if (!finite) { p->bad = 1; return; }
+    if (!all_finite(p->xf, n)) { p->bad = 1; return; }
     if (cols) {
         p->nz = (int32_t *)malloc(sizeof(int32_t) * (n + 4));
         for (int64_t c = 0; c < n; c++)
@@ -490,23 +588,49 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
         p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
         p->units = units;
         p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
-    } else if (kind == K_I8) {
-        float m = 0.f;
-        for (int64_t c = 0; c < n; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
+    } else if (kind == K_I8) {  /* xq in input order; its bytes lo and hi in the weights' storage order */
+        int blocks = (jb->flags & RK_BLOCKS) != 0;
+        float m = abs_max(p->xf, n);
         p->xq = (int16_t *)malloc(sizeof(int16_t) * n);
         p->xs = m > 0.f ? m / 32767.f : 1.f;
         float inv = 1.f / p->xs;
         p->xlo = (uint8_t *)malloc(n); p->xhi = (uint8_t *)malloc(n);
-        for (int64_t c = 0; c < n; c++) {
+        int64_t c = 0;
+#ifdef RK_AVX512
+        /* 16 inputs at a time (lrintf's rounding: the default round-to-nearest-even); in a full
+           block their 4 dwords of lo / hi bytes go to their lanes (stored_index) */
+        int64_t full = blocks ? n / RK_BLOCK * RK_BLOCK : 0;
+        for (; c + 16 <= n; c += 16) {
+            __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(p->xf + c), _mm512_set1_ps(inv)));
+            q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_set1_epi32(-32767)), _mm512_set1_epi32(32767));
+            _mm256_storeu_si256((__m256i *)(p->xq + c), _mm512_cvtepi32_epi16(q));
+            __m128i lo = _mm512_cvtepi32_epi8(q), hi = _mm512_cvtepi32_epi8(_mm512_add_epi32(_mm512_srai_epi32(q, 8), _mm512_set1_epi32(128)));
+            if (c < full) {
+                uint32_t l4[4], h4[4];
+                _mm_storeu_si128((__m128i *)l4, lo); _mm_storeu_si128((__m128i *)h4, hi);
+                for (int d = 0; d < 4; d++) {
+                    int64_t at = stored_index(c + 4 * d, n, 1);
+                    memcpy(p->xlo + at, &l4[d], 4); memcpy(p->xhi + at, &h4[d], 4);
+                }
+            } else {
+                _mm_storeu_si128((__m128i *)(p->xlo + c), lo); _mm_storeu_si128((__m128i *)(p->xhi + c), hi);
+            }
+        }
+#endif
+        for (; c < n; c++) {
             int32_t q = (int32_t)lrintf(p->xf[c] * inv);
             q = q > 32767 ? 32767 : (q < -32767 ? -32767 : q);
-            p->xq[c] = (int16_t)q; p->xlo[c] = (uint8_t)(q & 255); p->xhi[c] = (uint8_t)((q >> 8) + 128);
+            int64_t at = stored_index(c, n, blocks);
+            p->xq[c] = (int16_t)q; p->xlo[at] = (uint8_t)(q & 255); p->xhi[at] = (uint8_t)((q >> 8) + 128);
         }
-    } else if (kind == K_I4) {
-        int64_t n32 = (n + GROUP - 1) / GROUP * GROUP;
+    } else if (kind == K_I4) {  /* x8 in the weights' storage order */
+        int blocks = (jb->flags & RK_BLOCKS) != 0;
+        int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, nb = blocks ? n / RK_BLOCK : 0;
         p->x8 = (int8_t *)calloc((size_t)n32 + 64, 1);
         p->xsl = (float *)calloc((size_t)n32 / 4 + 16, sizeof(float));
         p->xnl = (int32_t *)calloc((size_t)n32 / 4 + 16, sizeof(int32_t));
+        p->bxs = (float *)malloc(sizeof(float) * (nb * 16 + 1));
+        p->boff = (int32_t *)malloc(sizeof(int32_t) * (nb * 16 + 1));
         for (int64_t g = 0; g < n32 / GROUP; g++) {
             float m = 0.f;
             for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
@@ -514,9 +638,14 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
             int32_t sum = 0;
             for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
                 int32_t q = (int32_t)lrintf(p->xf[c] * inv);
-                p->x8[c] = (int8_t)q; sum += q;
+                p->x8[stored_index(c, n, blocks)] = (int8_t)q; sum += q;
             }
             for (int l = 0; l < 8; l++) { p->xsl[g * 8 + l] = xs; p->xnl[g * 8 + l] = -sum; }
+            if (g / 8 < nb)
+                for (int half = 0; half < 2; half++) {
+                    p->bxs[g / 8 * 16 + half * 8 + g % 8] = xs;
+                    p->boff[g / 8 * 16 + half * 8 + g % 8] = -4 * sum;
+                }
         }
     } else if (kind == K_BF16) {
         p->xb = (uint16_t *)malloc(sizeof(uint16_t) * n);
@@ -526,7 +655,7 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
 
 static void free_prep(prep_t *p) {
     free(p->xf); free(p->xq); free(p->xlo); free(p->xhi); free(p->xb); free(p->nz); free(p->part);
-    free(p->x8); free(p->xsl); free(p->xnl);
+    free(p->x8); free(p->xsl); free(p->xnl); free(p->bxs); free(p->boff);
 }
 
 typedef struct {
@@ -556,8 +685,10 @@ static void run_unit(const job_run_t *j, int64_t u) {
         for (; m < j->M && count < 16; m++)
             if (!j->prep[m].bad) { ps[count] = &j->prep[m]; ys[count] = j->y + m * n_out; count++; }
 #ifdef RK_AVX512
-        /* one vector: a row at a time, streamed in order; several: tiles of 4 rows */
-        int rows = count == 1 ? 1 : RK_TILE;
+        /* a few vectors: a row at a time, streamed in order; more: tiles of 4 rows (2 for int8 /
+           int4, whose tiles hold two int32 accumulators per pair) */
+        int kind = (int)(jb->flags & 15), quant = kind == K_I8 || kind == K_I4;
+        int rows = count == 1 || (quant && count <= RK_TILE) ? 1 : (quant ? 2 : RK_TILE);
         for (int64_t a = r0; a < r1; a += rows) {
             int R = r1 - a < rows ? (int)(r1 - a) : rows;
             for (int t = 0; t < count; t += RK_TILE)
@@ -570,7 +701,16 @@ static void run_unit(const job_run_t *j, int64_t u) {
     }
 }
 
-typedef struct { job_run_t *runs; int n_jobs; int64_t first[17]; } gemv_ctx_t;
+typedef struct { job_run_t *runs; int n_jobs; int64_t first[17], vectors; } gemv_ctx_t;
+typedef struct { job_run_t *runs; int n_jobs; } prep_ctx_t;
+
+static void prep_unit(void *arg, int64_t u) {
+    prep_ctx_t *c = (prep_ctx_t *)arg;
+    int i = 0;
+    while (u >= c->runs[i].M) u -= c->runs[i].M, i++;
+    const job_t *jb = c->runs[i].jb;
+    prep_vector(jb, (const char *)jb->x + u * jb->n_in * ((jb->flags & 256) ? 2 : 4), &c->runs[i].prep[u]);
+}
 
 static void gemv_unit(void *arg, int64_t u) {
     gemv_ctx_t *c = (gemv_ctx_t *)arg;
@@ -582,18 +722,25 @@ static void gemv_unit(void *arg, int64_t u) {
 int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
     job_run_t runs[16];
     if (n_jobs > 16) return -1;
-    gemv_ctx_t ctx = { runs, n_jobs, {0} };
+    gemv_ctx_t ctx = { runs, n_jobs, {0}, 0 };
     for (int i = 0; i < n_jobs; i++) {
         const job_t *jb = &jobs[i];
         job_run_t *j = &runs[i];
-        int64_t n_out = jb->n_out, n_in = jb->n_in, xsize = (jb->flags & 256) ? 2 : 4;
         j->jb = jb; j->M = job_vectors(jb);
         j->prep = (prep_t *)malloc(sizeof(prep_t) * j->M);
-        j->y = (jb->flags & 512) ? (float *)malloc(sizeof(float) * n_out * j->M) : (float *)jb->y;
+        j->y = (jb->flags & 512) ? (float *)malloc(sizeof(float) * jb->n_out * j->M) : (float *)jb->y;
         j->units = 0;
+        ctx.vectors += j->M;
+    }
+    /* the vectors' preparation: in parallel for a batch */
+    prep_ctx_t pc = { runs, n_jobs };
+    pool_run(prep_unit, &pc, ctx.vectors, ctx.vectors >= 4 ? n_threads : 1);
+    for (int i = 0; i < n_jobs; i++) {
+        const job_t *jb = &jobs[i];
+        job_run_t *j = &runs[i];
+        int64_t n_out = jb->n_out, n_in = jb->n_in;
         for (int64_t m = 0; m < j->M; m++) {
             prep_t *p = &j->prep[m];
-            prep_vector(jb, (const char *)jb->x + m * n_in * xsize, p);
             if (p->bad) {  /* a diverged activation: every output is NaN, as a float product would make it */
                 for (int64_t o = 0; o < n_out; o++) j->y[m * n_out + o] = NAN;
             } else if ((jb->flags >> 4) & 1) j->units += p->units;
@@ -633,34 +780,69 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
 
 /* ---------------------------------------------------------------- dequantize (prefill)
    Rows r0..r1 of a group-wise int8/int4 weight as fp32 or bf16 [rows, n], for torch's GEMMs. */
-typedef struct { int bits; int64_t r0, n; const void *q; const uint16_t *scale; void *out; int out_bf16; } deq_ctx_t;
+typedef struct { int bits, blocks; int64_t r0, n; const void *q; const uint16_t *scale; void *out; int out_bf16; } deq_ctx_t;
+
+/* one row's q values (q + 8 for int4) in input order, as int8 [n32] */
+static void row_values(const deq_ctx_t *c, int64_t r, int8_t *v) {
+    int64_t n = c->n, ng = (n + GROUP - 1) / GROUP, n32 = ng * GROUP, nb = c->blocks ? n / RK_BLOCK : 0;
+    int8_t chunk[64];
+    if (c->bits == 8) {
+        const int8_t *q = (const int8_t *)c->q + r * n;
+        memcpy(v + nb * RK_BLOCK, q + nb * RK_BLOCK, (size_t)(n - nb * RK_BLOCK));
+        memset(v + n, 0, (size_t)(n32 - n));
+    } else {
+        const uint8_t *q = (const uint8_t *)c->q + r * (n32 / 2);
+        for (int64_t k = nb * RK_BLOCK; k < n32; k++) v[k] = (int8_t)(nibble(q, k, n32) + 8);
+    }
+    for (int64_t b = 0; b < nb; b++)  /* a block: lane l of chunk j holds inputs 8j + 4 (l / 8) .. + 3 of group l % 8 */
+        for (int j = 0; j < 4; j++) {
+            int64_t at = b * RK_BLOCK + j * 64;
+            const int8_t *src;
+            if (c->bits == 8) src = (const int8_t *)c->q + r * n + at;
+            else {
+                const uint8_t *q = (const uint8_t *)c->q + r * (n32 / 2) + at / 2;
+                for (int i = 0; i < 32; i++) { chunk[i] = (int8_t)(q[i] & 15); chunk[i + 32] = (int8_t)(q[i] >> 4); }
+                src = chunk;
+            }
+            for (int l = 0; l < 16; l++) memcpy(v + b * RK_BLOCK + (l % 8) * GROUP + j * 8 + (l / 8) * 4, src + l * 4, 4);
+        }
+}
 
 static void deq_unit(void *arg, int64_t u) {
     const deq_ctx_t *c = (const deq_ctx_t *)arg;
-    int64_t n = c->n, ng = (n + GROUP - 1) / GROUP, n32 = ng * GROUP, r = c->r0 + u;
+    int64_t n = c->n, ng = (n + GROUP - 1) / GROUP, r = c->r0 + u;
     const uint16_t *s = c->scale + r * ng;
-    float buf[GROUP];
+    int8_t values[ng * GROUP];
+    row_values(c, r, values);
+    int offset = c->bits == 8 ? 0 : 8;
     for (int64_t g = 0; g < ng; g++) {
         int64_t k0 = g * GROUP, width = n - k0 < GROUP ? n - k0 : GROUP;
         float sc = half_to_f32(s[g]);
-        if (c->bits == 8) {
-            const int8_t *q = (const int8_t *)c->q + r * n + k0;
-            #pragma omp simd
-            for (int64_t i = 0; i < width; i++) buf[i] = (float)q[i] * sc;
-        } else {
-            const uint8_t *q = (const uint8_t *)c->q + r * (n32 / 2);
-            for (int64_t i = 0; i < width; i++) buf[i] = (float)nibble(q, k0 + i, n32) * sc;
+        float buf[GROUP];
+        int64_t i = 0;
+#ifdef RK_AVX512
+        for (; i + 16 <= width; i += 16) {
+            __m512i q = _mm512_sub_epi32(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(values + k0 + i))),
+                                         _mm512_set1_epi32(offset));
+            _mm512_storeu_ps(buf + i, _mm512_mul_ps(_mm512_cvtepi32_ps(q), _mm512_set1_ps(sc)));
         }
+#endif
+        for (; i < width; i++) buf[i] = (float)(values[k0 + i] - offset) * sc;
         if (c->out_bf16) {
             uint16_t *o = (uint16_t *)c->out + u * n + k0;
-            for (int64_t i = 0; i < width; i++) o[i] = f32_to_bf16(buf[i]);
+            i = 0;
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+            for (; i + 16 <= width; i += 16) _mm256_storeu_si256((__m256i *)(o + i), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(buf + i)));
+#endif
+            for (; i < width; i++) o[i] = f32_to_bf16(buf[i]);
         } else memcpy((float *)c->out + u * n + k0, buf, sizeof(float) * width);
     }
 }
 
+/* bits: 8 or 4, plus RK_BLOCKS when q is stored in blocks */
 void rk_dequant_groups(int bits, int64_t r0, int64_t r1, int64_t n, const void *q, const void *scale, void *out,
                        int out_bf16, int n_threads) {
-    deq_ctx_t ctx = { bits, r0, n, q, (const uint16_t *)scale, out, out_bf16 };
+    deq_ctx_t ctx = { bits & 15, (bits & RK_BLOCKS) != 0, r0, n, q, (const uint16_t *)scale, out, out_bf16 };
     pool_run(deq_unit, &ctx, r1 - r0, (r1 - r0) * n >= 65536 ? n_threads : 1);
 }
 

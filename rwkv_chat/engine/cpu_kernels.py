@@ -34,6 +34,7 @@ from . import kernel_cache
 K_F32, K_BF16, K_I8, K_I4 = 0, 1, 2, 3
 LAYOUT_COLS = 16
 X_BF16, Y_BF16 = 256, 512
+BLOCKS = 1024  # int8 / int4 rows stored in quant.BLOCK blocks (quant.block_order)
 _SHORT_SPIN, _DECODE_SPIN = 2_000, 200_000  # pause instructions a helper spins before sleeping
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
 
@@ -148,12 +149,12 @@ class Kernels:
             torch.set_num_threads(n)
             self._threads = None
 
-    def dequantize(self, bits: int, q, scale, start: int, stop: int, n_in: int, dtype):
-        """Rows start..stop of a group-wise int8/int4 weight (quant.py's format) as [rows, n_in] in
-        dtype (fp32 or bf16)."""
+    def dequantize(self, bits: int, q, scale, start: int, stop: int, n_in: int, dtype, blocks: bool = False):
+        """Rows start..stop of a group-wise int8/int4 weight (quant.py's format; `blocks`: stored in
+        the kernels' block order) as [rows, n_in] in dtype (fp32 or bf16)."""
         out = torch.empty((stop - start, n_in), dtype=dtype)
-        self.lib.rk_dequant_groups(bits, start, stop, n_in, q.data_ptr(), scale.data_ptr(), out.data_ptr(),
-                                   int(dtype == torch.bfloat16), self.threads())
+        self.lib.rk_dequant_groups(bits | (BLOCKS if blocks else 0), start, stop, n_in, q.data_ptr(), scale.data_ptr(),
+                                   out.data_ptr(), int(dtype == torch.bfloat16), self.threads())
         return out
 
     def gemv_words(self, words) -> None:

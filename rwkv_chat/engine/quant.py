@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from . import cpu_kernels, cuda, memory
 
 GROUP = 32  # weights per scale along the input dimension
+BLOCK = 256  # the C kernels' int8 / int4 storage block: 8 groups interleaved (block_order)
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
 _DEQUANT_ELEMENTS = 1 << 22  # weights expanded at a time for a multi-token product (16 MiB in fp32)
 _I4_CANDIDATES = (8.0, 7.75, 7.5, 7.25, 7.0, 6.75, 6.5)  # max|w| / c: the int4 scales tried per group
@@ -98,13 +99,15 @@ class QuantLinear:
 
     layout = "rows"
 
-    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, bits: int):
+    def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, bits: int, blocks: bool = True):
         self.dtype, self.bits = dtype, bits
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_groups(weight, bits)
-        self.q, self.scale = q.to(device), scale.to(device)
         self._kernels = _kernels_for(device, dtype)
         self._job = None
+        # where the C kernels run it, q is stored in their block order (unless `blocks` is False:
+        # a streamed layer, whose weights also go to other devices)
+        self.blocks = self._kernels is not None and blocks
         if self._kernels is not None:
             kind = cpu_kernels.K_I8 if bits == 8 else cpu_kernels.K_I4
             tag = 0
@@ -112,9 +115,18 @@ class QuantLinear:
                 self._corr = torch.cat([32768.0 * (_group_sums(q[a:b]) * scale[a:b].float()).sum(dim=1)
                                         for a, b in memory.row_blocks(q)])
                 tag = self._corr.data_ptr()
-            self._job = (self.q.data_ptr(), self.scale.data_ptr(), self.out_features, self.in_features,
-                         _flags(kind, "rows", dtype), tag)
+            if self.blocks:
+                q = to_blocks(q, bits, self.in_features)
+            flags = _flags(kind, "rows", dtype) | (cpu_kernels.BLOCKS if self.blocks else 0)
+            self.q, self.scale = q.to(device), scale.to(device)
+            self._job = (self.q.data_ptr(), self.scale.data_ptr(), self.out_features, self.in_features, flags, tag)
+        else:
+            self.q, self.scale = q.to(device), scale.to(device)
         self._many = self._multi_token_path()
+
+    def rows_q(self) -> torch.Tensor:
+        """q in the plain [out, in] order of the module docstring, whatever the storage order."""
+        return from_blocks(self.q, self.bits, self.in_features) if self.blocks else self.q
 
     def _multi_token_path(self):
         """How several tokens (or a token the C kernels do not take) run; decided once."""
@@ -142,7 +154,7 @@ class QuantLinear:
         N, K = self.out_features, self.in_features
         step = max(1, _DEQUANT_ELEMENTS // K)
         pieces = [flat @ self._kernels.dequantize(self.bits, self.q, self.scale, start, min(N, start + step), K,
-                                                   x.dtype).t()
+                                                   x.dtype, self.blocks).t()
                   for start in range(0, N, step)]
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         return y.reshape(*x.shape[:-1], N)
@@ -150,10 +162,42 @@ class QuantLinear:
     def on(self, device) -> "QuantLinear":
         """A copy for `device` (streamed layers): q and scale moved, the path for that device."""
         clone = object.__new__(QuantLinear)
-        clone.__dict__.update(self.__dict__, q=self.q.to(device, non_blocking=True),
-                              scale=self.scale.to(device, non_blocking=True), _kernels=None, _job=None)
+        clone.__dict__.update(self.__dict__, q=self.rows_q().to(device, non_blocking=True),
+                              scale=self.scale.to(device, non_blocking=True), _kernels=None, _job=None, blocks=False)
         clone._many = clone._multi_token_path()
         return clone
+
+
+def block_order(n_in: int, length: int | None = None) -> torch.Tensor:
+    """The kernels' storage order of a row of n_in inputs (stored in `length` >= n_in places, the
+    int4 rows padded to whole groups): position p holds input block_order(n_in)[p].
+
+    Each full BLOCK of 8 groups is stored as 4 chunks of 64, and lane l (4 bytes) of chunk j
+    holds inputs 8j + 4 (l // 8) .. + 3 of group l % 8: every lane of every chunk belongs to one
+    group, so a VNNI product sums a whole block in int32 before one scaling per group. Inputs
+    past the last full block keep their order."""
+    full = n_in // BLOCK * BLOCK
+    p = torch.arange(full)
+    chunk, lane, byte = (p % BLOCK) // 64, (p % 64) // 4, p % 4
+    source = p // BLOCK * BLOCK + (lane % 8) * GROUP + chunk * 8 + (lane // 8) * 4 + byte
+    return torch.cat([source, torch.arange(full, n_in if length is None else length)])
+
+
+def to_blocks(q: torch.Tensor, bits: int, n_in: int) -> torch.Tensor:
+    """q of QuantLinear's plain format -> the same weights in block_order (int4: repacked), in
+    place, a block of rows at a time (no whole-matrix temporaries)."""
+    order = block_order(n_in, q.shape[1] * (1 if bits == 8 else 2))
+    for start, stop in memory.row_blocks(q):
+        q[start:stop] = q[start:stop, order] if bits == 8 else pack4(unpack4(q[start:stop])[:, order])
+    return q
+
+
+def from_blocks(q: torch.Tensor, bits: int, n_in: int) -> torch.Tensor:
+    """to_blocks' inverse."""
+    values = q if bits == 8 else unpack4(q)
+    plain = torch.empty_like(values)
+    plain[:, block_order(n_in, values.shape[1])] = values
+    return plain if bits == 8 else pack4(plain)
 
 
 def _group_sums(q: torch.Tensor) -> torch.Tensor:
@@ -305,7 +349,7 @@ def make_linear(weight: torch.Tensor, plan, device, scale: float = 1.0, layout: 
     if plan.stream and torch.device(device).type != "cpu":
         layout = "rows"  # streamed to an accelerator: keep the plain layout
     if plan.quant:
-        linear = QuantLinear(weight, plan.dtype, home, bits=plan.quant)
+        linear = QuantLinear(weight, plan.dtype, home, bits=plan.quant, blocks=not plan.stream)
     else:
         linear = DenseLinear(weight, plan.dtype, home, layout=layout)
     return StreamedLinear(linear, device) if plan.stream else linear

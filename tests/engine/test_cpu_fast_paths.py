@@ -6,7 +6,7 @@ import torch
 from rwkv_chat import RWKV
 from rwkv_chat.engine import cpu_kernels
 from rwkv_chat.engine.ops import torch_ref
-from rwkv_chat.engine.quant import DenseLinear, QuantLinear, run_group
+from rwkv_chat.engine.quant import KERNEL_ROWS, DenseLinear, QuantLinear, run_group
 
 from .conftest import VERSIONS
 
@@ -53,7 +53,7 @@ def plain_dequantize(linear) -> torch.Tensor:
     out, n = linear.out_features, linear.in_features
     n32 = -(-n // 32) * 32
     w = torch.zeros(out, n32, dtype=torch.float64)
-    q, scale = linear.q, linear.scale.double()
+    q, scale = linear.rows_q(), linear.scale.double()
     for c in range(0, n32, 64):
         width = min(64, n32 - c)
         if linear.bits == 8:
@@ -80,10 +80,10 @@ def test_quantized_weights_follow_the_group_rule(bits):
         s = (padded.abs().amax(-1) / 127).half()
         assert torch.equal(linear.scale, s)
         want = torch.round(padded / s.float()[..., None]).clamp(-127, 127).view(37, -1)[:, :200].to(torch.int8)
-        assert torch.equal(linear.q, want)
+        assert torch.equal(linear.rows_q(), want)
         assert rel(plain_dequantize(linear), weight) < 0.01
     else:
-        assert linear.q.dtype == torch.uint8 and linear.q.shape == (37, 112)
+        assert linear.q.dtype == torch.uint8 and linear.rows_q().shape == (37, 112)
         error = (plain_dequantize(linear) - weight.double()).norm() / weight.double().norm()
         # plain Q4_0 (scale = signed max / -8) on the same weights, for comparison
         amax_signed = torch.gather(padded, -1, padded.abs().argmax(-1, keepdim=True))
@@ -122,13 +122,41 @@ def test_int4_and_int8_kernels_are_exact_on_integer_inputs(bits):
     group sums are exact integers, so the result equals the float64 product of the dequantized
     weights up to float32 rounding of the scaled sums."""
     g = gen(bits)
-    weight = torch.randn(64, 160, generator=g)
+    weight = torch.randn(64, 672, generator=g)  # two blocks of the kernels' storage order and a rest
     top = 32767 if bits == 8 else 127
-    x = torch.randint(-top, top + 1, (1, 160), generator=g).float()
+    x = torch.randint(-top, top + 1, (1, 672), generator=g).float()
     x[0, ::32] = float(top)
     linear = QuantLinear(weight, torch.float32, "cpu", bits=bits)
     expected = x.double() @ plain_dequantize(linear).t()
     assert rel(linear(x), expected) <= 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("make", ["dense", "cols", 8, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_few_rows_are_each_computed_as_alone(make, dtype):
+    """Up to KERNEL_ROWS rows go to the GEMV kernels together (a server's batch): the weights are
+    read once, and each row's result is bitwise the one it gets alone; a NaN row stays its own."""
+    g = gen(11)
+    weight = torch.randn(300, 800, generator=g) / 28
+    if make in ("dense", "cols"):
+        linear = DenseLinear(weight, dtype, "cpu", layout="rows" if make == "dense" else "cols")
+    else:
+        linear = QuantLinear(weight, dtype, "cpu", bits=make)
+    x = torch.randn(KERNEL_ROWS, 800, generator=g)
+    x[x < -1] = 0
+    x[5, 7] = float("nan")
+    x = x.to(dtype)
+    together = linear(x)
+    assert together.shape == (KERNEL_ROWS, 300)
+    for rows in (3, KERNEL_ROWS):
+        got = linear(x[:rows])
+        for b in range(rows):
+            alone = linear(x[b:b + 1])[0]
+            assert torch.equal(got[b], alone) or (b == 5 and bool(got[b].isnan().all() and alone.isnan().all())), b
+    assert bool(together[5].isnan().all()) and not bool(together[4].isnan().any())
+    expected = x[:5].double() @ weight.to(dtype).double().t()
+    assert rel(together[:5], expected) <= (0.3 if make == 4 else 0.05)
 
 
 @needs_kernels
