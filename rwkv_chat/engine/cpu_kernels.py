@@ -199,11 +199,12 @@ class Kernels:
         read in place; v_first (v7): fp32 [B, C] after layer 0, None in it. Returns (for each
         sequence its new [att_x, wkv, ffn_x], v_first)."""
         new_states, table = [], []
-        for att_x, wkv, ffn_x in states:
-            new = [torch.empty_like(att_x), torch.empty_like(wkv), torch.empty_like(ffn_x)]
-            new_states.append(new)
-            table += (att_x.data_ptr(), new[0].data_ptr(), ffn_x.data_ptr(), new[2].data_ptr(), wkv.data_ptr(),
-                      new[1].data_ptr())
+        with torch.inference_mode(False):  # ordinary tensors: RWKVState.made_ordinary has nothing to do
+            for att_x, wkv, ffn_x in states:
+                new = [torch.empty_like(att_x), torch.empty_like(wkv), torch.empty_like(ffn_x)]
+                new_states.append(new)
+                table += (att_x.data_ptr(), new[0].data_ptr(), ffn_x.data_ptr(), new[2].data_ptr(), wkv.data_ptr(),
+                          new[1].data_ptr())
         words = array("q", table)
         if version == "6":
             self.lib.rk_v6_layer(layer.buffer_info()[0], x.shape[0], x.data_ptr(), words.buffer_info()[0],
