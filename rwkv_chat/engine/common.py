@@ -8,7 +8,11 @@ from .quant import DenseLinear
 
 
 def layer_norm(x: torch.Tensor, params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """LayerNorm in the dtype of its parameters (the layer's). An fp32 residual stream entering a
+    bf16 / fp16 layer is normalised in fp32 and rounded once, on the way in."""
     weight, bias = params
+    if x.dtype != weight.dtype:
+        return F.layer_norm(x.float(), (x.shape[-1],), weight=weight.float(), bias=bias.float()).to(weight.dtype)
     return F.layer_norm(x, (x.shape[-1],), weight=weight, bias=bias)
 
 

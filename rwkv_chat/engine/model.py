@@ -238,7 +238,7 @@ class RWKV:
             self._batch_layers = batch.batch_layers(self.layers)
             self._batch_head = batch.batch_linear(self.head)
         layers = self._batch_layers
-        x, new_layers = self._run_layers(self.emb[ids], layers, batch.layer_states(layers, states), one_token=True)
+        x, new_layers = self._run_layers(self.emb[ids], layers, batch.layer_states(layers, states))
         logits = self._batch_head(self._final_norm(x)).float().cpu()
         per_sequence = batch.sequence_states(layers, new_layers, len(ids))
         new_states = [RWKVState(self.shape, layers, logits[b].clone(), state.tokens + 1)
@@ -255,22 +255,22 @@ class RWKV:
         return kernels.token_mode(n_tokens) if kernels is not None else contextlib.nullcontext()
 
     def _forward(self, ids: torch.Tensor, state: RWKVState, full_output: bool):
-        x, new_layers = self._run_layers(self.emb[ids], self.layers, state.layers, one_token=len(ids) == 1)
+        x, new_layers = self._run_layers(self.emb[ids], self.layers, state.layers)
         if not full_output:
             x = x[-1:]
         logits = self.head(self._final_norm(x)).float().cpu()
         new_state = RWKVState(self.shape, new_layers, logits[-1].clone(), state.tokens + len(ids))
         return (logits if full_output else logits[0]), new_state
 
-    def _run_layers(self, x: torch.Tensor, layers, states, one_token: bool):
-        """x through every layer -> (x, new per-layer states). one_token: each row of x is one
-        token of its own sequence (a decode step, of one sequence or of a batch)."""
+    def _run_layers(self, x: torch.Tensor, layers, states):
+        """x through every layer -> (x, new per-layer states)."""
         v_first = None
         new_layers = []
         for i, (w, layer_state) in enumerate(zip(layers, states)):
             plan, device = self.plan[i], self.devices[i]
-            # a layer run in one call keeps the residual stream in fp32 whatever its weights
-            dtype = torch.float32 if one_token and w.fused is not None else plan.dtype
+            # on the CPU the residual stream stays fp32 whatever the weights (layer_norm hands each
+            # layer its own dtype; a one-call layer works in fp32 throughout)
+            dtype = torch.float32 if torch.device(device).type == "cpu" else plan.dtype
             x = x.to(device=device, dtype=dtype)
             if v_first is not None:
                 v_first = v_first.to(device=device, dtype=dtype)
@@ -281,7 +281,7 @@ class RWKV:
         return x, new_layers
 
     def _final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x.to(device=self.devices[-1], dtype=self.plan[-1].dtype), self.ln_out)
+        return layer_norm(x.to(device=self.devices[-1]), self.ln_out)
 
     def _check_tokens(self, tokens) -> torch.Tensor:
         if isinstance(tokens, int):

@@ -91,7 +91,7 @@ def time_mix(x, w, att_x, state, v_first):
     kk = torch.nn.functional.normalize((k * w.k_k).view(T, H, -1), dim=-1)  # removal key, unit length per head
     k = k * (1 + (a - 1) * w.k_a)
     if w.first_layer:
-        v_first = v.to(x.dtype)
+        v_first = v
     else:  # value residual: blend in layer 0's values
         v = v + (v_first - v) * torch.sigmoid(w.v0 + v_lora[0].float())
 
