@@ -152,8 +152,9 @@ enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2, K_I4 = 3 };
 typedef struct {
     float *xf;        /* x as fp32 */
     int16_t *xq;      /* x rounded to int16 (int8 rows) */
-    uint8_t *xlo, *xhi; /* its low byte and its high byte + 128 */
-    int8_t *x8;       /* int4 rows: x rounded to int8 per group of 32 (zero-padded to whole groups) */
+    uint8_t *xlo, *xhi; /* its low byte and its high byte + 128 (in the weights' storage order) */
+    int8_t *x8;       /* int4 rows: x rounded to int8 per group of 32 (zero-padded to whole groups;
+                         in the weights' storage order) */
     float *xsl;       /* ... each group's scale, per 64 inputs as 16 lanes (8 per group) */
     int32_t *xnl;     /* ... minus each group's sum of x8, in the same lanes */
     float *bxs;       /* ... per full block (flag BLOCKS), its 8 groups' scales twice (16 lanes) */
@@ -162,9 +163,9 @@ typedef struct {
     int32_t *nz;      /* indices of nonzero inputs (cols layout) */
     int64_t n_nz;
     float xs;         /* int16 scale */
-    int64_t units;    /* work units of this job */
-    int64_t rows_per_unit;
-    float *part;      /* cols layout: one partial sum [n_out] per work unit, summed after the run */
+    int64_t units;    /* cols layout: work units of this vector (blocks of its nonzero inputs) */
+    int64_t rows_per_unit;  /* ... nonzero inputs per unit */
+    float *part;      /* ... one partial sum [n_out] per unit, summed after the run */
     int bad;          /* x has a NaN or an infinity */
 } prep_t;
 

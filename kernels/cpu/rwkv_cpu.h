@@ -7,14 +7,16 @@
    contiguous, float32 unless a `*_bf16`/`bf` flag says bfloat16 (stored as uint16).
 
    * rk_gemv: several weight-times-vector products in one parallel task, weights in fp32, bf16,
-     or int8 / int4 in groups of 32 inputs per fp16 scale (quant.py's format), stored by output row
-     ([out, in], a dot product per output, each row streamed on its own) or, for fp32/bf16, by
-     input row ([in, out], one scaled row added per *nonzero* input, which skips the zeros of
-     relu^2 activations in the FFN). int8 rows use AVX-512 VNNI u8 x s8 dot products on the
-     activation rounded to 16 bits and split into two bytes (relative error ~1e-5, far below the
-     int8 weight error); int4 rows unpack nibbles and dot them with the activation rounded to int8
-     per group (llama.cpp's Q4_0 x Q8_0); bf16 rows use AVX-512 BF16 dot products with fp32
-     accumulation. Portable C loops otherwise.
+     or int8 / int4 in groups of 32 inputs per fp16 scale (quant.py's format, stored in blocks of
+     8 interleaved groups: quant.block_order), stored by output row ([out, in], a dot product per
+     output) or, for fp32/bf16, by input row ([in, out], one scaled row added per *nonzero*
+     input, which skips the zeros of relu^2 activations in the FFN). A job takes one vector or
+     several (a batch: each weight row is read once for all, in tiles of rows x vectors, every
+     pair computed exactly as it would be alone). int8 rows use AVX-512 VNNI u8 x s8 dot products
+     on the activation rounded to 16 bits and split into two bytes (relative error ~1e-5, far
+     below the int8 weight error); int4 rows unpack nibbles and dot them with the activation
+     rounded to int8 per group (llama.cpp's Q4_0 x Q8_0); bf16 rows use AVX-512 BF16 dot products
+     with fp32 accumulation. Portable C loops otherwise.
    * rk_dequant_groups: int8 / int4 rows back to fp32 or bf16, for prefill's GEMMs.
    * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
