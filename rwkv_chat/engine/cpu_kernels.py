@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import functools
 import hashlib
 import os
 import platform
@@ -78,14 +77,6 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return platform.processor() + platform.machine()
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX-512 BF16 or AMX): then a bf16 GEMM is
-    about twice as fast as an fp32 one; elsewhere it is emulated and slower."""
-    flags = _cpu_signature().split()
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def library_name(cc: list[str]) -> str:

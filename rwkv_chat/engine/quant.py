@@ -14,12 +14,10 @@ Formats:
 On the CPU a single token (x of shape [1, in]), or a few (up to KERNEL_ROWS: a server's batch, a
 short prompt), goes to the C kernels of `cpu_kernels` when they are available: weights stream from
 memory once for all rows, fp32 accumulation, no per-call conversion, and each row's result is
-bitwise the one it gets alone. Where the kernels run them, int8 / int4 weights are stored in their
-block order (`block_order`). Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for
-bf16; quantized weights are first expanded a block of rows at a time (the C kernels do it) to
-bf16 where the CPU multiplies bf16 in hardware, else to the activation dtype: the activations
-are never rounded to 8 bits. Elsewhere (CUDA, MPS, no kernels) the reference math runs: the same
-expansion in torch, then a matmul (CUDA int8: the kernels of cuda.py).
+bitwise the one it gets alone. Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for bf16; quantized weights are
+first expanded to the activation dtype a block of rows at a time (the C kernels do it), so that
+the activations are never rounded to 8 bits. Elsewhere (CUDA, MPS, no kernels) the reference
+math runs: the same expansion in torch, then a matmul (CUDA int8: the kernels of cuda.py).
 
 Layouts: "rows" keeps the checkpoint's [out, in] (a dot product per output); "cols" stores
 [in, out] so that a single token only reads the rows of the inputs that are nonzero: the FFN's
@@ -151,18 +149,15 @@ class QuantLinear:
         return (x.to(dtype) @ w.t()).to(x.dtype)
 
     def _expanded_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """Several tokens on the CPU: rows of weights expanded by the C kernels, then torch's GEMM,
-        in bf16 where the CPU has it (fp32 activations rounded to bf16 lose far less than the int8
-        / int4 weights do, and the GEMM runs twice as fast as in fp32)."""
-        gemm = torch.bfloat16 if x.dtype == torch.float32 and cpu_kernels.native_bf16() else x.dtype
-        flat = x.reshape(-1, self.in_features).to(gemm).contiguous()
+        """Several tokens on the CPU: rows of weights expanded by the C kernels, then torch's GEMM."""
+        flat = x.reshape(-1, self.in_features).contiguous()
         N, K = self.out_features, self.in_features
         step = max(1, _DEQUANT_ELEMENTS // K)
         pieces = [flat @ self._kernels.dequantize(self.bits, self.q, self.scale, start, min(N, start + step), K,
-                                                   gemm, self.blocks).t()
+                                                   x.dtype, self.blocks).t()
                   for start in range(0, N, step)]
         y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
-        return y.reshape(*x.shape[:-1], N).to(x.dtype)
+        return y.reshape(*x.shape[:-1], N)
 
     def on(self, device) -> "QuantLinear":
         """A copy for `device` (streamed layers): q and scale moved, the path for that device."""
