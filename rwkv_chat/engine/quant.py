@@ -14,10 +14,12 @@ Formats:
 On the CPU a single token (x of shape [1, in]), or a few (up to KERNEL_ROWS: a server's batch, a
 short prompt), goes to the C kernels of `cpu_kernels` when they are available: weights stream from
 memory once for all rows, fp32 accumulation, no per-call conversion, and each row's result is
-bitwise the one it gets alone. Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for bf16; quantized weights are
-first expanded to the activation dtype a block of rows at a time (the C kernels do it), so that
-the activations are never rounded to 8 bits. Elsewhere (CUDA, MPS, no kernels) the reference
-math runs: the same expansion in torch, then a matmul (CUDA int8: the kernels of cuda.py).
+bitwise the one it gets alone. Where the kernels run them, int8 / int4 weights are stored in their
+block order (`block_order`). Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for
+bf16; quantized weights are first expanded to the activation dtype a block of rows at a time (the
+C kernels do it), so that the activations are never rounded to 8 bits. Elsewhere (CUDA, MPS, no
+kernels) the reference math runs: the same expansion in torch, then a matmul (CUDA int8: the
+kernels of cuda.py).
 
 Layouts: "rows" keeps the checkpoint's [out, in] (a dot product per output); "cols" stores
 [in, out] so that a single token only reads the rows of the inputs that are nonzero: the FFN's
