@@ -47,7 +47,7 @@ class RowOps:
         return torch.cat(out), torch.stack(states)
 
     def layer(self, *args):
-        return self.inner.layer(*args)  # the one-call layer takes B rows and B stacked states itself
+        return self.inner.layer(*args)  # the one-call layer takes the B rows and B sequences' states itself
 
     def v7_step(self, *args):
         return None  # the fused one-token steps are for one sequence: the torch math runs per row

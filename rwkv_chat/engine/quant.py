@@ -106,24 +106,21 @@ class QuantLinear:
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_groups(weight, bits)
         self._kernels = _kernels_for(device, dtype)
-        self._job = None
         # where the C kernels run it, q is stored in their block order (unless `blocks` is False:
         # a streamed layer, whose weights also go to other devices)
         self.blocks = self._kernels is not None and blocks
+        tag = 0
+        if self._kernels is not None and bits == 8:  # the kernel's offset correction, one float per row (rwkv_cpu.h)
+            self._corr = torch.cat([32768.0 * (_group_sums(q[a:b]) * scale[a:b].float()).sum(dim=1)
+                                    for a, b in memory.row_blocks(q)])
+            tag = self._corr.data_ptr()
+        self.q = (to_blocks(q, bits, self.in_features) if self.blocks else q).to(device)
+        self.scale = scale.to(device)
+        self._job = None
         if self._kernels is not None:
             kind = cpu_kernels.K_I8 if bits == 8 else cpu_kernels.K_I4
-            tag = 0
-            if bits == 8:  # the kernel's offset correction, one float per row (rwkv_cpu.h)
-                self._corr = torch.cat([32768.0 * (_group_sums(q[a:b]) * scale[a:b].float()).sum(dim=1)
-                                        for a, b in memory.row_blocks(q)])
-                tag = self._corr.data_ptr()
-            if self.blocks:
-                q = to_blocks(q, bits, self.in_features)
             flags = _flags(kind, "rows", dtype) | (cpu_kernels.BLOCKS if self.blocks else 0)
-            self.q, self.scale = q.to(device), scale.to(device)
             self._job = (self.q.data_ptr(), self.scale.data_ptr(), self.out_features, self.in_features, flags, tag)
-        else:
-            self.q, self.scale = q.to(device), scale.to(device)
         self._many = self._multi_token_path()
 
     def rows_q(self) -> torch.Tensor:
