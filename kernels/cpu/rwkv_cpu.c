@@ -260,9 +260,6 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
 
 #ifdef RK_AVX512
 #define RK_TILE 4  /* rows and vectors of a tile */
-#ifndef RK_ROWS
-#define RK_ROWS 4
-#endif
 #define RK_ALWAYS_INLINE static inline __attribute__((always_inline))
 
 /* tile(R, M) for R, M in 1..4 as compile-time constants, so the accumulators stay in registers */
@@ -272,7 +269,7 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
     case 8: TILE(3, 1); break;  case 9: TILE(3, 2); break;  case 10: TILE(3, 3); break; case 11: TILE(3, 4); break; \
     case 12: TILE(4, 1); break; case 13: TILE(4, 2); break; case 14: TILE(4, 3); break; default: TILE(4, 4); break; }
 
-/* the tile's results: y[j][r0 + i] = f(sum of acc[i][j]) */
+/* acc[i][j]: row r0 + i times vector j, reduced into ys[j][r0 + i] at the end */
 #define RK_TILE_ZERO(acc) for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) acc[i][j] = _mm512_setzero_ps()
 
 RK_ALWAYS_INLINE void tile_f32(const float *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
@@ -336,7 +333,7 @@ RK_ALWAYS_INLINE void tile_i8(const int8_t *W, const uint16_t *S, const float *c
         for (int64_t c = base; c < base + RK_BLOCK; c += 64) {
             __m512i w[RK_TILE];
             for (int i = 0; i < R; i++) {
-                _mm_prefetch((const char *)(W + (r0 + 4 + i) * n + c), _MM_HINT_T0);
+                _mm_prefetch((const char *)(W + (r0 + 4 + i) * n + c), _MM_HINT_T0);  /* 4 rows ahead */
                 w[i] = _mm512_loadu_si512(W + (r0 + i) * n + c);
             }
             for (int j = 0; j < M; j++) {
@@ -398,7 +395,7 @@ RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t 
         for (int64_t c = base; c < base + RK_BLOCK; c += 64) {
             __m512i q[RK_TILE];
             for (int i = 0; i < R; i++) {
-                _mm_prefetch((const char *)(W + (r0 + 4 + i) * (n32 / 2) + c / 2), _MM_HINT_T0);
+                _mm_prefetch((const char *)(W + (r0 + 4 + i) * (n32 / 2) + c / 2), _MM_HINT_T0);  /* 4 rows ahead */
                 q[i] = unpack_nibbles(W + (r0 + i) * (n32 / 2) + c / 2);
             }
             for (int j = 0; j < M; j++) {
