@@ -1033,28 +1033,42 @@ void rk_group_norm_gate(int64_t H, int64_t N, const float *x, const void *ln_w, 
    projection's input and v_out = the (mixed) value; s_out = the new state [H][V][K]. */
 /* The same with the activations (r ... v_first, y, v_out) in one dtype (`bf`) and the parameters
    (a0 ... ln_b) in another (`pbf`); w0 is fp32. */
+/* p as fp32: itself, or (bf16) converted into `scratch` [n] */
+static const float *as_f32(const void *p, int bf, int64_t n, float *scratch) {
+    if (!bf || p == NULL) return (const float *)p;
+    for (int64_t i = 0; i < n; i++) scratch[i] = bf16_to_f32(((const uint16_t *)p)[i]);
+    return scratch;
+}
+
 static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
-                    const void *r, const void *k, const void *v, const void *w_lora, const void *a_lora, const void *g,
-                    const void *v_lora, const void *v_first, const float *w0, const void *a0, const void *k_k,
-                    const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
-                    const float *s_in, float *s_out, void *y, void *v_out) {
+                    const void *r_, const void *k_, const void *v_, const void *w_lora_, const void *a_lora_,
+                    const void *g_, const void *v_lora_, const void *v_first_, const float *w0, const void *a0_,
+                    const void *k_k_, const void *k_a_, const void *v0_, const void *r_k_, const void *ln_w_,
+                    const void *ln_b_, const float *s_in, float *s_out, void *y, void *v_out) {
     int64_t C = H * N;
-    float *buf = (float *)malloc(sizeof(float) * C * 7);
-    float *rr = buf, *ww = buf + C, *kk = buf + 2 * C, *aa = buf + 3 * C, *k2 = buf + 4 * C, *v2 = buf + 5 * C, *o = buf + 6 * C;
+    float *buf = (float *)malloc(sizeof(float) * C * 24);
+    float *rr = buf, *ww = buf + C, *kk = buf + 2 * C, *aa = buf + 3 * C, *k2 = buf + 4 * C, *v2 = buf + 5 * C,
+          *o = buf + 6 * C, *yf = buf + 7 * C, *scratch = buf + 8 * C;
+    /* every input as fp32 (the fused layer's activations already are), so the loops vectorize */
+    const float *r = as_f32(r_, bf, C, scratch), *k = as_f32(k_, bf, C, scratch + C), *v = as_f32(v_, bf, C, scratch + 2 * C);
+    const float *w_lora = as_f32(w_lora_, bf, C, scratch + 3 * C), *a_lora = as_f32(a_lora_, bf, C, scratch + 4 * C);
+    const float *g = as_f32(g_, bf, C, scratch + 5 * C), *v_lora = as_f32(v_lora_, bf, C, scratch + 6 * C);
+    const float *v_first = as_f32(v_first_, bf, C, scratch + 7 * C), *a0 = as_f32(a0_, pbf, C, scratch + 8 * C);
+    const float *k_k = as_f32(k_k_, pbf, C, scratch + 9 * C), *k_a = as_f32(k_a_, pbf, C, scratch + 10 * C);
+    const float *v0 = as_f32(v0_, pbf, C, scratch + 11 * C), *r_k = as_f32(r_k_, pbf, C, scratch + 12 * C);
+    const float *ln_w = as_f32(ln_w_, pbf, C, scratch + 13 * C), *ln_b = as_f32(ln_b_, pbf, C, scratch + 14 * C);
     for (int64_t c = 0; c < C; c++) {
-        float a = sigmoidf_(ld(a0, pbf, c) + ld(a_lora, bf, c));
-        float kc = ld(k, bf, c), vc = ld(v, bf, c);
-        rr[c] = ld(r, bf, c);
-        ww[c] = rk_exp(-RK_V7_DECAY_SCALE * sigmoidf_(w0[c] + ld(w_lora, bf, c)));
+        float a = sigmoidf_(a0[c] + a_lora[c]), kc = k[c];
+        rr[c] = r[c];
+        ww[c] = rk_exp(-RK_V7_DECAY_SCALE * sigmoidf_(w0[c] + w_lora[c]));
         aa[c] = a;
-        kk[c] = kc * ld(k_k, pbf, c);
-        k2[c] = kc * (1.f + (a - 1.f) * ld(k_a, pbf, c));
-        if (v_first != NULL) {
-            float mix = sigmoidf_(ld(v0, pbf, c) + ld(v_lora, bf, c));
-            vc = vc + (ld(v_first, bf, c) - vc) * mix;
-        }
-        v2[c] = vc;
+        kk[c] = kc * k_k[c];
+        k2[c] = kc * (1.f + (a - 1.f) * k_a[c]);
     }
+    if (v_first != NULL)  /* value residual: blend in layer 0's values */
+        for (int64_t c = 0; c < C; c++) v2[c] = v[c] + (v_first[c] - v[c]) * sigmoidf_(v0[c] + v_lora[c]);
+    else
+        for (int64_t c = 0; c < C; c++) v2[c] = v[c];
     for (int64_t h = 0; h < H; h++) {
         float *kh = kk + h * N, norm = 0.f;
         for (int64_t i = 0; i < N; i++) norm += kh[i] * kh[i];
@@ -1071,14 +1085,13 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
         mean /= (float)N;
         for (int64_t i = 0; i < N; i++) { float d = oh[i] - mean; var += d * d; }
         float inv = 1.f / sqrtf(var / (float)N + 64e-5f);
-        for (int64_t i = 0; i < N; i++) { int64_t c = h * N + i; bonus += rr[c] * k2[c] * ld(r_k, pbf, c); }
+        for (int64_t i = 0; i < N; i++) { int64_t c = h * N + i; bonus += rr[c] * k2[c] * r_k[c]; }
         for (int64_t i = 0; i < N; i++) {
             int64_t c = h * N + i;
-            float gn = (oh[i] - mean) * inv * ld(ln_w, pbf, c) + ld(ln_b, pbf, c);
-            st(y, bf, c, (gn + bonus * v2[c]) * ld(g, bf, c));
-            st(v_out, bf, c, v2[c]);
+            yf[c] = ((oh[i] - mean) * inv * ln_w[c] + ln_b[c] + bonus * v2[c]) * g[c];
         }
     }
+    for (int64_t c = 0; c < C; c++) { st(y, bf, c, yf[c]); st(v_out, bf, c, v2[c]); }
     free(buf);
 }
 
