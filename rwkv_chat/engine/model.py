@@ -105,6 +105,10 @@ class RWKV:
             segment_of.setdefault(seg.device, seg.text)
         self.devices = [resolve_device(p, segment_of[p.device]) for p in self.plan]
         self._all_cpu = all(torch.device(d).type == "cpu" for d in self.devices)
+        # the residual stream's dtype in each slot: fp32 on the CPU whatever the weights (layer_norm
+        # hands each layer its own dtype; a one-call layer works in fp32 throughout)
+        self._stream_dtypes = [torch.float32 if torch.device(d).type == "cpu" else p.dtype
+                               for p, d in zip(self.plan, self.devices)]
         self.rescale = rescale_every(self.strategy, self.version)
         self._module = loader.VERSION_MODULES[self.version]
         merged = loader.time_state_tensors(sd, dims, self.path, self.version)
@@ -267,10 +271,7 @@ class RWKV:
         v_first = None
         new_layers = []
         for i, (w, layer_state) in enumerate(zip(layers, states)):
-            plan, device = self.plan[i], self.devices[i]
-            # on the CPU the residual stream stays fp32 whatever the weights (layer_norm hands each
-            # layer its own dtype; a one-call layer works in fp32 throughout)
-            dtype = torch.float32 if torch.device(device).type == "cpu" else plan.dtype
+            device, dtype = self.devices[i], self._stream_dtypes[i]
             x = x.to(device=device, dtype=dtype)
             if v_first is not None:
                 v_first = v_first.to(device=device, dtype=dtype)
