@@ -116,9 +116,36 @@ static void pool_start(int helpers) {
     }
 }
 
-/* Run fn(ctx, u) for u in [0, total) on the caller and up to n_threads - 1 helpers. */
+/* Torch's own OpenMP threads, for calls between torch's parallel ops (prefill): GOMP_parallel of the
+   runtime torch loaded (rk_set_team). There, torch's idle workers spin for a while after each op, and
+   a helper of the pool above would share a core with one of them instead of working. */
+typedef void (*team_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
+static team_parallel_fn team_parallel = NULL;
+static _Atomic int use_team = 0;
+void rk_set_team(void *gomp_parallel, int use) {
+    if (gomp_parallel) team_parallel = (team_parallel_fn)gomp_parallel;
+    atomic_store(&use_team, use && team_parallel != NULL);
+}
+
+typedef struct { unit_fn fn; void *ctx; int64_t total; _Atomic int64_t next; } team_task_t;
+static void team_worker(void *arg) {
+    team_task_t *t = (team_task_t *)arg;
+    for (;;) {
+        int64_t u = atomic_fetch_add_explicit(&t->next, 1, memory_order_relaxed);
+        if (u >= t->total) return;
+        t->fn(t->ctx, u);
+    }
+}
+
+/* Run fn(ctx, u) for u in [0, total) on the caller and up to n_threads - 1 helpers (the pool's, or
+   torch's team when rk_set_team chose it). */
 static void pool_run(unit_fn fn, void *ctx, int64_t total, int n_threads) {
     if (total <= 0) return;
+    if (n_threads > 1 && total > 1 && atomic_load_explicit(&use_team, memory_order_relaxed)) {
+        team_task_t task = { fn, ctx, total, 0 };
+        team_parallel(team_worker, &task, (unsigned)n_threads, 0);
+        return;
+    }
     if (n_threads <= 1 || total == 1 || pthread_mutex_trylock(&pool.call) != 0) {
         for (int64_t u = 0; u < total; u++) fn(ctx, u);
         return;
@@ -143,7 +170,7 @@ static void pool_run(unit_fn fn, void *ctx, int64_t total, int n_threads) {
     pthread_mutex_unlock(&pool.call);
 }
 
-enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2, K_I4 = 3 };
+enum { K_F32 = 0, K_BF16 = 1, K_I8 = 2, K_I4 = 3, K_BF16_WIDE = 4 };
 #define GROUP 32  /* weights per fp16 scale along the input (int8 and int4) */
 #define RK_V7_DECAY_SCALE 0.6065306597126334f  /* e^-0.5: an RWKV-7 decay is exp(-e^-0.5 sigmoid(.)), v7.DECAY_SCALE */
 
@@ -234,6 +261,9 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
         } else if (kind == K_BF16) {
             const uint16_t *w = (const uint16_t *)jb->w + r * n;
             for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * bf16_to_f32(p->xb[c]);
+        } else if (kind == K_BF16_WIDE) {
+            const uint16_t *w = (const uint16_t *)jb->w + r * n;
+            for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * p->xf[c];
         } else if (kind == K_I8) {
             const int8_t *w = (const int8_t *)jb->w + r * n;
             for (int64_t g = 0; g < ng; g++) {
@@ -280,6 +310,24 @@ RK_ALWAYS_INLINE void tile_f32(const float *W, const prep_t *const *ps, float *c
         __mmask16 mk = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
         __m512 w[RK_TILE];
         for (int i = 0; i < R; i++) w[i] = _mm512_maskz_loadu_ps(mk, W + (r0 + i) * n + c);
+        for (int j = 0; j < M; j++) {
+            __m512 x = _mm512_maskz_loadu_ps(mk, ps[j]->xf + c);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
+        }
+    }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+}
+
+/* bf16 weights widened to fp32, times the fp32 input as it is */
+RK_ALWAYS_INLINE void tile_bf16_wide(const uint16_t *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
+                                     const int M, int64_t n) {
+    __m512 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc);
+    for (int64_t c = 0; c < n; c += 16) {
+        __mmask16 mk = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
+        __m512 w[RK_TILE];
+        for (int i = 0; i < R; i++)
+            w[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, W + (r0 + i) * n + c)), 16));
         for (int j = 0; j < M; j++) {
             __m512 x = _mm512_maskz_loadu_ps(mk, ps[j]->xf + c);
             for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
@@ -447,6 +495,13 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
 #undef RK_F32
         return 1;
     }
+    if (kind == K_BF16_WIDE) {
+        const uint16_t *W = (const uint16_t *)jb->w;
+#define RK_BF16_WIDE(r_, m_) tile_bf16_wide(W, ps, ys, r0, r_, m_, n)
+        RK_SPECIALIZE(RK_BF16_WIDE)
+#undef RK_BF16_WIDE
+        return 1;
+    }
 #ifdef __AVX512BF16__
     if (kind == K_BF16) {
         const uint16_t *W = (const uint16_t *)jb->w;
@@ -540,7 +595,7 @@ static inline int64_t job_vectors(const job_t *jb) {
 }
 
 static int64_t row_bytes(int kind, int64_t n) {
-    int64_t b = kind == K_I4 ? n / 2 : n * (kind == K_F32 ? 4 : kind == K_BF16 ? 2 : 1);
+    int64_t b = kind == K_I4 ? n / 2 : n * (kind == K_F32 ? 4 : kind == K_BF16 || kind == K_BF16_WIDE ? 2 : 1);
     return b > 0 ? b : 1;
 }
 
@@ -844,6 +899,166 @@ void rk_dequant_groups(int bits, int64_t r0, int64_t r1, int64_t n, const void *
     pool_run(deq_unit, &ctx, r1 - r0, (r1 - r0) * n >= 65536 ? n_threads : 1);
 }
 
+
+/* ---------------------------------------------------------------- bf16 GEMM (prefill)
+   y[T, N] (fp32, rows ldy apart) = x[T, K] (fp32, rounded to bf16 here) times W[N, K]^T (bf16):
+   llama.cpp's BF16 arithmetic, products of bf16 values summed in fp32, results kept fp32. Work
+   units are blocks of GEMM_TOKENS tokens x GEMM_ROWS rows; inside one, tiles of 4 rows x up to 6
+   tokens (24 accumulators), so each weight chunk is loaded once for 6 tokens. */
+#define GEMM_TOKENS 48
+#define GEMM_ROWS 64
+typedef struct {
+    int64_t T, N, K, Kp, ldy, row_blocks; const uint16_t *w; const uint16_t *xb; float *y; const float *x; uint16_t *xout;
+    _Atomic int failed;  /* a unit could not allocate its panel */
+} gemm_ctx_t;
+
+static void gemm_round_unit(void *arg, int64_t t) {  /* token t of x to bf16, zero-padded to Kp */
+    const gemm_ctx_t *c = (const gemm_ctx_t *)arg;
+    const float *x = c->x + t * c->K;
+    uint16_t *o = c->xout + t * c->Kp;
+    int64_t k = 0;
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+    for (; k + 16 <= c->K; k += 16) _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(x + k)));
+#endif
+    for (; k < c->K; k++) o[k] = f32_to_bf16(x[k]);
+    for (; k < c->Kp; k++) o[k] = 0;
+}
+
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+/* 4 accumulators -> their 4 sums */
+static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+#define RK_HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(RK_HALVES(a0), RK_HALVES(a1)), _mm256_hadd_ps(RK_HALVES(a2), RK_HALVES(a3)));
+#undef RK_HALVES
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* rows r0..r0+R-1 (R <= 4) times tokens t0..t0+V-1 (V <= 6) */
+RK_ALWAYS_INLINE void gemm_tile(const gemm_ctx_t *c, int64_t r0, int64_t t0, const int R, const int V) {
+    int64_t K = c->K, full = K / 32 * 32;
+    __m512 acc[4][6];
+    for (int i = 0; i < 4; i++) for (int j = 0; j < V; j++) acc[i][j] = _mm512_setzero_ps();
+    const uint16_t *W = c->w + r0 * K, *X = c->xb + t0 * c->Kp;
+    for (int64_t k = 0; k < c->Kp; k += 32) {
+        __mmask32 mk = k < full ? 0xffffffffu : (__mmask32)((1u << (K - k)) - 1);
+        __m512i w[4];
+        for (int i = 0; i < R; i++) w[i] = _mm512_maskz_loadu_epi16(mk, W + i * K + k);
+        for (int j = 0; j < V; j++) {
+            __m512i x = _mm512_loadu_si512((const void *)(X + j * c->Kp + k));
+            for (int i = 0; i < R; i++) acc[i][j] = _mm512_dpbf16_ps(acc[i][j], (__m512bh)w[i], (__m512bh)x);
+        }
+    }
+    for (int j = 0; j < V; j++) {
+        float *y = c->y + (t0 + j) * c->ldy + r0;
+        __m128 s = sum4(acc[0][j], acc[1][j], acc[2][j], acc[3][j]);
+        if (R == 4) _mm_storeu_ps(y, s);
+        else _mm_mask_storeu_ps(y, (__mmask8)((1u << R) - 1), s);
+    }
+}
+#define RK_GEMM_V(R_) switch (V) { case 1: gemm_tile(c, r, t, R_, 1); break; case 2: gemm_tile(c, r, t, R_, 2); break; \
+    case 3: gemm_tile(c, r, t, R_, 3); break; case 4: gemm_tile(c, r, t, R_, 4); break; \
+    case 5: gemm_tile(c, r, t, R_, 5); break; default: gemm_tile(c, r, t, R_, 6); break; }
+#endif
+
+/* The cols layout (W stored [K, N]): a unit takes GEMM_COLS outputs for all tokens. It first packs
+   their weights as pairs of inputs ([K / 2][GEMM_COLS][2], zero-padded), the operand layout of
+   the bf16 dot instruction; then tiles of 6 tokens x 64 outputs, each token's input pair
+   broadcast: 24 accumulators, nothing to reduce. */
+#define GEMM_COLS 64
+static void gemm_cols_unit(void *arg, int64_t u) {
+    const gemm_ctx_t *c = (const gemm_ctx_t *)arg;
+    int64_t n0 = u * GEMM_COLS, width = c->N - n0 < GEMM_COLS ? c->N - n0 : GEMM_COLS, pairs = c->Kp / 2;
+    uint32_t *panel = (uint32_t *)aligned_alloc(64, (size_t)pairs * GEMM_COLS * 4);
+    if (!panel) { atomic_store(&((gemm_ctx_t *)arg)->failed, 1); return; }
+    for (int64_t p = 0; p < pairs; p++) {
+        const uint16_t *a = 2 * p < c->K ? c->w + 2 * p * c->N + n0 : NULL, *b = 2 * p + 1 < c->K ? a + c->N : NULL;
+        uint32_t *out = panel + p * GEMM_COLS;
+        int64_t i = 0;
+#ifdef RK_AVX512
+        for (; a && b && i + 16 <= width; i += 16) {
+            __m512i lo = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(a + i)));
+            __m512i hi = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + i)));
+            _mm512_store_si512((void *)(out + i), _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+        }
+#endif
+        for (; i < GEMM_COLS; i++)
+            out[i] = a && i < width ? (uint32_t)a[i] | (b ? (uint32_t)b[i] << 16 : 0u) : 0u;
+    }
+    for (int64_t t = 0; t < c->T; t += 6) {
+        int V = c->T - t < 6 ? (int)(c->T - t) : 6;
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+        __m512 acc[6][4];
+        for (int j = 0; j < 6; j++) for (int q = 0; q < 4; q++) acc[j][q] = _mm512_setzero_ps();
+        const uint32_t *X = (const uint32_t *)(c->xb + t * c->Kp);
+        for (int64_t p = 0; p < pairs; p++) {
+            __m512i w[4];
+            for (int q = 0; q < 4; q++) w[q] = _mm512_load_si512((const void *)(panel + p * GEMM_COLS + q * 16));
+            for (int j = 0; j < V; j++) {
+                __m512i x = _mm512_castps_si512(_mm512_broadcastss_ps(_mm_load_ss((const float *)(X + j * (c->Kp / 2) + p))));
+                for (int q = 0; q < 4; q++) acc[j][q] = _mm512_dpbf16_ps(acc[j][q], (__m512bh)w[q], (__m512bh)x);
+            }
+        }
+        for (int j = 0; j < V; j++)
+            for (int q = 0; q < 4 && q * 16 < width; q++) {
+                int64_t left = width - q * 16;
+                _mm512_mask_storeu_ps(c->y + (t + j) * c->ldy + n0 + q * 16, left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1), acc[j][q]);
+            }
+#else
+        for (int j = 0; j < V; j++)
+            for (int64_t i = 0; i < width; i++) {
+                float s = 0.f;
+                for (int64_t p = 0; p < pairs; p++) {
+                    uint32_t wp = panel[p * GEMM_COLS + i];
+                    s += bf16_to_f32((uint16_t)wp) * bf16_to_f32(c->xb[(t + j) * c->Kp + 2 * p])
+                       + bf16_to_f32((uint16_t)(wp >> 16)) * bf16_to_f32(c->xb[(t + j) * c->Kp + 2 * p + 1]);
+                }
+                c->y[(t + j) * c->ldy + n0 + i] = s;
+            }
+#endif
+    }
+    free(panel);
+}
+
+static void gemm_unit(void *arg, int64_t u) {
+    const gemm_ctx_t *c = (const gemm_ctx_t *)arg;
+    int64_t ta = u / c->row_blocks * GEMM_TOKENS, ra = u % c->row_blocks * GEMM_ROWS;
+    int64_t tb = ta + GEMM_TOKENS < c->T ? ta + GEMM_TOKENS : c->T, rb = ra + GEMM_ROWS < c->N ? ra + GEMM_ROWS : c->N;
+    for (int64_t r = ra; r < rb; r += 4)
+        for (int64_t t = ta; t < tb; t += 6) {
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+            int R = rb - r < 4 ? (int)(rb - r) : 4, V = tb - t < 6 ? (int)(tb - t) : 6;
+            if (R == 4) { RK_GEMM_V(4) } else if (R == 3) { RK_GEMM_V(3) } else if (R == 2) { RK_GEMM_V(2) } else { RK_GEMM_V(1) }
+#else
+            for (int64_t i = r; i < r + 4 && i < rb; i++)
+                for (int64_t j = t; j < t + 6 && j < tb; j++) {
+                    float s = 0.f;
+                    for (int64_t k = 0; k < c->K; k++) s += bf16_to_f32(c->w[i * c->K + k]) * bf16_to_f32(c->xb[j * c->Kp + k]);
+                    c->y[j * c->ldy + i] = s;
+                }
+#endif
+        }
+}
+
+int rk_gemm_bf16(int64_t T, int64_t N, int64_t K, const float *x, const void *w, float *y, int64_t ldy, int cols,
+                 int n_threads) {
+    int64_t Kp = (K + 31) / 32 * 32;
+    uint16_t *xb = (uint16_t *)aligned_alloc(64, (size_t)(T * Kp * 2 + 64) / 64 * 64);
+    if (!xb) return -1;
+    gemm_ctx_t c = { T, N, K, Kp, ldy, (N + GEMM_ROWS - 1) / GEMM_ROWS, (const uint16_t *)w, xb, y, x, xb, 0 };
+    pool_run(gemm_round_unit, &c, T, T * K >= 65536 ? n_threads : 1);
+    if (cols) pool_run(gemm_cols_unit, &c, (N + GEMM_COLS - 1) / GEMM_COLS, n_threads);
+    else pool_run(gemm_unit, &c, (T + GEMM_TOKENS - 1) / GEMM_TOKENS * c.row_blocks, n_threads);
+    free(xb);
+    return atomic_load(&c.failed) ? -1 : 0;
+}
+
+int rk_gemm_bf16_native(void) {
+#if defined(RK_AVX512) && defined(__AVX512BF16__)
+    return 1;
+#else
+    return 0;
+#endif
+}
 
 /* ---------------------------------------------------------------- WKV recurrences */
 

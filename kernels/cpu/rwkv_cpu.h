@@ -35,7 +35,8 @@
    group scales [out, ceil(in / 32)] (cast), and for int8 `tag` to one float per row: 32768 *
    sum over groups of scale * (sum of q in the group), the offset correction of u8 x s8 products;
    else `tag` is 0.
-   flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8, 3 int4; int8/int4 rows only), bit 4 layout
+   flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8, 3 int4, 4 bf16 widened: times x as it is, not rounded to
+   bf16; int8/int4/widened rows only), bit 4 layout
    (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16, bit 9 y is bf16, bits 32-47 the number M of
    vectors (0 means 1): x is [M, in] and y [M, out], each row computed exactly as it would be alone. */
 typedef struct {
@@ -44,10 +45,19 @@ typedef struct {
 } job_t;
 
 void rk_set_spin(int limit);
+/* gomp_parallel: GOMP_parallel of the OpenMP runtime torch uses (NULL: keep the one given before); use: 1 to run
+   parallel work on that runtime's threads (calls made between torch's parallel ops), 0 for the kernels' own pool */
+void rk_set_team(void *gomp_parallel, int use);
 /* 0, or -1 when n_jobs is over the limit */
 int rk_gemv(int n_jobs, const job_t *jobs, int n_threads);
 void rk_dequant_groups(int bits, int64_t r0, int64_t r1, int64_t n, const void *q, const void *scale, void *out,
                        int out_bf16, int n_threads);
+/* y[T, N] (fp32, rows ldy floats apart) = x[T, K] (fp32, rounded to bf16) times W^T, W bf16 [N, K] (or with
+   cols set, stored [K, N]: y = x W); fp32 sums (prefill's products for bf16 weights). 0, or -1 when out of memory */
+int rk_gemm_bf16(int64_t T, int64_t N, int64_t K, const float *x, const void *w, float *y, int64_t ldy, int cols,
+                 int n_threads);
+/* 1 when rk_gemm_bf16 runs on AVX-512 BF16 instructions (else portable loops: slow) */
+int rk_gemm_bf16_native(void);
 void rk_wkv4(int64_t T, int64_t C, const float *k, const float *v, const float *w, const float *u,
              const float *aa_in, const float *bb_in, const float *pp_in,
              float *aa_out, float *bb_out, float *pp_out, float *out, int n_threads);

@@ -68,7 +68,7 @@ class RWKV:
         plan, device = self.engine.plan[i], self.engine.devices[i]
         return types.SimpleNamespace(
             device=device if plan.device == "dml" else plan.device,
-            atype=plan.dtype, wtype=torch.uint8 if plan.quant else plan.dtype, stream=plan.stream,
+            atype=plan.dtype, wtype=torch.uint8 if plan.quant else plan.weight_dtype, stream=plan.stream,
         )
 
     # ------------------------------------------------------------------ states

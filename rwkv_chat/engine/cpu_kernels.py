@@ -31,7 +31,7 @@ import torch
 
 from . import kernel_cache
 
-K_F32, K_BF16, K_I8, K_I4 = 0, 1, 2, 3
+K_F32, K_BF16, K_I8, K_I4, K_BF16_WIDE = 0, 1, 2, 3, 4  # wide: bf16 weights times the fp32 x as it is
 LAYOUT_COLS = 16
 X_BF16, Y_BF16 = 256, 512
 BLOCKS = 1024  # int8 / int4 rows stored in quant.BLOCK blocks (quant.block_order)
@@ -113,8 +113,15 @@ class Kernels:
         for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_dequant_groups, lib.rk_group_norm_gate,
                    lib.rk_v7_step, lib.rk_v7_layer, lib.rk_v6_layer):
             fn.restype = None
+        lib.rk_gemm_bf16.argtypes = [i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int]
+        lib.rk_gemm_bf16.restype = ctypes.c_int
+        lib.rk_gemm_bf16_native.restype = ctypes.c_int
+        self.native_bf16_gemm = bool(lib.rk_gemm_bf16_native())
         lib.rk_set_spin.argtypes = [ctypes.c_int]
         lib.rk_set_spin.restype = None
+        lib.rk_set_team.argtypes = [ptr, ctypes.c_int]
+        lib.rk_set_team.restype = None
+        lib.rk_set_team(_torch_gomp_parallel(), 0)
         self.lib = lib
         self.library = library  # holds the verified file open while the library is in use
         self.path = library.path
@@ -138,7 +145,11 @@ class Kernels:
         n = torch.get_num_threads()
         if n_tokens != 1 or n <= 1:
             self.lib.rk_set_spin(_SHORT_SPIN)
-            yield
+            self.lib.rk_set_team(None, 1)  # parallel work on torch's threads, which are awake between its ops
+            try:
+                yield
+            finally:
+                self.lib.rk_set_team(None, 0)
             return
         self._threads = n
         torch.set_num_threads(1)
@@ -156,6 +167,16 @@ class Kernels:
         self.lib.rk_dequant_groups(bits | (BLOCKS if blocks else 0), start, stop, n_in, q.data_ptr(), scale.data_ptr(),
                                    out.data_ptr(), int(dtype == torch.bfloat16), self.threads())
         return out
+
+    def gemm_bf16(self, x: torch.Tensor, weight: torch.Tensor, cols: bool = False) -> torch.Tensor:
+        """x [T, K] fp32 (contiguous) times a bf16 weight [N, K] transposed (cols: [K, N], as it is):
+        [T, N] fp32, the products of x rounded to bf16 summed in fp32."""
+        T, K = x.shape
+        N = weight.shape[1] if cols else weight.shape[0]
+        y = torch.empty((T, N), dtype=torch.float32)
+        if self.lib.rk_gemm_bf16(T, N, K, x.data_ptr(), weight.data_ptr(), y.data_ptr(), N, int(cols), self.threads()) != 0:
+            raise MemoryError("rk_gemm_bf16: no memory for the bf16 copy of the input")
+        return y
 
     def gemv_words(self, words) -> None:
         """Weight-times-vector jobs given as an array('q') of 8 words each (job_t in the C source:
@@ -241,6 +262,22 @@ class Kernels:
         self.lib.rk_wkv7(T, H, N, r.data_ptr(), w.data_ptr(), k.data_ptr(), v.data_ptr(), kk.data_ptr(), a.data_ptr(),
                          state.data_ptr(), new_state.data_ptr(), out.data_ptr(), self.threads())
         return out, new_state
+
+
+def _torch_gomp_parallel() -> int | None:
+    """The address of GOMP_parallel in the OpenMP runtime torch loaded (libgomp; LLVM's and Intel's
+    runtimes export it too), or None: the kernels then always use their own pool."""
+    folder = Path(torch.__file__).parent / "lib"
+    candidates = []
+    with contextlib.suppress(OSError):
+        with open("/proc/self/maps") as maps:
+            loaded = {line.split()[-1] for line in maps if "omp" in line.rsplit("/", 1)[-1]}
+        candidates += sorted(loaded, key=lambda path: not path.startswith(str(folder)))  # torch's own first
+    candidates += [str(p) for pattern in ("libgomp*", "libomp*", "libiomp*") for p in sorted(folder.glob(pattern))]
+    for path in candidates:
+        with contextlib.suppress(OSError, AttributeError):
+            return ctypes.cast(ctypes.CDLL(path).GOMP_parallel, ctypes.c_void_p).value
+    return None
 
 
 def get() -> Kernels | None:

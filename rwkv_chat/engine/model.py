@@ -11,9 +11,9 @@ import torch
 
 from ..errors import StateMismatchError, TokenError
 from . import batch, loader, memory
-from .common import layer_norm, pair
+from .common import layer_norm, pair, vector
 from .ops import select
-from .placement import rescale_every, resolve_device
+from .placement import cpu_activations, rescale_every, resolve_device
 from .quant import dequantize, make_linear, quantize_groups
 from .state import RWKVState, ordinary, time_state_layout
 from .strategy import LayerPlan, parse_strategy, plan_layers
@@ -52,26 +52,29 @@ class QuantizedRows:
         return self.q.shape[0]
 
 
-def embedding_table(sd, plan):
-    """emb.weight with ln0 applied (once, at load), in the first layer's dtype; quantized like the
-    first layer's weights when those are (i8 / i4). Converted a block of rows at a time."""
-    weight = sd["emb.weight"]
-    ln0 = (sd["blocks.0.ln0.weight"].float(), sd["blocks.0.ln0.bias"].float())
-    out = torch.empty(weight.shape, dtype=plan.dtype) if not plan.quant else None
-    qs, scales = [], []
-    for start, stop in memory.row_blocks(weight):
-        block = weight[start:stop]
-        normed = layer_norm(block.float(), ln0)
-        memory.release(block)
-        if plan.quant:
-            q, scale = quantize_groups(normed, plan.quant)
+class Embedding:
+    """emb.weight as stored at load (the first slot's weight dtype, or i8 / i4 like its weights);
+    looking up token rows applies ln0 in fp32, as the reference's first LayerNorm does. Rounding
+    the raw rows, not the normalised ones, keeps each token's signal where ln0's bias is large."""
+
+    def __init__(self, sd, plan):
+        weight = sd["emb.weight"]
+        self.ln0 = (vector(sd["blocks.0.ln0.weight"], torch.float32, "cpu"),
+                    vector(sd["blocks.0.ln0.bias"], torch.float32, "cpu"))
+        if not plan.quant:
+            self.rows = memory.converted(weight, plan.weight_dtype)
+            return
+        qs, scales = [], []
+        for start, stop in memory.row_blocks(weight):
+            block = weight[start:stop]
+            q, scale = quantize_groups(block.float(), plan.quant)
+            memory.release(block)
             qs.append(q)
             scales.append(scale)
-        else:
-            out[start:stop] = normed
-    if plan.quant:
-        return QuantizedRows(torch.cat(qs), torch.cat(scales), plan.quant, weight.shape[1], plan.dtype)
-    return out
+        self.rows = QuantizedRows(torch.cat(qs), torch.cat(scales), plan.quant, weight.shape[1], torch.float32)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        return layer_norm(self.rows[ids].float(), self.ln0)
 
 
 class RWKV:
@@ -99,11 +102,12 @@ class RWKV:
         self.shape = dims.shape
         self.fingerprint = loader.fingerprint(self.path)
 
-        self.plan: list[LayerPlan] = plan_layers(segments, self.n_layer)
+        plan = plan_layers(segments, self.n_layer)
         segment_of = {}
         for seg in segments:
             segment_of.setdefault(seg.device, seg.text)
-        self.devices = [resolve_device(p, segment_of[p.device]) for p in self.plan]
+        self.devices = [resolve_device(p, segment_of[p.device]) for p in plan]
+        self.plan: list[LayerPlan] = [cpu_activations(p) for p in plan]
         self._all_cpu = all(torch.device(d).type == "cpu" for d in self.devices)
         # the residual stream's dtype in each slot: fp32 on the CPU whatever the weights (layer_norm
         # hands each layer its own dtype; a one-call layer works in fp32 throughout)
@@ -129,7 +133,7 @@ class RWKV:
         for key, tensor in sd.items():
             loader.check_finite(key, tensor, path)
             release(tensor)
-        self.emb = embedding_table(sd, self.plan[0])  # stays in host memory; rows move per call
+        self.emb = Embedding(sd, self.plan[0])  # stays in host memory; rows move per call
         release(sd["emb.weight"])
         self.layers = []
         total = self.n_layer + 1

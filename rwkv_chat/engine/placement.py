@@ -1,11 +1,13 @@
 """Where each layer lives: device checks, environment switches, the fp16 rescale rule."""
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
 
 from ..errors import DeviceUnavailableError, StrategyError
+from . import cpu_kernels
 from .strategy import LayerPlan
 
 
@@ -63,3 +65,18 @@ def resolve_device(plan: LayerPlan, segment_text: str):
             ) from None
         return torch_directml.device()
     raise StrategyError(f"unknown device {name!r} in strategy segment {segment_text!r}")
+
+
+def cpu_activations(plan: LayerPlan) -> LayerPlan:
+    """A bf16 slot on the CPU computes in fp32 where the C kernels have AVX-512 BF16 products:
+    its matrices stay bf16 (or i8 / i4, expanded to bf16 for prefill), each product rounds its
+    input to bf16 (not the LoRA factors': common.lora) and sums in fp32, and everything between
+    products (the token-shift and WKV states included) is fp32: llama.cpp's BF16 arithmetic. The
+    memory is the same; 1 - cosine against fp32 on a 512-token prompt went from 2.4e-4 to 4.2e-5
+    (v6 0.4B) and from 1.3e-3 to 6.9e-4 (v7 0.4B), where llama.cpp's BF16 gets 4.8e-5 and 7.5e-4."""
+    if plan.device != "cpu" or plan.dtype != torch.bfloat16:
+        return plan
+    kernels = cpu_kernels.get()
+    if kernels is None or not kernels.native_bf16_gemm:
+        return plan
+    return dataclasses.replace(plan, dtype=torch.float32, weights=torch.bfloat16)

@@ -34,12 +34,18 @@ class Segment:
 @dataclass(frozen=True)
 class LayerPlan:
     device: str
-    dtype: torch.dtype
+    dtype: torch.dtype  # the activations' (placement.cpu_activations may widen bf16 to fp32)
     quant: int  # 0, 8 or 4 (Segment.quant)
     stream: bool
+    weights: torch.dtype | None = None  # the float matrices' dtype when it is not `dtype`
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype matrices are stored in (i8 / i4: expanded to for prefill's GEMMs)."""
+        return self.weights or self.dtype
 
     def describe(self) -> str:
-        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
+        name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.weight_dtype]
         return f"{self.device} {name}{f'i{self.quant}' if self.quant else ''}{' (streamed)' if self.stream else ''}"
 
 

@@ -34,10 +34,10 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),
         maa_x=vec("att.time_maa_x"),
         maa=torch.stack([vec(f"att.time_maa_{n}") for n in "wkvrg"]),  # [5, C]
-        maa_w1=lora(get("att.time_maa_w1"), dt, device),  # C -> 5*D
-        maa_w2=[lora(part, dt, device) for part in get("att.time_maa_w2")],  # five D -> C
+        maa_w1=lora(get("att.time_maa_w1"), plan, device),  # C -> 5*D
+        maa_w2=[lora(part, plan, device) for part in get("att.time_maa_w2")],  # five D -> C
         decay_base=get("att.time_decay").reshape(n_head, -1, 1).to(dtype=torch.float32, device=device, copy=True),  # [H, K, 1]
-        decay_w1=lora(get("att.time_decay_w1"), dt, device), decay_w2=lora(get("att.time_decay_w2"), dt, device),
+        decay_w1=lora(get("att.time_decay_w1"), plan, device), decay_w2=lora(get("att.time_decay_w2"), plan, device),
         bonus=get("att.time_faaaa").reshape(n_head, -1, 1).to(dtype=torch.float32, device=device, copy=True),
         ln_x=pair(get, "att.ln_x", torch.float32, device),
         key=lin("att.key.weight"), value=lin("att.value.weight"), receptance=lin("att.receptance.weight"),

@@ -32,7 +32,7 @@ def prepare_layer(get, plan, device, ops, *, output_scale: float, n_head: int, l
     dt = plan.dtype
     lin = lambda name, scale=1.0, layout="rows": make_linear(get(name), plan, device, scale, layout)
     vec = lambda name: vector(get(name), dt, device)
-    small = lambda name: lora(get(name), dt, device)
+    small = lambda name: lora(get(name), plan, device)
     w = SimpleNamespace(
         ops=ops, n_head=n_head, first_layer=layer == 0,
         ln1=pair(get, "ln1", dt, device), ln2=pair(get, "ln2", dt, device),

@@ -1,5 +1,7 @@
 """The CPU fast paths: C kernels (matrix-vector products, WKV recurrences), the chunked WKV of
 v5.2/v6, and whole models with the kernels on vs off."""
+import sys
+
 import pytest
 import torch
 
@@ -176,6 +178,90 @@ def test_quantized_multi_token_matches_dequantized(bits, dtype, monkeypatch):
     assert rel(got, expected) <= (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+# ---------------------------------------------------------------------------------------------
+# bf16 weights under fp32 activations (placement.cpu_activations): the kernels' bf16 GEMM
+
+
+def bf16_products(x: torch.Tensor, weight_rows: torch.Tensor) -> torch.Tensor:
+    """What the bf16 GEMM promises: x rounded to bf16, times the bf16 weights, summed exactly."""
+    return x.bfloat16().double() @ weight_rows.bfloat16().double().t()
+
+
+@needs_kernels
+@pytest.mark.parametrize("T", [1, 5, 55, 200])
+@pytest.mark.parametrize("out_features,in_features", [(768, 768), (101, 37), (7, 64), (130, 8200)])
+@pytest.mark.parametrize("cols", [False, True])
+def test_bf16_gemm_sums_bf16_products_in_fp32(T, out_features, in_features, cols):
+    g = gen(T + out_features + in_features)
+    weight = (torch.randn(out_features, in_features, generator=g) / in_features**0.5).bfloat16()
+    x = torch.randn(T, in_features, generator=g)
+    y = KERNELS.gemm_bf16(x, weight.t().contiguous() if cols else weight, cols=cols)
+    expected = bf16_products(x, weight)
+    assert y.dtype == torch.float32 and y.shape == (T, out_features)
+    assert rel(y, expected) <= 1e-5
+    # the results keep fp32 precision: rounding them to bf16 would be 100x further off
+    assert rel(y.bfloat16(), expected) > 10 * rel(y, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("layout,widen", [("rows", False), ("cols", False), ("rows", True)])
+@pytest.mark.parametrize("rows", [1, KERNEL_ROWS, 40])
+def test_bf16_weights_under_fp32_activations(layout, widen, rows):
+    """A single token, a few rows (the GEMV kernels) and many (the GEMM) give fp32 results of the
+    same bf16 products; the weight is stored once, in bf16. Widened (the LoRA factors), the fp32
+    input is used as it is."""
+    g = gen(rows)
+    weight = torch.randn(300, 256, generator=g) / 16
+    linear = DenseLinear(weight, torch.float32, "cpu", layout=layout, weights=torch.bfloat16, widen=widen)
+    assert linear.weight.dtype == torch.bfloat16
+    x = torch.randn(rows, 256, generator=g)
+    x[:, torch.rand(256, generator=g) < 0.5] = 0  # relu^2-like zeros (the cols layout skips them)
+    got = linear(x)
+    assert got.dtype == torch.float32 and got.shape == (rows, 300)
+    unrounded = x.double() @ weight.bfloat16().double().t()
+    # the cols GEMV multiplies the fp32 input as it is, as widened products do
+    expected = unrounded if widen or (layout == "cols" and rows <= KERNEL_ROWS) else bf16_products(x, weight)
+    assert rel(got, expected) <= 1e-5
+    if widen:
+        assert rel(got, bf16_products(x, weight)) > 10 * rel(got, expected)
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_prefill_under_fp32_activations_expands_to_bf16(bits, monkeypatch):
+    monkeypatch.setattr("rwkv_chat.engine.quant._DEQUANT_ELEMENTS", 100 * 256)  # several blocks
+    g = gen(7 + bits)
+    weight = torch.randn(300, 256, generator=g) / 16
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=bits, expand=torch.bfloat16)
+    x = torch.randn(40, 256, generator=g)
+    got = linear(x)
+    assert got.dtype == torch.float32
+    assert rel(got, bf16_products(x, plain_dequantize(linear).float())) <= 1e-5
+
+
+def q4_0_squared_error(weight: torch.Tensor) -> float:
+    """llama.cpp's Q4_0, written plainly: per 32 weights d = (the weight of largest magnitude) / -8
+    in fp16, q = round(w / d) clamped to [-8, 7]; the summed squared error of q * d."""
+    total = 0.0
+    for group in weight.double().reshape(-1, 32):
+        d = float(torch.tensor(float(group[group.abs().argmax()]) / -8).half())
+        q = torch.zeros(32, dtype=torch.float64) if d == 0 else torch.round(group / d).clamp(-8, 7)
+        total += float(((q * d - group) ** 2).sum())
+    return total
+
+
+def test_int4_weights_are_closer_than_q4_0():
+    """The scale search plus a least-squares refit (quant._best_int4): ~11% less squared error
+    than Q4_0 on Gaussian weights, never more."""
+    weight = torch.randn(64, 1024, generator=gen(11)) * 0.02
+    weight[3, :32] = 0  # an all-zero group stays exact
+    weight[5, 40] = 1.0  # an outlier
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=4)
+    ours = float(((plain_dequantize(linear) - weight.double()) ** 2).sum())
+    assert ours <= 0.93 * q4_0_squared_error(weight)
+    assert torch.all(plain_dequantize(linear)[3, :32] == 0)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_quantized_reference_path_without_kernels(bits, monkeypatch):
     """Without the C kernels (and off the CPU) the torch reference runs the same format."""
@@ -338,6 +424,20 @@ def test_model_with_and_without_kernels(version, strategy, engine_models, token_
         cosine = torch.nn.functional.cosine_similarity(seq_fast, seq_plain, dim=-1).min()
         assert cosine >= 0.999
         assert torch.nn.functional.cosine_similarity(one_fast, one_plain, dim=0) >= 0.99
+
+
+@needs_kernels
+@pytest.mark.parametrize("strategy", ["cpu bf16", "cpu fp32i8"])
+def test_prompt_work_on_torchs_threads_gives_the_same_logits(strategy, engine_models, token_sequence, monkeypatch):
+    """While a prompt runs, the kernels' parallel loops use torch's own OpenMP threads (awake
+    between torch's ops) instead of their pool; every work unit computes the same numbers."""
+    if sys.platform.startswith("linux"):
+        assert cpu_kernels._torch_gomp_parallel() is not None
+    model = RWKV(engine_models["7", "three_heads"], strategy)
+    on_team = model.forward(token_sequence, full_output=True)[0]
+    monkeypatch.setattr(KERNELS.lib, "rk_set_team", lambda *args: None)  # stays off: the pool
+    on_pool = model.forward(token_sequence, full_output=True)[0]
+    assert torch.equal(on_team, on_pool)
 
 
 def test_kernels_can_be_switched_off(monkeypatch):
