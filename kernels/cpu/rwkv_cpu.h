@@ -17,7 +17,12 @@
      below the int8 weight error); int4 rows unpack nibbles and dot them with the activation
      rounded to int8 per group (llama.cpp's Q4_0 x Q8_0); bf16 rows use AVX-512 BF16 dot products
      with fp32 accumulation. Portable C loops otherwise.
+     bf16 rows may also be widened to fp32 and dotted with the fp32 activation as it is (kind 4,
+     the LoRA factors under fp32 activations).
    * rk_dequant_groups: int8 / int4 rows back to fp32 or bf16, for prefill's GEMMs.
+   * rk_gemm_bf16: prefill's products for bf16 weights under fp32 activations: the activations
+     rounded to bf16, AVX-512 BF16 dot products, fp32 results (torch's CPU bf16 GEMM only
+     returns bf16).
    * rk_wkv4, rk_wkv5, rk_wkv7: the exact per-token WKV recurrences for any number of tokens
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
      time-mix tail; rk_v7_layer and rk_v6_layer run one token through a whole layer in one call
@@ -25,7 +30,9 @@
      (a server's batch: the weights read once for all of them).
    * Threads: a small pool of its own in which the caller never waits for a helper thread that
      has not started; OpenMP's barrier does, which costs milliseconds per call when the machine is
-     busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. */
+     busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. Calls
+     made between torch's parallel ops (a prompt) run on torch's own OpenMP threads instead
+     (rk_set_team), which are awake there while the pool's helpers would share their cores. */
 #ifndef RWKV_CPU_H
 #define RWKV_CPU_H
 

@@ -9,15 +9,18 @@ Formats:
   fp16 scale each, llama.cpp's Q8_0 / Q4_0 blocks: W[o, k] ~= q[o, k] * scale[o, k // 32].
   int8: q in [-127, 127], scale = the group's max |w| / 127. int4: q in [-8, 7] (stored as
   q + 8 in nibbles, see `pack4`), scale chosen per group from a few candidates to minimise the
-  squared error (the max-|w| / -8 of Q4_0 is one of them). 8.5 and 4.5 bits per weight.
+  squared error (the max-|w| / -8 of Q4_0 is one of them), then refitted (`_best_int4`). 8.5 and
+  4.5 bits per weight.
 
 On the CPU a single token (x of shape [1, in]), or a few (up to KERNEL_ROWS: a server's batch, a
 short prompt), goes to the C kernels of `cpu_kernels` when they are available: weights stream from
 memory once for all rows, fp32 accumulation, no per-call conversion, and each row's result is
 bitwise the one it gets alone. Where the kernels run them, int8 / int4 weights are stored in their
-block order (`block_order`). Longer inputs (prefill) use torch's GEMMs: MKL for fp32, oneDNN for
-bf16; quantized weights are first expanded to the activation dtype a block of rows at a time (the
-C kernels do it), so that the activations are never rounded to 8 bits. Elsewhere (CUDA, MPS, no
+block order (`block_order`). Longer inputs (prefill) use GEMMs: torch's for fp32 (MKL) and for
+bf16 activations (oneDNN), the kernels' bf16 GEMM with fp32 results for bf16 weights under fp32
+activations (placement.cpu_activations); quantized weights are first expanded (to fp32, or bf16
+under `bf16i8` / `bf16i4`) a block of rows at a time by the C kernels, so that the activations are
+never rounded to 8 bits. Elsewhere (CUDA, MPS, no
 kernels) the reference math runs: the same expansion in torch, then a matmul (CUDA int8: the
 kernels of cuda.py).
 
