@@ -69,11 +69,15 @@ def resolve_device(plan: LayerPlan, segment_text: str):
 
 def cpu_activations(plan: LayerPlan) -> LayerPlan:
     """A bf16 slot on the CPU computes in fp32 where the C kernels have AVX-512 BF16 products:
-    its matrices stay bf16 (or i8 / i4, expanded to bf16 for prefill), each product rounds its
-    input to bf16 (not the LoRA factors': common.lora) and sums in fp32, and everything between
-    products (the token-shift and WKV states included) is fp32: llama.cpp's BF16 arithmetic. The
-    memory is the same; 1 - cosine against fp32 on a 512-token prompt went from 2.4e-4 to 4.2e-5
-    (v6 0.4B) and from 1.3e-3 to 6.9e-4 (v7 0.4B), where llama.cpp's BF16 gets 4.8e-5 and 7.5e-4."""
+    its matrices stay bf16 (or i8 / i4, expanded to bf16 for prefill), and everything between
+    products (the token-shift and WKV states included) is fp32. A single token (and up to
+    quant.KERNEL_ROWS rows) multiplies its fp32 input as it is, with the weights widened to fp32:
+    decode is bound by memory, so this costs nothing, and on a bf16 checkpoint (as RWKV models
+    ship) `cpu bf16` decodes what `cpu fp32` does. Prompts' GEMMs round their input to bf16 and
+    sum in fp32 (llama.cpp's BF16 arithmetic; the LoRA factors excepted: common.lora). The memory
+    is the same as bf16 activations'; 1 - cosine against fp32 on a 512-token prompt went from
+    2.4e-4 to 1.2e-5 (v6 0.4B) and from 1.3e-3 to 2.1e-5 (v7 0.4B); llama.cpp's BF16 gets 4.8e-5
+    and 7.5e-4."""
     if plan.device != "cpu" or plan.dtype != torch.bfloat16:
         return plan
     kernels = cpu_kernels.get()

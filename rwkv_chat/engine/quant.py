@@ -70,9 +70,10 @@ class DenseLinear:
     """Float weights. `weight` is [out, in] ("rows") or [in, out] ("cols").
 
     `dtype` is the activations' (x and the result); the weight is stored in `weights` when given
-    (bf16 under fp32 activations on the CPU: placement.cpu_activations), else in `dtype`. Such a
-    product rounds x to bf16, unless `widen`: then the weights are widened to fp32 and x is used
-    as it is (small matrices whose inputs need the precision: the LoRA factors)."""
+    (bf16 under fp32 activations on the CPU: placement.cpu_activations), else in `dtype`. Then a
+    few rows (the GEMV kernels, bound by memory) widen the weights to fp32 and use x as it is,
+    and more rows go to the kernels' bf16 GEMM, which rounds x to bf16 (llama.cpp's BF16), unless
+    `widen`: small matrices whose inputs need the precision (the LoRA factors) always widen."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, layout: str = "rows",
                  weights: torch.dtype | None = None, widen: bool = False):
@@ -88,10 +89,10 @@ class DenseLinear:
         self._widen = widen and stored != dtype
         if kernels is not None:
             kind = cpu_kernels.K_F32 if stored == torch.float32 else cpu_kernels.K_BF16
-            if self._widen and self.layout == "rows":
+            if stored != dtype and self.layout == "rows":
                 kind = cpu_kernels.K_BF16_WIDE
             self._job = (self.weight.data_ptr(), 0, self.out_features, self.in_features, _flags(kind, self.layout, dtype), 0)
-        # several rows of fp32 x times bf16 weights: the kernels' GEMM (fp32 results)
+        # many rows of fp32 x times bf16 weights: the kernels' GEMM (fp32 results)
         self._gemm = kernels is not None and stored != dtype and not self._widen
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:

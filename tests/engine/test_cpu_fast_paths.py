@@ -207,9 +207,9 @@ def test_bf16_gemm_sums_bf16_products_in_fp32(T, out_features, in_features, cols
 @pytest.mark.parametrize("layout,widen", [("rows", False), ("cols", False), ("rows", True)])
 @pytest.mark.parametrize("rows", [1, KERNEL_ROWS, 40])
 def test_bf16_weights_under_fp32_activations(layout, widen, rows):
-    """A single token, a few rows (the GEMV kernels) and many (the GEMM) give fp32 results of the
-    same bf16 products; the weight is stored once, in bf16. Widened (the LoRA factors), the fp32
-    input is used as it is."""
+    """A single token and a few rows (the GEMV kernels) multiply the fp32 input as it is by the
+    bf16 weights; many rows (the GEMM) round it to bf16 first, unless widened (the LoRA factors).
+    Results are fp32; the weight is stored once, in bf16."""
     g = gen(rows)
     weight = torch.randn(300, 256, generator=g) / 16
     linear = DenseLinear(weight, torch.float32, "cpu", layout=layout, weights=torch.bfloat16, widen=widen)
@@ -218,11 +218,10 @@ def test_bf16_weights_under_fp32_activations(layout, widen, rows):
     x[:, torch.rand(256, generator=g) < 0.5] = 0  # relu^2-like zeros (the cols layout skips them)
     got = linear(x)
     assert got.dtype == torch.float32 and got.shape == (rows, 300)
-    unrounded = x.double() @ weight.bfloat16().double().t()
-    # the cols GEMV multiplies the fp32 input as it is, as widened products do
-    expected = unrounded if widen or (layout == "cols" and rows <= KERNEL_ROWS) else bf16_products(x, weight)
+    unrounded = widen or rows <= KERNEL_ROWS
+    expected = x.double() @ weight.bfloat16().double().t() if unrounded else bf16_products(x, weight)
     assert rel(got, expected) <= 1e-5
-    if widen:
+    if unrounded:
         assert rel(got, bf16_products(x, weight)) > 10 * rel(got, expected)
 
 

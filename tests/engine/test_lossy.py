@@ -67,6 +67,23 @@ def test_cpu_bf16_computes_in_fp32_between_bf16_products(version, engine_models,
     assert (1 - cosine).mean().item() <= (6e-5 if version == "7" else 1.4e-5)
 
 
+@pytest.mark.skipif(KERNELS is None or not KERNELS.native_bf16_gemm,
+                    reason="bf16 weights keep bf16 activations without AVX-512 BF16 kernels")
+@pytest.mark.parametrize("version", VERSIONS)
+def test_cpu_bf16_decodes_a_bf16_checkpoint_as_fp32_does(version, make_model_file, token_sequence):
+    """RWKV checkpoints ship in bf16, so storing them in bf16 loses nothing; a token (or a few,
+    up to the GEMV kernels' rows) then multiplies fp32 inputs by the same values as `cpu fp32`:
+    the same logits and states, bit for bit, at half the memory."""
+    path = make_model_file(version, n_layer=3, n_embd=192, seed=7, dtype=torch.bfloat16)
+    fp32, bf16 = RWKV(path, "cpu fp32"), RWKV(path, "cpu bf16")
+    state32 = state16 = None
+    for piece in ([token_sequence[0]], token_sequence[1:12], [token_sequence[12]], token_sequence[13:]):
+        logits32, state32 = fp32.forward(piece, state32)
+        logits16, state16 = bf16.forward(piece, state16)
+        assert torch.equal(logits16, logits32)
+    assert all(torch.equal(a, b) for a, b in zip(sum(state16.layers, []), sum(state32.layers, [])))
+
+
 def test_plan_reports_dtypes_and_streaming(engine_models):
     model = RWKV(engine_models["7", "three_heads"], "cpu fp32i8 *1+ -> cpu fp32")
     assert [p.describe() for p in model.plan] == ["cpu fp32i8", "cpu fp32i8 (streamed)", "cpu fp32i8 (streamed)", "cpu fp32i8"]
