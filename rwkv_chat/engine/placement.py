@@ -76,8 +76,8 @@ def cpu_activations(plan: LayerPlan) -> LayerPlan:
     ship) `cpu bf16` decodes what `cpu fp32` does. Prompts' GEMMs round their input to bf16 and
     sum in fp32 (llama.cpp's BF16 arithmetic; the LoRA factors excepted: common.lora). The memory
     is the same as bf16 activations'; 1 - cosine against fp32 on a 512-token prompt went from
-    2.4e-4 to 1.2e-5 (v6 0.4B) and from 1.3e-3 to 2.1e-5 (v7 0.4B); llama.cpp's BF16 gets 4.8e-5
-    and 7.5e-4."""
+    2.4e-4 to 1.6e-5 (v6 0.4B) and from 1.3e-3 to 2.8e-5 (v7 0.4B); llama.cpp's BF16 gets 4.8e-5
+    and 7.5e-4 (docs/benchmarks.md)."""
     if plan.device != "cpu" or plan.dtype != torch.bfloat16:
         return plan
     kernels = cpu_kernels.get()
