@@ -302,32 +302,22 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
 /* acc[i][j]: row r0 + i times vector j, reduced into ys[j][r0 + i] at the end */
 #define RK_TILE_ZERO(acc) for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) acc[i][j] = _mm512_setzero_ps()
 
-RK_ALWAYS_INLINE void tile_f32(const float *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
-                               const int M, int64_t n) {
-    __m512 acc[RK_TILE][RK_TILE];
-    RK_TILE_ZERO(acc);
-    for (int64_t c = 0; c < n; c += 16) {
-        __mmask16 mk = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
-        __m512 w[RK_TILE];
-        for (int i = 0; i < R; i++) w[i] = _mm512_maskz_loadu_ps(mk, W + (r0 + i) * n + c);
-        for (int j = 0; j < M; j++) {
-            __m512 x = _mm512_maskz_loadu_ps(mk, ps[j]->xf + c);
-            for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
-        }
-    }
-    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+/* 16 weights of a row as fp32: fp32 rows, or bf16 rows widened (wide: a compile-time constant) */
+RK_ALWAYS_INLINE __m512 weights16(const void *W, const int wide, int64_t at, __mmask16 mk) {
+    if (wide)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, (const uint16_t *)W + at)), 16));
+    return _mm512_maskz_loadu_ps(mk, (const float *)W + at);
 }
 
-/* bf16 weights widened to fp32, times the fp32 input as it is */
-RK_ALWAYS_INLINE void tile_bf16_wide(const uint16_t *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
-                                     const int M, int64_t n) {
+/* fp32 rows, or bf16 rows widened to fp32 (K_BF16_WIDE), times the fp32 input as it is */
+RK_ALWAYS_INLINE void tile_f32(const void *W, const int wide, const prep_t *const *ps, float *const *ys, int64_t r0,
+                               const int R, const int M, int64_t n) {
     __m512 acc[RK_TILE][RK_TILE];
     RK_TILE_ZERO(acc);
     for (int64_t c = 0; c < n; c += 16) {
         __mmask16 mk = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
         __m512 w[RK_TILE];
-        for (int i = 0; i < R; i++)
-            w[i] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mk, W + (r0 + i) * n + c)), 16));
+        for (int i = 0; i < R; i++) w[i] = weights16(W, wide, (r0 + i) * n + c, mk);
         for (int j = 0; j < M; j++) {
             __m512 x = _mm512_maskz_loadu_ps(mk, ps[j]->xf + c);
             for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
@@ -489,15 +479,13 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
     int kind = (int)(jb->flags & 15);
     int64_t n = jb->n_in;
     if (kind == K_F32) {
-        const float *W = (const float *)jb->w;
-#define RK_F32(r_, m_) tile_f32(W, ps, ys, r0, r_, m_, n)
+#define RK_F32(r_, m_) tile_f32(jb->w, 0, ps, ys, r0, r_, m_, n)
         RK_SPECIALIZE(RK_F32)
 #undef RK_F32
         return 1;
     }
     if (kind == K_BF16_WIDE) {
-        const uint16_t *W = (const uint16_t *)jb->w;
-#define RK_BF16_WIDE(r_, m_) tile_bf16_wide(W, ps, ys, r0, r_, m_, n)
+#define RK_BF16_WIDE(r_, m_) tile_f32(jb->w, 1, ps, ys, r0, r_, m_, n)
         RK_SPECIALIZE(RK_BF16_WIDE)
 #undef RK_BF16_WIDE
         return 1;
