@@ -36,17 +36,16 @@ def _state_tensor_problem(i: int, j: int, tensor, shape, dtype, device) -> str:
 
 
 class QuantizedRows:
-    """A quantized embedding table (QuantLinear's format, `bits` 8 or 4); indexing returns float
-    rows of `dtype`."""
+    """A quantized embedding table (QuantLinear's format, `bits` 8 or 4); indexing returns fp32 rows."""
 
-    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, n_embd: int, dtype: torch.dtype):
-        self.q, self.scale, self.bits, self.dtype = q, scale, bits, dtype
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, bits: int, n_embd: int):
+        self.q, self.scale, self.bits = q, scale, bits
         self.shape = (q.shape[0], n_embd)
 
     def __getitem__(self, index) -> torch.Tensor:
         index = torch.as_tensor(index)
         rows = dequantize(self.q[index.reshape(-1)], self.scale[index.reshape(-1)], self.bits, self.shape[1])
-        return rows.reshape(*index.shape, self.shape[1]).to(self.dtype)
+        return rows.reshape(*index.shape, self.shape[1])
 
     def __len__(self) -> int:
         return self.q.shape[0]
@@ -71,7 +70,7 @@ class Embedding:
             memory.release(block)
             qs.append(q)
             scales.append(scale)
-        self.rows = QuantizedRows(torch.cat(qs), torch.cat(scales), plan.quant, weight.shape[1], torch.float32)
+        self.rows = QuantizedRows(torch.cat(qs), torch.cat(scales), plan.quant, weight.shape[1])
 
     def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
         return layer_norm(self.rows[ids].float(), self.ln0)
