@@ -33,6 +33,11 @@ rounds interleaved (llama.cpp, rwkv-chat, llama.cpp, ...), best of the rounds:
   position 0, one token from a zero state, has nearly flat logits on random weights) and the
   fraction of those positions whose top-1 token agrees with it. llama.cpp F32 shows how close the
   conversion is (~1e-6 when it is exact).
+* memory: each round first measures the rate the machine reads memory at (a reduction over 1 GiB,
+  best of 5), and the table gives what each decode reads per second: the matrix weights of a token
+  times the bytes per weight of the precision (Q4_0's Q6_K head is counted at Q4_0's size). Decode
+  is bound by that read at large shapes, and "x1.2 needs" is the share of the ceiling a decode 1.2
+  times llama.cpp's would have to read: over 100%, no engine can get there on this machine.
 Pairs: `cpu fp32` / F32, `cpu bf16` / BF16, `cpu bf16i8` and `cpu fp32i8` / Q8_0, `cpu bf16i4` /
 Q4_0 (skipped when this rwkv-chat does not know the strategy).
 """
@@ -112,10 +117,10 @@ def make_models(version: str, shape: str, work: Path, llama_dir: Path) -> dict[s
     files = {"pth": work / f"{stem}.pth"}
     if not files["pth"].exists():
         save_checkpoint(files["pth"], make_checkpoint(version, layers, embd, dtype=torch.bfloat16))
-    folder = hf_folder(version, layers, embd, work / f"{stem}-hf")
     for kind in ("F32", "BF16"):
         files[kind] = work / f"{stem}-{kind}.gguf"
         if not files[kind].exists():
+            folder = hf_folder(version, layers, embd, work / f"{stem}-hf")
             subprocess.run([sys.executable, str(llama_dir / "convert_hf_to_gguf.py"), str(folder), "--outtype",
                             kind.lower(), "--outfile", str(files[kind])], check=True, cwd=llama_dir,
                            stdout=subprocess.DEVNULL)
@@ -168,6 +173,34 @@ def child_ours(model: str, strategy: str, args) -> dict:
             rows.append(logits.float())
         torch.save(torch.stack(rows), args.logits_out)
     return out
+
+
+def child_ceiling(args) -> dict:
+    """The rate this machine reads memory at right now: the best of 5 reductions over 1 GiB (torch's
+    amax streams at the speed of a plain C loop over the same bytes), on the benchmark's threads."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = torch.ones(2**28)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        data.amax()
+        best = min(best, time.perf_counter() - start)
+    return {"read_gb_s": data.numel() * 4 / best / 1e9}
+
+
+# bytes per weight as llama.cpp stores each type (Q8_0: 32 int8 + an fp16 scale; Q4_0: 32 nibbles + one);
+# our int8 / int4 formats have the same sizes
+BYTES_PER_WEIGHT = {"F32": 4.0, "BF16": 2.0, "Q8_0": 34 / 32, "Q4_0": 18 / 32}
+
+
+def weights_read_per_token(checkpoint: Path) -> int:
+    """How many matrix weights a decode step reads: every 2-D tensor but the embedding (one row of it)."""
+    import torch
+
+    sd = torch.load(checkpoint, map_location="cpu", mmap=True, weights_only=True)
+    return sum(t.numel() for k, t in sd.items() if t.dim() == 2 and k != "emb.weight")
 
 
 _QUIET = None
@@ -279,7 +312,10 @@ def bench_model(version: str, shape: str, args, work: Path, llama_dir: Path) -> 
             if strategy_known(strategy):
                 jobs.append(("ours", files["pth"], strategy, ("rwkv-chat", strategy)))
     logits = lambda key: work / f"logits-v{version}-{shape}-{key[0]}-{key[1].replace(' ', '_')}.pt"
+    ceiling = 0.0
     for round_ in range(args.rounds):
+        out = run_child("ceiling", files["pth"], "", args, None)
+        ceiling = max(ceiling, out.get("read_gb_s", 0.0))
         for engine, model, what, key in jobs:
             out = run_child(engine, model, what, args, logits(key) if round_ == 0 else None)
             best = rows.setdefault(key, {"decode": 0.0, "prefill": 0.0})
@@ -291,16 +327,24 @@ def bench_model(version: str, shape: str, args, work: Path, llama_dir: Path) -> 
             print(f"  v{version} {shape} round {round_ + 1} {key[0]} {what}: decode {out['decode']:.1f} "
                   f"prefill {out['prefill']:.0f} tok/s", file=sys.stderr, flush=True)
     reference = logits(("rwkv-chat", "cpu fp32"))
+    weights = weights_read_per_token(files["pth"])
     lines = [f"### v{version}, {shape} ({layers} layers x {embd})", "",
+             f"Memory read ceiling {ceiling:.1f} GB/s (best of the rounds). Read at decode: the {weights / 1e6:,.0f}M "
+             "matrix weights a token reads, at the precision's bytes per weight, times tokens per second; "
+             "x1.2 needs: the share of the ceiling that 1.2 times llama.cpp's decode would read.", "",
              "| engine | precision | decode tok/s | prefill tok/s | decode ours / llama.cpp | prefill ours / llama.cpp "
-             "| 1 - cosine / top-1 vs ours fp32 |", "|---|---|---:|---:|---:|---:|---|"]
+             "| 1 - cosine / top-1 vs ours fp32 | read at decode GB/s | x1.2 needs |",
+             "|---|---|---:|---:|---:|---:|---|---:|---:|"]
+    read = lambda kind, tok_s: tok_s * weights * BYTES_PER_WEIGHT[kind] / 1e9
     for kind, ours in PAIRS:
         peer = rows.get(("llama.cpp", kind))
         if peer is None:
             continue
         size = files[kind].stat().st_size / 2**20
+        need = f"{read(kind, 1.2 * peer['decode']) / ceiling * 100:.0f}%" if ceiling else "-"
         lines.append(f"| llama.cpp | {kind} ({size:,.0f} MiB) | {peer['decode']:.1f} | {peer['prefill']:.0f} | | | "
-                     f"{fmt_acc(accuracy(logits(('llama.cpp', kind)), reference))} |")
+                     f"{fmt_acc(accuracy(logits(('llama.cpp', kind)), reference))} | "
+                     f"{read(kind, peer['decode']):.1f} | {need} |")
         for strategy in ours:
             mine = rows.get(("rwkv-chat", strategy))
             if mine is None:
@@ -308,7 +352,8 @@ def bench_model(version: str, shape: str, args, work: Path, llama_dir: Path) -> 
             ratio = lambda a, b: f"x{a / b:.2f}" if a and b else "-"
             lines.append(f"| rwkv-chat | `{strategy}` | {mine['decode']:.1f} | {mine['prefill']:.0f} | "
                          f"{ratio(mine['decode'], peer['decode'])} | {ratio(mine['prefill'], peer['prefill'])} | "
-                         f"{'(reference)' if strategy == 'cpu fp32' else fmt_acc(accuracy(logits(('rwkv-chat', strategy)), reference))} |")
+                         f"{'(reference)' if strategy == 'cpu fp32' else fmt_acc(accuracy(logits(('rwkv-chat', strategy)), reference))} | "
+                         f"{read(kind, mine['decode']):.1f} | |")
     return lines + [""]
 
 
@@ -324,13 +369,15 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--work-dir", type=Path, default=Path.home() / ".cache" / "rwkv-chat-peer")
-    parser.add_argument("--child", choices=["ours", "llama"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["ours", "llama", "ceiling"], help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--strategy", help=argparse.SUPPRESS)
     parser.add_argument("--logits-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        out = child_ours(args.model, args.strategy, args) if args.child == "ours" else child_llama(args.model, args)
+        children = {"ours": lambda: child_ours(args.model, args.strategy, args),
+                    "llama": lambda: child_llama(args.model, args), "ceiling": lambda: child_ceiling(args)}
+        out = children[args.child]()
         print("RESULT " + json.dumps(out))
         return
     try:
