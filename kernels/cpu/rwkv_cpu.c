@@ -8,8 +8,18 @@
 #include <stdatomic.h>
 #include <sched.h>
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
-#include <immintrin.h>
 #define RK_AVX512 1
+#endif
+#if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+#define RK_AVX2 1  /* also on AVX-512 machines: the 8-lane tiles cover what their 16-lane ones lack */
+#endif
+#if defined(RK_AVX512) || defined(RK_AVX2)
+#include <immintrin.h>
+#define RK_SIMD 1
+#endif
+/* int8 rows through the 8-lane tiles (int16 x int16 products), where AVX-512 VNNI is missing */
+#if defined(RK_AVX2) && !(defined(RK_AVX512) && defined(__AVX512VNNI__))
+#define RK_I8_MADD 1
 #endif
 
 /* ---------------------------------------------------------------- a small work-sharing pool
@@ -180,6 +190,7 @@ typedef struct {
     float *xf;        /* x as fp32 */
     int16_t *xq;      /* x rounded to int16 (int8 rows) */
     uint8_t *xlo, *xhi; /* its low byte and its high byte + 128 (in the weights' storage order) */
+    int16_t *xqs;     /* ... xq in the weights' storage order, zero-padded to whole groups (RK_I8_MADD) */
     int8_t *x8;       /* int4 rows: x rounded to int8 per group of 32 (zero-padded to whole groups;
                          in the weights' storage order) */
     float *xsl;       /* ... each group's scale, per 64 inputs as 16 lanes (8 per group) */
@@ -238,7 +249,7 @@ static inline int32_t nibble(const uint8_t *row, int64_t k, int64_t n32) {
 }
 
 static inline float half_to_f32(uint16_t h) {
-#ifdef RK_AVX512
+#ifdef RK_SIMD
     return _cvtsh_ss(h);
 #else
     uint32_t sign = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 31, m = h & 1023;
@@ -288,7 +299,7 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
     }
 }
 
-#ifdef RK_AVX512
+#ifdef RK_SIMD
 #define RK_TILE 4  /* rows and vectors of a tile */
 #define RK_ALWAYS_INLINE static inline __attribute__((always_inline))
 
@@ -300,7 +311,10 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
     case 12: TILE(4, 1); break; case 13: TILE(4, 2); break; case 14: TILE(4, 3); break; default: TILE(4, 4); break; }
 
 /* acc[i][j]: row r0 + i times vector j, reduced into ys[j][r0 + i] at the end */
-#define RK_TILE_ZERO(acc) for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) acc[i][j] = _mm512_setzero_ps()
+#define RK_TILE_ZERO(acc, zero) for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) acc[i][j] = zero
+#endif
+
+#ifdef RK_AVX512
 
 /* 16 weights of a row as fp32: fp32 rows, or bf16 rows widened (wide: a compile-time constant) */
 RK_ALWAYS_INLINE __m512 weights16(const void *W, const int wide, int64_t at, __mmask16 mk) {
@@ -313,7 +327,7 @@ RK_ALWAYS_INLINE __m512 weights16(const void *W, const int wide, int64_t at, __m
 RK_ALWAYS_INLINE void tile_f32(const void *W, const int wide, const prep_t *const *ps, float *const *ys, int64_t r0,
                                const int R, const int M, int64_t n) {
     __m512 acc[RK_TILE][RK_TILE];
-    RK_TILE_ZERO(acc);
+    RK_TILE_ZERO(acc, _mm512_setzero_ps());
     for (int64_t c = 0; c < n; c += 16) {
         __mmask16 mk = n - c >= 16 ? 0xffff : (__mmask16)((1u << (n - c)) - 1);
         __m512 w[RK_TILE];
@@ -330,7 +344,7 @@ RK_ALWAYS_INLINE void tile_f32(const void *W, const int wide, const prep_t *cons
 RK_ALWAYS_INLINE void tile_bf16(const uint16_t *W, const prep_t *const *ps, float *const *ys, int64_t r0, const int R,
                                 const int M, int64_t n) {
     __m512 acc[RK_TILE][RK_TILE];
-    RK_TILE_ZERO(acc);
+    RK_TILE_ZERO(acc, _mm512_setzero_ps());
     for (int64_t c = 0; c < n; c += 32) {
         __mmask32 mk = n - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (n - c)) - 1);
         __m512i w[RK_TILE];
@@ -363,7 +377,7 @@ RK_ALWAYS_INLINE void tile_i8(const int8_t *W, const uint16_t *S, const float *c
                               float *const *ys, int64_t r0, const int R, const int M, int64_t n, int blocks) {
     int64_t ng = (n + GROUP - 1) / GROUP, nb = blocks ? n / RK_BLOCK : 0;
     __m512 acc[RK_TILE][RK_TILE];
-    RK_TILE_ZERO(acc);
+    RK_TILE_ZERO(acc, _mm512_setzero_ps());
     for (int64_t b = 0; b < nb; b++) {
         int64_t base = b * RK_BLOCK;
         __m512i hi[RK_TILE][RK_TILE], lo[RK_TILE][RK_TILE];
@@ -422,7 +436,7 @@ RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t 
                               int64_t r0, const int R, const int M, int64_t n, int blocks) {
     int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, nb = blocks ? n / RK_BLOCK : 0;
     __m512 acc[RK_TILE][RK_TILE];
-    RK_TILE_ZERO(acc);
+    RK_TILE_ZERO(acc, _mm512_setzero_ps());
     for (int64_t b = 0; b < nb; b++) {
         int64_t base = b * RK_BLOCK;
         __m512i d[RK_TILE][RK_TILE];
@@ -473,11 +487,191 @@ RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t 
     for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
 }
 #endif
+#endif  /* RK_AVX512 */
 
+#ifdef RK_AVX2
+/* ------------------------------------------------ 8-lane tiles (AVX2 + FMA + F16C)
+   The same tiles with 8 fp32 / int32 lanes, for machines without AVX-512 (or without its VNNI /
+   BF16 instructions). int8 rows: x rounded to int16 as for VNNI, the weights sign-extended to
+   int16, and vpmaddwd sums pairs of int16 x int16 products exactly in int32 (no offset to
+   correct). int4 rows: nibble x int8 products through vpmaddubsw (at most 2 * 15 * 127 per
+   pair: no saturation), summed to int32 by vpmaddwd with ones. */
+
+static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+/* 8 values from p + at as fp32 (bf: bf16 widened), or the count < 8 left, zero-padded */
+RK_ALWAYS_INLINE __m256 load8(const void *p, const int bf, int64_t at) {
+    if (bf)
+        return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + at))), 16));
+    return _mm256_loadu_ps((const float *)p + at);
+}
+static inline __m256 load8_rest(const void *p, int bf, int64_t at, int64_t count) {
+    float v[8] = { 0.f };
+    for (int64_t i = 0; i < count; i++) v[i] = bf ? bf16_to_f32(((const uint16_t *)p)[at + i]) : ((const float *)p)[at + i];
+    return _mm256_loadu_ps(v);
+}
+
+/* fp32 rows (wbf 0) or bf16 rows widened (wbf 1), times x as fp32 (xbf 0) or x rounded to bf16 (xbf 1: K_BF16) */
+RK_ALWAYS_INLINE void tile8_f32(const void *W, const int wbf, const int xbf, const prep_t *const *ps, float *const *ys,
+                                int64_t r0, const int R, const int M, int64_t n) {
+    __m256 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc, _mm256_setzero_ps());
+    int64_t c = 0;
+    for (; c + 8 <= n; c += 8) {
+        __m256 w[RK_TILE];
+        for (int i = 0; i < R; i++) w[i] = load8(W, wbf, (r0 + i) * n + c);
+        for (int j = 0; j < M; j++) {
+            __m256 x = xbf ? load8(ps[j]->xb, 1, c) : load8(ps[j]->xf, 0, c);
+            for (int i = 0; i < R; i++) acc[i][j] = _mm256_fmadd_ps(w[i], x, acc[i][j]);
+        }
+    }
+    if (c < n)
+        for (int i = 0; i < R; i++) {
+            __m256 w = load8_rest(W, wbf, (r0 + i) * n + c, n - c);
+            for (int j = 0; j < M; j++)
+                acc[i][j] = _mm256_fmadd_ps(w, xbf ? load8_rest(ps[j]->xb, 1, c, n - c) : load8_rest(ps[j]->xf, 0, c, n - c),
+                                            acc[i][j]);
+        }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = hsum8(acc[i][j]);
+}
+
+/* 8 fp16 scales as fp32, spread by idx (lanes to groups) */
+static inline __m256 scales8(const uint16_t *s, __m256i idx) {
+    return _mm256_permutevar8x32_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)s)), idx);
+}
+
+RK_ALWAYS_INLINE void tile8_i8(const int8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
+                               int64_t r0, const int R, const int M, int64_t n, int blocks) {
+    int64_t ng = (n + GROUP - 1) / GROUP, nb = blocks ? n / RK_BLOCK : 0;
+    /* in a full block, 16 stored bytes are 4 dwords of groups 0-3 (even 16-byte pieces) or 4-7 (odd),
+       and vpmaddwd's lane k holds bytes 2k and 2k + 1: group k / 2 of those four */
+    const __m256i low_groups = _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3), high_groups = _mm256_setr_epi32(4, 4, 5, 5, 6, 6, 7, 7);
+    __m256 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc, _mm256_setzero_ps());
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i lo[RK_TILE][RK_TILE], hi[RK_TILE][RK_TILE];
+        for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) lo[i][j] = hi[i][j] = _mm256_setzero_si256();
+        for (int64_t c = b * RK_BLOCK; c < (b + 1) * RK_BLOCK; c += 32) {  /* pieces 2k (groups 0-3) and 2k + 1 */
+            for (int i = 0; i < R; i++) {
+                const int8_t *row = W + (r0 + i) * n + c;
+                __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)row));
+                __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(row + 16)));
+                for (int j = 0; j < M; j++) {
+                    const __m256i *x = (const __m256i *)(ps[j]->xqs + c);
+                    lo[i][j] = _mm256_add_epi32(lo[i][j], _mm256_madd_epi16(w0, _mm256_loadu_si256(x)));
+                    hi[i][j] = _mm256_add_epi32(hi[i][j], _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1)));
+                }
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            const uint16_t *s = S + (r0 + i) * ng + b * 8;
+            __m256 s_lo = scales8(s, low_groups), s_hi = scales8(s, high_groups);
+            for (int j = 0; j < M; j++)
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi[i][j]), s_hi,
+                                            _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[i][j]), s_lo, acc[i][j]));
+        }
+    }
+    for (int64_t g = nb * 8; g < ng; g++) {  /* the inputs past the blocks, a group of 32 at a time */
+        int64_t c = g * GROUP, len = n - c < GROUP ? n - c : GROUP;
+        for (int i = 0; i < R; i++) {
+            int8_t part[GROUP] = { 0 };
+            memcpy(part, W + (r0 + i) * n + c, (size_t)len);
+            __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)part));
+            __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(part + 16)));
+            __m256 s = _mm256_set1_ps(half_to_f32(S[(r0 + i) * ng + g]));
+            for (int j = 0; j < M; j++) {
+                const __m256i *x = (const __m256i *)(ps[j]->xqs + c);
+                __m256i d = _mm256_add_epi32(_mm256_madd_epi16(w0, _mm256_loadu_si256(x)),
+                                             _mm256_madd_epi16(w1, _mm256_loadu_si256(x + 1)));
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), s, acc[i][j]);
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = hsum8(acc[i][j]) * ps[j]->xs;
+}
+
+/* 64 nibbles from 32 bytes as bytes: the low nibbles (stored inputs 0-31), then the high ones (32-63) */
+RK_ALWAYS_INLINE void nibbles8(const uint8_t *p, __m256i *low, __m256i *high) {
+    const __m256i mask = _mm256_set1_epi8(15);
+    __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    *low = _mm256_and_si256(v, mask);
+    *high = _mm256_and_si256(_mm256_srli_epi16(v, 4), mask);
+}
+
+/* q (bytes 0..15) times x (int8) in int32 lanes, each lane the sum of 4 neighbouring products */
+RK_ALWAYS_INLINE __m256i dot4(__m256i q, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
+}
+
+RK_ALWAYS_INLINE void tile8_i4(const uint8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
+                               int64_t r0, const int R, const int M, int64_t n, int blocks) {
+    int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, nb = blocks ? n / RK_BLOCK : 0;
+    const __m256i in_order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 acc[RK_TILE][RK_TILE];
+    RK_TILE_ZERO(acc, _mm256_setzero_ps());
+    for (int64_t b = 0; b < nb; b++) {  /* in a full block, lane k of either 32-byte half sums group k */
+        __m256i d[RK_TILE][RK_TILE];
+        for (int j = 0; j < M; j++) {  /* the +8 offset of q: lanes k and k + 8 each hold -4 times group k's sum of x */
+            const __m256i *off = (const __m256i *)(ps[j]->boff + b * 16);
+            __m256i offset = _mm256_add_epi32(_mm256_loadu_si256(off), _mm256_loadu_si256(off + 1));
+            for (int i = 0; i < R; i++) d[i][j] = offset;
+        }
+        for (int64_t c = b * RK_BLOCK; c < (b + 1) * RK_BLOCK; c += 64) {
+            for (int i = 0; i < R; i++) {
+                __m256i q0, q1;
+                nibbles8(W + (r0 + i) * (n32 / 2) + c / 2, &q0, &q1);
+                for (int j = 0; j < M; j++) {
+                    const __m256i *x = (const __m256i *)(ps[j]->x8 + c);
+                    d[i][j] = _mm256_add_epi32(d[i][j], _mm256_add_epi32(dot4(q0, _mm256_loadu_si256(x)),
+                                                                         dot4(q1, _mm256_loadu_si256(x + 1))));
+                }
+            }
+        }
+        for (int i = 0; i < R; i++) {
+            __m256 s = scales8(S + (r0 + i) * ng + b * 8, in_order);
+            for (int j = 0; j < M; j++)
+                acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d[i][j]), _mm256_mul_ps(s, _mm256_loadu_ps(ps[j]->bxs + b * 16)),
+                                            acc[i][j]);
+        }
+    }
+    for (int64_t c = nb * RK_BLOCK; c < n32; c += 64) {  /* past the blocks: 64 inputs are groups g and g + 1 */
+        int64_t g = c / GROUP;
+        for (int i = 0; i < R; i++) {
+            const uint8_t *row = W + (r0 + i) * (n32 / 2) + c / 2;
+            __m256i q0, q1 = _mm256_setzero_si256();
+            if (c + 64 <= n32) nibbles8(row, &q0, &q1);
+            else {  /* a last group of 32: inputs i and i + 16 in byte i */
+                __m128i v = _mm_loadu_si128((const __m128i *)row), mask = _mm_set1_epi8(15);
+                q0 = _mm256_setr_m128i(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+            }
+            for (int j = 0; j < M; j++) {
+                const prep_t *p = ps[j];
+                for (int half = 0; half < 2 && g + half < ng; half++) {
+                    __m256i dd = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(p->xnl + c / 4 + 8 * half)),
+                                                  dot4(half ? q1 : q0, _mm256_loadu_si256((const __m256i *)(p->x8 + c + 32 * half))));
+                    __m256 s = _mm256_set1_ps(half_to_f32(S[(r0 + i) * ng + g + half]) * p->xsl[c / 4 + 8 * half]);
+                    acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), s, acc[i][j]);
+                }
+            }
+        }
+    }
+    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = hsum8(acc[i][j]);
+}
+#endif
+
+#ifdef RK_SIMD
 /* rows r0 .. r0 + R (R <= 4) of a job for M (<= 4) vectors; 0 when this kind has no tile here */
 static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys, int64_t r0, int R, int M) {
     int kind = (int)(jb->flags & 15);
     int64_t n = jb->n_in;
+    const uint16_t *S = (const uint16_t *)jb->scale;
+    int blocks = (jb->flags & RK_BLOCKS) != 0;
+    (void)S; (void)blocks;
+#ifdef RK_AVX512
     if (kind == K_F32) {
 #define RK_F32(r_, m_) tile_f32(jb->w, 0, ps, ys, r0, r_, m_, n)
         RK_SPECIALIZE(RK_F32)
@@ -500,8 +694,6 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
     }
 #endif
 #ifdef __AVX512VNNI__
-    const uint16_t *S = (const uint16_t *)jb->scale;
-    int blocks = (jb->flags & RK_BLOCKS) != 0;
     if (kind == K_I8) {
         const int8_t *W = (const int8_t *)jb->w;
         const float *corr = (const float *)(intptr_t)jb->tag;
@@ -515,6 +707,28 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
 #define RK_I4(r_, m_) tile_i4(W, S, ps, ys, r0, r_, m_, n, blocks)
         RK_SPECIALIZE(RK_I4)
 #undef RK_I4
+        return 1;
+    }
+#endif
+#endif
+#ifdef RK_AVX2  /* what the 16-lane tiles above did not take */
+    if (kind == K_F32 || kind == K_BF16_WIDE || kind == K_BF16) {
+        int wbf = kind != K_F32, xbf = kind == K_BF16;
+#define RK_F32_8(r_, m_) tile8_f32(jb->w, wbf, xbf, ps, ys, r0, r_, m_, n)
+        RK_SPECIALIZE(RK_F32_8)
+#undef RK_F32_8
+        return 1;
+    }
+    if (kind == K_I8) {
+#define RK_I8_8(r_, m_) tile8_i8((const int8_t *)jb->w, S, ps, ys, r0, r_, m_, n, blocks)
+        RK_SPECIALIZE(RK_I8_8)
+#undef RK_I8_8
+        return 1;
+    }
+    if (kind == K_I4) {
+#define RK_I4_8(r_, m_) tile8_i4((const uint8_t *)jb->w, S, ps, ys, r0, r_, m_, n, blocks)
+        RK_SPECIALIZE(RK_I4_8)
+#undef RK_I4_8
         return 1;
     }
 #endif
@@ -664,6 +878,10 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
             int64_t at = stored_index(c, n, blocks);
             p->xq[c] = (int16_t)q; p->xlo[at] = (uint8_t)(q & 255); p->xhi[at] = (uint8_t)((q >> 8) + 128);
         }
+#ifdef RK_I8_MADD
+        p->xqs = (int16_t *)calloc((size_t)((n + GROUP - 1) / GROUP * GROUP), sizeof(int16_t));
+        for (int64_t k = 0; k < n; k++) p->xqs[stored_index(k, n, blocks)] = p->xq[k];
+#endif
     } else if (kind == K_I4) {  /* x8 in the weights' storage order */
         int blocks = (jb->flags & RK_BLOCKS) != 0;
         int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, nb = blocks ? n / RK_BLOCK : 0;
@@ -696,7 +914,7 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
 
 static void free_prep(prep_t *p) {
     free(p->xf); free(p->xq); free(p->xlo); free(p->xhi); free(p->xb); free(p->nz); free(p->part);
-    free(p->x8); free(p->xsl); free(p->xnl); free(p->bxs); free(p->boff);
+    free(p->x8); free(p->xsl); free(p->xnl); free(p->bxs); free(p->boff); free(p->xqs);
 }
 
 typedef struct {
@@ -725,11 +943,16 @@ static void run_unit(const job_run_t *j, int64_t u) {
         int count = 0;
         for (; m < j->M && count < 16; m++)
             if (!j->prep[m].bad) { ps[count] = &j->prep[m]; ys[count] = j->y + m * n_out; count++; }
-#ifdef RK_AVX512
+#ifdef RK_SIMD
         /* a few vectors: a row at a time, streamed in order; more: tiles of 4 rows (2 for int8 /
-           int4, whose tiles hold two int32 accumulators per pair) */
+           int4, whose tiles hold two int32 accumulators per pair); with 16 registers of 8 lanes,
+           2 rows of floats and 1 of int8 / int4 */
         int kind = (int)(jb->flags & 15), quant = kind == K_I8 || kind == K_I4;
+#ifdef RK_AVX512
         int rows = count == 1 || (quant && count <= RK_TILE) ? 1 : (quant ? 2 : RK_TILE);
+#else
+        int rows = count == 1 || quant ? 1 : 2;
+#endif
         for (int64_t a = r0; a < r1; a += rows) {
             int R = r1 - a < rows ? (int)(r1 - a) : rows;
             for (int t = 0; t < count; t += RK_TILE)
@@ -1038,6 +1261,16 @@ int rk_gemm_bf16(int64_t T, int64_t N, int64_t K, const float *x, const void *w,
     else pool_run(gemm_unit, &c, (T + GEMM_TOKENS - 1) / GEMM_TOKENS * c.row_blocks, n_threads);
     free(xb);
     return atomic_load(&c.failed) ? -1 : 0;
+}
+
+int rk_simd(void) {
+#if defined(RK_AVX512)
+    return 2;
+#elif defined(RK_AVX2)
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 int rk_gemm_bf16_native(void) {

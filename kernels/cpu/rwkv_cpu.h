@@ -16,7 +16,9 @@
      on the activation rounded to 16 bits and split into two bytes (relative error ~1e-5, far
      below the int8 weight error); int4 rows unpack nibbles and dot them with the activation
      rounded to int8 per group (llama.cpp's Q4_0 x Q8_0); bf16 rows use AVX-512 BF16 dot products
-     with fp32 accumulation. Portable C loops otherwise.
+     with fp32 accumulation. Without AVX-512 (most laptops), tiles of 8 lanes on AVX2 + FMA + F16C
+     do the same sums: int8 rows as int16 x int16 (vpmaddwd) on the same 16-bit activation, int4
+     through vpmaddubsw, bf16 widened to fp32 (rk_simd says which). Portable C loops otherwise.
      bf16 rows may also be widened to fp32 and dotted with the fp32 activation as it is (kind 4,
      the LoRA factors under fp32 activations).
    * rk_dequant_groups: int8 / int4 rows back to fp32 or bf16, for prefill's GEMMs.
@@ -65,6 +67,8 @@ int rk_gemm_bf16(int64_t T, int64_t N, int64_t K, const float *x, const void *w,
                  int n_threads);
 /* 1 when rk_gemm_bf16 runs on AVX-512 BF16 instructions (else portable loops: slow) */
 int rk_gemm_bf16_native(void);
+/* the products' SIMD: 2 AVX-512 (16 lanes), 1 AVX2 + FMA (8 lanes), 0 none (portable loops) */
+int rk_simd(void);
 void rk_wkv4(int64_t T, int64_t C, const float *k, const float *v, const float *w, const float *u,
              const float *aa_in, const float *bb_in, const float *pp_in,
              float *aa_out, float *bb_out, float *pp_out, float *out, int n_threads);

@@ -79,18 +79,26 @@ def _cpu_signature() -> str:
     return platform.processor() + platform.machine()
 
 
-def library_name(cc: list[str]) -> str:
+def library_name(cc: list[str], flags: list[str] = _FLAGS) -> str:
     """The cache file name: a hash of the source, the compiler (and its version), the flags and the CPU."""
     proc = kernel_cache.run_compiler([cc[0], "--version"])
-    key = hashlib.sha256("\0".join([source(), " ".join(cc), proc.stdout, " ".join(_FLAGS),
+    key = hashlib.sha256("\0".join([source(), " ".join(cc), proc.stdout, " ".join(flags),
                                      _cpu_signature()]).encode()).hexdigest()[:16]
     return f"rwkv_cpu_{key}.so"
 
 
-def _load() -> Kernels:
+def _load(target: str = "-march=native", folder: Path | None = None) -> Kernels:
     """Build (once per machine) and load the kernels through the verified cache (kernel_cache.py)."""
-    name = library_name(kernel_cache.compiler())
-    return kernel_cache.load_or_build(_cache_dir(), name, source(), [*_FLAGS, "{src}", "-o", "{out}", "-lm"], Kernels)
+    flags = [target if flag == "-march=native" else flag for flag in _FLAGS]
+    name = library_name(kernel_cache.compiler(), flags)
+    return kernel_cache.load_or_build(folder or _cache_dir(), name, source(), [*flags, "{src}", "-o", "{out}", "-lm"],
+                                      Kernels)
+
+
+def for_target(target: str, folder: Path) -> Kernels:
+    """The kernels compiled for another CPU than this one (`-march=x86-64-v3`: AVX2 without AVX-512),
+    cached in `folder`: how the tests run the code paths of other machines on this one."""
+    return _load(target, folder)
 
 
 class Kernels:
@@ -117,6 +125,8 @@ class Kernels:
         lib.rk_gemm_bf16.restype = ctypes.c_int
         lib.rk_gemm_bf16_native.restype = ctypes.c_int
         self.native_bf16_gemm = bool(lib.rk_gemm_bf16_native())
+        lib.rk_simd.restype = ctypes.c_int
+        self.simd = lib.rk_simd()  # 2: AVX-512 tiles, 1: AVX2 tiles, 0: portable loops only
         lib.rk_set_spin.argtypes = [ctypes.c_int]
         lib.rk_set_spin.restype = None
         lib.rk_set_team.argtypes = [ptr, ctypes.c_int]

@@ -68,19 +68,22 @@ def resolve_device(plan: LayerPlan, segment_text: str):
 
 
 def cpu_activations(plan: LayerPlan) -> LayerPlan:
-    """A bf16 slot on the CPU computes in fp32 where the C kernels have AVX-512 BF16 products:
-    its matrices stay bf16 (or i8 / i4, expanded to bf16 for prefill), and everything between
-    products (the token-shift and WKV states included) is fp32. A single token (and up to
-    quant.KERNEL_ROWS rows) multiplies its fp32 input as it is, with the weights widened to fp32:
-    decode is bound by memory, so this costs nothing, and on a bf16 checkpoint (as RWKV models
-    ship) `cpu bf16` decodes what `cpu fp32` does. Prompts' GEMMs round their input to bf16 and
-    sum in fp32 (llama.cpp's BF16 arithmetic; the LoRA factors excepted: common.lora). The memory
+    """A bf16 slot on the CPU computes in fp32 where the C kernels have SIMD tiles (AVX-512, or
+    AVX2 + FMA): its matrices stay bf16 (or i8 / i4), and everything between products (the
+    token-shift and WKV states included) is fp32. A single token (and up to quant.KERNEL_ROWS
+    rows) multiplies its fp32 input as it is, with the weights widened to fp32: decode is bound
+    by memory, so this costs nothing, and on a bf16 checkpoint (as RWKV models ship) `cpu bf16`
+    decodes what `cpu fp32` does. Prompts' GEMMs round their input to bf16 and sum in fp32 where
+    the CPU has AVX-512 BF16 (llama.cpp's BF16 arithmetic; the LoRA factors excepted:
+    common.lora); elsewhere they are torch's fp32 GEMMs on the weights widened (or int8 / int4
+    expanded to fp32) a block at a time, as torch's bf16 GEMM without those instructions is
+    some 20x slower. The memory
     is the same as bf16 activations'; 1 - cosine against fp32 on a 512-token prompt went from
     2.4e-4 to 1.6e-5 (v6 0.4B) and from 1.3e-3 to 2.8e-5 (v7 0.4B); llama.cpp's BF16 gets 4.8e-5
     and 7.5e-4 (docs/benchmarks.md)."""
     if plan.device != "cpu" or plan.dtype != torch.bfloat16:
         return plan
     kernels = cpu_kernels.get()
-    if kernels is None or not kernels.native_bf16_gemm:
+    if kernels is None or not kernels.simd:
         return plan
     return dataclasses.replace(plan, dtype=torch.float32, weights=torch.bfloat16)

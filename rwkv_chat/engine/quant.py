@@ -73,7 +73,8 @@ class DenseLinear:
     (bf16 under fp32 activations on the CPU: placement.cpu_activations), else in `dtype`. Then a
     few rows (the GEMV kernels, bound by memory) widen the weights to fp32 and use x as it is,
     and more rows go to the kernels' bf16 GEMM, which rounds x to bf16 (llama.cpp's BF16), unless
-    `widen`: small matrices whose inputs need the precision (the LoRA factors) always widen."""
+    `widen` (small matrices whose inputs need the precision: the LoRA factors) or a CPU without
+    bf16 products: then torch's fp32 GEMM takes the weights widened, a block at a time."""
 
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, layout: str = "rows",
                  weights: torch.dtype | None = None, widen: bool = False):
@@ -86,14 +87,15 @@ class DenseLinear:
         self.weight = memory.converted(weight, stored, transpose=self.layout == "cols").to(device)
         self._kernels = kernels
         self._job = None
-        self._widen = widen and stored != dtype
+        # many rows of fp32 x times bf16 weights: the kernels' bf16 GEMM (fp32 results) where the CPU
+        # has bf16 products, else (and for `widen`) torch's fp32 GEMM on the weights widened
+        self._gemm = kernels is not None and stored != dtype and not widen and kernels.native_bf16_gemm
+        self._widen = stored != dtype and not self._gemm
         if kernels is not None:
             kind = cpu_kernels.K_F32 if stored == torch.float32 else cpu_kernels.K_BF16
             if stored != dtype and self.layout == "rows":
                 kind = cpu_kernels.K_BF16_WIDE
             self._job = (self.weight.data_ptr(), 0, self.out_features, self.in_features, _flags(kind, self.layout, dtype), 0)
-        # many rows of fp32 x times bf16 weights: the kernels' GEMM (fp32 results)
-        self._gemm = kernels is not None and stored != dtype and not self._widen
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if _kernel_rows(self, x):
@@ -102,9 +104,20 @@ class DenseLinear:
             flat = x.reshape(-1, self.in_features).contiguous()
             y = self._kernels.gemm_bf16(flat, self.weight, cols=self.layout == "cols")
             return y.reshape(*x.shape[:-1], self.out_features)
-        w = self.weight.to(x.dtype) if self._widen else self.weight
+        if self._widen:
+            return self._widened_matmul(x)
+        w = self.weight
         y = x.to(w.dtype) @ w if self.layout == "cols" else F.linear(x.to(w.dtype), w)
         return y.to(x.dtype)
+
+    def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x (fp32) times the bf16 weight widened to fp32, a block of outputs at a time."""
+        step = max(1, _DEQUANT_ELEMENTS // self.in_features)
+        if self.layout == "cols":
+            pieces = [x @ self.weight[:, a:a + step].to(x.dtype) for a in range(0, self.out_features, step)]
+        else:
+            pieces = [F.linear(x, self.weight[a:a + step].to(x.dtype)) for a in range(0, self.out_features, step)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
     def on(self, device) -> "DenseLinear":
         """A copy for `device` (streamed layers): the weight moved, plain torch math."""
@@ -125,10 +138,13 @@ class QuantLinear:
     def __init__(self, weight: torch.Tensor, dtype: torch.dtype, device, bits: int, blocks: bool = True,
                  expand: torch.dtype | None = None):
         self.dtype, self.bits = dtype, bits  # dtype: the activations'
-        self._expand = expand or dtype  # what several tokens' products expand the weights to
         self.out_features, self.in_features = weight.shape
         q, scale = quantize_groups(weight, bits)
         self._kernels = _kernels_for(device, dtype)
+        # what several tokens' products expand the weights to: bf16 under fp32 activations only
+        # where the kernels' bf16 GEMM runs (else torch's fp32 GEMM)
+        native = self._kernels is not None and self._kernels.native_bf16_gemm
+        self._expand = expand if expand is not None and native else dtype
         # where the C kernels run it, q is stored in their block order (unless `blocks` is False:
         # a streamed layer, whose weights also go to other devices)
         self.blocks = self._kernels is not None and blocks

@@ -14,6 +14,7 @@ must not block: ("text", piece) and finally ("done", finish_reason).
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -190,6 +191,14 @@ class Scheduler:
                 return
 
     def _decode_step(self) -> None:
+        # the decode thread settings (torch on one thread, the kernels' helpers spinning) across the
+        # whole step, sampling included, as the chat pipeline holds them: switching them around every
+        # forward_batch leaves torch's idle OpenMP worker spinning on the core the kernels work on
+        decoding = getattr(self.model, "decoding", None)
+        with decoding() if decoding is not None else contextlib.nullcontext():
+            self._decode_batch()
+
+    def _decode_batch(self) -> None:
         batch: list[tuple[_Running, int]] = []
         eos = self.tokenizer.eos_id
         now = time.perf_counter()

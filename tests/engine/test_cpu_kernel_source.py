@@ -17,8 +17,9 @@ ROOT = Path(__file__).resolve().parents[2]
 CC = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 STRICT = ["-std=gnu11", "-pthread", "-fPIC", "-O2", "-fopenmp-simd", "-Wall", "-Wextra", "-Werror",
           "-Wmissing-prototypes", "-Wshadow"]
-# the portable loops, the machine's own code paths, and (on x86) every AVX-512 path
-TARGETS = ["-march=native"] + (["-march=x86-64", "-march=sapphirerapids"] if platform.machine() in ("x86_64", "AMD64") else [])
+# the portable loops, the machine's own code paths, and (on x86) the AVX2-only and every AVX-512 path
+TARGETS = ["-march=native"] + (["-march=x86-64", "-march=x86-64-v3", "-march=sapphirerapids"]
+                               if platform.machine() in ("x86_64", "AMD64") else [])
 
 
 @pytest.mark.skipif(CC is None, reason="no C compiler on PATH")

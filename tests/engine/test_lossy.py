@@ -50,8 +50,8 @@ def test_lossy_strategy_stays_close_to_fp32(version, strategy, engine_models, to
 KERNELS = cpu_kernels.get()
 
 
-@pytest.mark.skipif(KERNELS is None or not KERNELS.native_bf16_gemm,
-                    reason="bf16 weights keep bf16 activations without AVX-512 BF16 kernels")
+@pytest.mark.skipif(KERNELS is None or not KERNELS.simd,
+                    reason="bf16 weights keep bf16 activations where the kernels have no SIMD tiles")
 @pytest.mark.parametrize("version", VERSIONS)
 def test_cpu_bf16_computes_in_fp32_between_bf16_products(version, engine_models, token_sequence, fp32_reference):
     """placement.cpu_activations: bf16 matrices, fp32 everywhere else (states included), as
@@ -67,8 +67,8 @@ def test_cpu_bf16_computes_in_fp32_between_bf16_products(version, engine_models,
     assert (1 - cosine).mean().item() <= (6e-5 if version == "7" else 1.4e-5)
 
 
-@pytest.mark.skipif(KERNELS is None or not KERNELS.native_bf16_gemm,
-                    reason="bf16 weights keep bf16 activations without AVX-512 BF16 kernels")
+@pytest.mark.skipif(KERNELS is None or not KERNELS.simd,
+                    reason="bf16 weights keep bf16 activations where the kernels have no SIMD tiles")
 @pytest.mark.parametrize("version", VERSIONS)
 def test_cpu_bf16_decodes_a_bf16_checkpoint_as_fp32_does(version, make_model_file, token_sequence):
     """RWKV checkpoints ship in bf16, so storing them in bf16 loses nothing; a token (or a few,
