@@ -76,8 +76,8 @@ def cpu_activations(plan: LayerPlan) -> LayerPlan:
     decodes what `cpu fp32` does. Prompts' GEMMs round their input to bf16 and sum in fp32 where
     the CPU has AVX-512 BF16 (llama.cpp's BF16 arithmetic; the LoRA factors excepted:
     common.lora); elsewhere they are torch's fp32 GEMMs on the weights widened (or int8 / int4
-    expanded to fp32) a block at a time, as torch's bf16 GEMM without those instructions is
-    some 20x slower. The memory
+    expanded to fp32) a block at a time: torch's bf16 products are slow there (`cpu bf16` prompts
+    went from 26-30 to 480-630 tok/s on an AVX2 build, docs/benchmarks.md). The memory
     is the same as bf16 activations'; 1 - cosine against fp32 on a 512-token prompt went from
     2.4e-4 to 1.6e-5 (v6 0.4B) and from 1.3e-3 to 2.8e-5 (v7 0.4B); llama.cpp's BF16 gets 4.8e-5
     and 7.5e-4 (docs/benchmarks.md)."""

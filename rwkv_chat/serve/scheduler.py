@@ -191,9 +191,8 @@ class Scheduler:
                 return
 
     def _decode_step(self) -> None:
-        # the decode thread settings (torch on one thread, the kernels' helpers spinning) across the
-        # whole step, sampling included, as the chat pipeline holds them: switching them around every
-        # forward_batch leaves torch's idle OpenMP worker spinning on the core the kernels work on
+        # the decode thread settings (torch on one thread, the kernels' helpers spinning) held across
+        # the whole step, sampling included, as the chat pipeline holds them (RWKV.decoding)
         decoding = getattr(self.model, "decoding", None)
         with decoding() if decoding is not None else contextlib.nullcontext():
             self._decode_batch()
