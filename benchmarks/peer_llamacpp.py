@@ -37,7 +37,9 @@ rounds interleaved (llama.cpp, rwkv-chat, llama.cpp, ...), best of the rounds:
   best of 5), and the table gives what each decode reads per second: the matrix weights of a token
   times the bytes per weight of the precision (Q4_0's Q6_K head is counted at Q4_0's size). Decode
   is bound by that read at large shapes, and "x1.2 needs" is the share of the ceiling a decode 1.2
-  times llama.cpp's would have to read: over 100%, no engine can get there on this machine.
+  times llama.cpp's would have to read. On a shared machine the rate moves from minute to minute
+  (a decode may read faster than the round's probe), so near or over 100% is evidence of the
+  memory limit, not a bound.
 Pairs: `cpu fp32` / F32, `cpu bf16` / BF16, `cpu bf16i8` and `cpu fp32i8` / Q8_0, `cpu bf16i4` /
 Q4_0 (skipped when this rwkv-chat does not know the strategy).
 """
