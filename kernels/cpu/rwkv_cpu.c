@@ -945,13 +945,13 @@ static void run_unit(const job_run_t *j, int64_t u) {
             if (!j->prep[m].bad) { ps[count] = &j->prep[m]; ys[count] = j->y + m * n_out; count++; }
 #ifdef RK_SIMD
         /* a few vectors: a row at a time, streamed in order; more: tiles of 4 rows (2 for int8 /
-           int4, whose tiles hold two int32 accumulators per pair); with 16 registers of 8 lanes,
-           2 rows of floats and 1 of int8 / int4 */
-        int kind = (int)(jb->flags & 15), quant = kind == K_I8 || kind == K_I4;
+           int4, whose tiles hold two int32 accumulators per pair). The 8-lane tiles take a row at a
+           time for up to 4 vectors (2 rows x 4 vectors of floats took 1.1-1.4x as long, measured) */
 #ifdef RK_AVX512
+        int kind = (int)(jb->flags & 15), quant = kind == K_I8 || kind == K_I4;
         int rows = count == 1 || (quant && count <= RK_TILE) ? 1 : (quant ? 2 : RK_TILE);
 #else
-        int rows = count == 1 || quant ? 1 : 2;
+        int rows = 1;
 #endif
         for (int64_t a = r0; a < r1; a += rows) {
             int R = r1 - a < rows ? (int)(r1 - a) : rows;
