@@ -17,10 +17,11 @@ short prompt), goes to the C kernels of `cpu_kernels` when they are available: w
 memory once for all rows, fp32 accumulation, no per-call conversion, and each row's result is
 bitwise the one it gets alone. Where the kernels run them, int8 / int4 weights are stored in their
 block order (`block_order`). Longer inputs (prefill) use GEMMs: torch's for fp32 (MKL) and for
-bf16 activations (oneDNN), the kernels' bf16 GEMM with fp32 results for bf16 weights under fp32
-activations (placement.cpu_activations); quantized weights are first expanded (to fp32, or bf16
-under `bf16i8` / `bf16i4`) a block of rows at a time by the C kernels, so that the activations are
-never rounded to 8 bits. Elsewhere (CUDA, MPS, no
+bf16 activations (oneDNN); for bf16 weights under fp32 activations (placement.cpu_activations) the
+kernels' bf16 GEMM with fp32 results where the CPU has AVX-512 BF16, else torch's fp32 GEMM on the
+weights widened a block at a time. Quantized weights are first expanded (to fp32, or to bf16 for
+that bf16 GEMM) a block of rows at a time by the C kernels, so that the activations are never
+rounded to 8 bits. Elsewhere (CUDA, MPS, no
 kernels) the reference math runs: the same expansion in torch, then a matmul (CUDA int8: the
 kernels of cuda.py).
 
@@ -59,6 +60,14 @@ def _flags(kind: int, layout: str, dtype: torch.dtype) -> int:
 
 
 KERNEL_ROWS = 16  # inputs of up to this many rows go to the C kernels' GEMV (longer ones: the GEMMs)
+
+
+def _by_output_blocks(n_out: int, n_in: int, product) -> torch.Tensor:
+    """product(a, b) (the outputs a..b of a multi-token product, from weights expanded for them) for
+    blocks of outputs whose weights take _DEQUANT_ELEMENTS at most, joined along the last axis."""
+    step = max(1, _DEQUANT_ELEMENTS // n_in)
+    pieces = [product(a, min(n_out, a + step)) for a in range(0, n_out, step)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
 
 
 def _kernel_rows(linear, x: torch.Tensor) -> bool:
@@ -104,26 +113,19 @@ class DenseLinear:
             flat = x.reshape(-1, self.in_features).contiguous()
             y = self._kernels.gemm_bf16(flat, self.weight, cols=self.layout == "cols")
             return y.reshape(*x.shape[:-1], self.out_features)
-        if self._widen:
-            return self._widened_matmul(x)
-        w = self.weight
-        y = x.to(w.dtype) @ w if self.layout == "cols" else F.linear(x.to(w.dtype), w)
-        return y.to(x.dtype)
-
-    def _widened_matmul(self, x: torch.Tensor) -> torch.Tensor:
-        """x (fp32) times the bf16 weight widened to fp32, a block of outputs at a time."""
-        step = max(1, _DEQUANT_ELEMENTS // self.in_features)
-        if self.layout == "cols":
-            pieces = [x @ self.weight[:, a:a + step].to(x.dtype) for a in range(0, self.out_features, step)]
-        else:
-            pieces = [F.linear(x, self.weight[a:a + step].to(x.dtype)) for a in range(0, self.out_features, step)]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=-1)
+        if self._widen:  # x times the bf16 weight widened to x's dtype, a block of outputs at a time
+            if self.layout == "cols":
+                return _by_output_blocks(self.out_features, self.in_features,
+                                         lambda a, b: x @ self.weight[:, a:b].to(x.dtype))
+            return _by_output_blocks(self.out_features, self.in_features,
+                                     lambda a, b: F.linear(x, self.weight[a:b].to(x.dtype)))
+        return x @ self.weight if self.layout == "cols" else F.linear(x, self.weight)
 
     def on(self, device) -> "DenseLinear":
         """A copy for `device` (streamed layers): the weight moved, plain torch math."""
         clone = object.__new__(DenseLinear)
         clone.__dict__.update(self.__dict__, weight=self.weight.to(device, non_blocking=True), _kernels=None, _job=None,
-                             _gemm=False)
+                             _gemm=False, _widen=self.weight.dtype != self.dtype)
         return clone
 
 
@@ -190,15 +192,12 @@ class QuantLinear:
         """Several tokens on the CPU: rows of weights expanded by the C kernels, then torch's GEMM."""
         flat = x.reshape(-1, self.in_features).contiguous()
         N, K = self.out_features, self.in_features
-        step = max(1, _DEQUANT_ELEMENTS // K)
         expand = self._expand if x.dtype == self.dtype else x.dtype
-        rows = lambda start: self._kernels.dequantize(self.bits, self.q, self.scale, start, min(N, start + step), K,
-                                                      expand, self.blocks)
+        rows = lambda a, b: self._kernels.dequantize(self.bits, self.q, self.scale, a, b, K, expand, self.blocks)
         if expand != x.dtype:  # bf16 weights under fp32 activations: the kernels' GEMM
-            pieces = [self._kernels.gemm_bf16(flat, rows(start)) for start in range(0, N, step)]
+            y = _by_output_blocks(N, K, lambda a, b: self._kernels.gemm_bf16(flat, rows(a, b)))
         else:
-            pieces = [flat @ rows(start).t() for start in range(0, N, step)]
-        y = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+            y = _by_output_blocks(N, K, lambda a, b: flat @ rows(a, b).t())
         return y.reshape(*x.shape[:-1], N)
 
     def on(self, device) -> "QuantLinear":

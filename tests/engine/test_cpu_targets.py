@@ -47,8 +47,8 @@ def test_the_avx2_build_has_8_lane_tiles_and_no_bf16_products(avx2):
     assert avx2.simd == 1 and not avx2.native_bf16_gemm
 
 
-def make_linear(kind, weight, rows_dtype):
-    """(linear, x dtype, effective weight as float64, whether x is rounded to bf16 in the products)"""
+def make_linear(kind, weight):
+    """(linear, the dtype of its input, its weight as the products see it, in float64)"""
     if kind in ("fp32 rows", "fp32 cols", "bf16 rows", "bf16 cols"):
         dtype = torch.float32 if kind.startswith("fp32") else torch.bfloat16
         linear = DenseLinear(weight, dtype, "cpu", layout=kind.split()[1])
@@ -87,7 +87,7 @@ KINDS = ["fp32 rows", "fp32 cols", "bf16 rows", "bf16 cols", "bf16 weights", 8, 
 def test_avx2_products_match_float64(avx2, kind, out_features, in_features):
     g = gen(7 * out_features + in_features)
     weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
-    linear, dtype, effective = make_linear(kind, weight, torch.float32)
+    linear, dtype, effective = make_linear(kind, weight)
     assert linear._job is not None  # the kernels run it
     x = torch.randn(KERNEL_ROWS, in_features, generator=g)
     x[torch.rand(x.shape, generator=g) < 0.3] = 0
