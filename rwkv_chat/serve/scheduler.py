@@ -14,7 +14,6 @@ must not block: ("text", piece) and finally ("done", finish_reason).
 from __future__ import annotations
 
 import collections
-import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -193,8 +192,7 @@ class Scheduler:
     def _decode_step(self) -> None:
         # the decode thread settings (torch on one thread, the kernels' helpers spinning) held across
         # the whole step, sampling included, as the chat pipeline holds them (RWKV.decoding)
-        decoding = getattr(self.model, "decoding", None)
-        with decoding() if decoding is not None else contextlib.nullcontext():
+        with self.model.decoding():
             self._decode_batch()
 
     def _decode_batch(self) -> None:
