@@ -825,16 +825,48 @@ static float abs_max(const float *x, int64_t n) {
     return m;
 }
 
-/* one vector of a job: its copies and roundings; p->bad when it has a NaN or an infinity */
-static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
+/* Memory a call needs again on every token: the calling thread's buffer, grown when a call needs
+   more and then kept, so a decode step neither mallocs nor faults in fresh pages. */
+typedef struct { char *p; size_t size; } scratch_t;
+static __thread scratch_t gemv_scratch, layer_scratch, tail_scratch;
+
+static void *scratch_buffer(scratch_t *s, size_t bytes) {
+    if (bytes > s->size) {
+        free(s->p);
+        s->size = bytes + bytes / 2;
+        s->p = (char *)malloc(s->size);
+    }
+    return s->p;
+}
+
+/* the next `bytes` of a vector's region, 64-byte aligned */
+static void *take(char **at, size_t bytes) {
+    char *p = (char *)(((uintptr_t)*at + 63) & ~(uintptr_t)63);
+    *at = p + bytes;
+    return p;
+}
+
+/* the most prep_vector takes from its region for one vector of the job */
+static size_t prep_bytes(const job_t *jb) {
+    int64_t n = jb->n_in, kind = jb->flags & 15, n32 = (n + GROUP - 1) / GROUP * GROUP;
+    size_t bytes = 16 * 64 + 4 * n;  /* alignment, xf */
+    if ((jb->flags >> 4) & 1) return bytes + 4 * (n + 4) + 4 * jb->n_out * 8;
+    if (kind == K_I8) return bytes + 4 * n + 2 * n32;
+    if (kind == K_I4) return bytes + n32 + 64 + 16 * (n32 / 4 + 16) + 8 * (n / RK_BLOCK * 16 + 1);
+    return bytes + (kind == K_BF16 ? 2 * n : 0);
+}
+
+/* one vector of a job: its copies and roundings, in `mem` (prep_bytes of it); p->bad when it has
+   a NaN or an infinity */
+static void prep_vector(const job_t *jb, const void *x, prep_t *p, char *mem) {
     int64_t n = jb->n_in, kind = jb->flags & 15, cols = (jb->flags >> 4) & 1;
     memset(p, 0, sizeof(*p));
-    p->xf = (float *)malloc(sizeof(float) * n);
+    p->xf = (float *)take(&mem, sizeof(float) * n);
     if (jb->flags & 256) { const uint16_t *xb = (const uint16_t *)x; for (int64_t c = 0; c < n; c++) p->xf[c] = bf16_to_f32(xb[c]); }
     else memcpy(p->xf, x, sizeof(float) * n);
     if (!all_finite(p->xf, n)) { p->bad = 1; return; }
     if (cols) {
-        p->nz = (int32_t *)malloc(sizeof(int32_t) * (n + 4));
+        p->nz = (int32_t *)take(&mem, sizeof(int32_t) * (n + 4));
         for (int64_t c = 0; c < n; c++)
             if (p->xf[c] != 0.f) p->nz[p->n_nz++] = (int32_t)c;
         /* blocks of nonzero inputs, each into its own partial sums (summed after the run) */
@@ -842,14 +874,14 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
         units = units > 8 ? 8 : units;
         p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
         p->units = units;
-        p->part = (float *)malloc(sizeof(float) * jb->n_out * (units ? units : 1));
+        p->part = (float *)take(&mem, sizeof(float) * jb->n_out * (units ? units : 1));
     } else if (kind == K_I8) {  /* xq in input order; its bytes lo and hi in the weights' storage order */
         int blocks = (jb->flags & RK_BLOCKS) != 0;
         float m = abs_max(p->xf, n);
-        p->xq = (int16_t *)malloc(sizeof(int16_t) * n);
+        p->xq = (int16_t *)take(&mem, sizeof(int16_t) * n);
         p->xs = m > 0.f ? m / 32767.f : 1.f;
         float inv = 1.f / p->xs;
-        p->xlo = (uint8_t *)malloc(n); p->xhi = (uint8_t *)malloc(n);
+        p->xlo = (uint8_t *)take(&mem, n); p->xhi = (uint8_t *)take(&mem, n);
         int64_t c = 0;
 #ifdef RK_AVX512
         /* 16 inputs at a time (lrintf's rounding: the default round-to-nearest-even); in a full
@@ -879,17 +911,19 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
             p->xq[c] = (int16_t)q; p->xlo[at] = (uint8_t)(q & 255); p->xhi[at] = (uint8_t)((q >> 8) + 128);
         }
 #ifdef RK_I8_MADD
-        p->xqs = (int16_t *)calloc((size_t)((n + GROUP - 1) / GROUP * GROUP), sizeof(int16_t));
+        size_t padded = (size_t)((n + GROUP - 1) / GROUP * GROUP) * sizeof(int16_t);
+        p->xqs = (int16_t *)memset(take(&mem, padded), 0, padded);
         for (int64_t k = 0; k < n; k++) p->xqs[stored_index(k, n, blocks)] = p->xq[k];
 #endif
     } else if (kind == K_I4) {  /* x8 in the weights' storage order */
         int blocks = (jb->flags & RK_BLOCKS) != 0;
         int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, nb = blocks ? n / RK_BLOCK : 0;
-        p->x8 = (int8_t *)calloc((size_t)n32 + 64, 1);
-        p->xsl = (float *)calloc((size_t)n32 / 4 + 16, sizeof(float));
-        p->xnl = (int32_t *)calloc((size_t)n32 / 4 + 16, sizeof(int32_t));
-        p->bxs = (float *)malloc(sizeof(float) * (nb * 16 + 1));
-        p->boff = (int32_t *)malloc(sizeof(int32_t) * (nb * 16 + 1));
+        size_t lanes = sizeof(float) * ((size_t)n32 / 4 + 16);
+        p->x8 = (int8_t *)memset(take(&mem, (size_t)n32 + 64), 0, (size_t)n32 + 64);
+        p->xsl = (float *)memset(take(&mem, lanes), 0, lanes);
+        p->xnl = (int32_t *)memset(take(&mem, lanes), 0, lanes);
+        p->bxs = (float *)take(&mem, sizeof(float) * (nb * 16 + 1));
+        p->boff = (int32_t *)take(&mem, sizeof(int32_t) * (nb * 16 + 1));
         for (int64_t g = 0; g < n32 / GROUP; g++) {
             float m = 0.f;
             for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
@@ -907,19 +941,16 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p) {
                 }
         }
     } else if (kind == K_BF16) {
-        p->xb = (uint16_t *)malloc(sizeof(uint16_t) * n);
+        p->xb = (uint16_t *)take(&mem, sizeof(uint16_t) * n);
         for (int64_t c = 0; c < n; c++) p->xb[c] = f32_to_bf16(p->xf[c]);
     }
-}
-
-static void free_prep(prep_t *p) {
-    free(p->xf); free(p->xq); free(p->xlo); free(p->xhi); free(p->xb); free(p->nz); free(p->part);
-    free(p->x8); free(p->xsl); free(p->xnl); free(p->bxs); free(p->boff); free(p->xqs);
 }
 
 typedef struct {
     const job_t *jb;
     prep_t *prep;        /* one per vector */
+    char *mem;           /* the vectors' prep_vector regions, `stride` bytes each */
+    size_t stride;
     float *y;            /* fp32 outputs [M, n_out] (y itself, or a buffer when y is bf16) */
     int64_t M, units, rows_per_unit;
 } job_run_t;
@@ -973,7 +1004,8 @@ static void prep_unit(void *arg, int64_t u) {
     int i = 0;
     while (u >= c->runs[i].M) u -= c->runs[i].M, i++;
     const job_t *jb = c->runs[i].jb;
-    prep_vector(jb, (const char *)jb->x + u * jb->n_in * ((jb->flags & 256) ? 2 : 4), &c->runs[i].prep[u]);
+    prep_vector(jb, (const char *)jb->x + u * jb->n_in * ((jb->flags & 256) ? 2 : 4), &c->runs[i].prep[u],
+                c->runs[i].mem + u * c->runs[i].stride);
 }
 
 static void gemv_unit(void *arg, int64_t u) {
@@ -987,12 +1019,21 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
     job_run_t runs[16];
     if (n_jobs > 16) return -1;
     gemv_ctx_t ctx = { runs, n_jobs, {0}, 0 };
+    size_t bytes = 0;
+    for (int i = 0; i < n_jobs; i++) {
+        const job_t *jb = &jobs[i];
+        int64_t M = job_vectors(jb);
+        runs[i].stride = (prep_bytes(jb) + 63) / 64 * 64;
+        bytes += 3 * 64 + M * (sizeof(prep_t) + runs[i].stride + ((jb->flags & 512) ? sizeof(float) * jb->n_out : 0));  /* 3 aligned takes */
+    }
+    char *at = (char *)scratch_buffer(&gemv_scratch, bytes);
     for (int i = 0; i < n_jobs; i++) {
         const job_t *jb = &jobs[i];
         job_run_t *j = &runs[i];
         j->jb = jb; j->M = job_vectors(jb);
-        j->prep = (prep_t *)malloc(sizeof(prep_t) * j->M);
-        j->y = (jb->flags & 512) ? (float *)malloc(sizeof(float) * jb->n_out * j->M) : (float *)jb->y;
+        j->mem = (char *)take(&at, j->M * j->stride);
+        j->prep = (prep_t *)take(&at, sizeof(prep_t) * j->M);
+        j->y = (jb->flags & 512) ? (float *)take(&at, sizeof(float) * jb->n_out * j->M) : (float *)jb->y;
         j->units = 0;
         ctx.vectors += j->M;
     }
@@ -1030,14 +1071,11 @@ int rk_gemv(int n_jobs, const job_t *jobs, int n_threads) {
                     for (int64_t o = 0; o < n_out; o++) y[o] += part[o];
                 }
             }
-            free_prep(p);
         }
         if (j->jb->flags & 512) {
             uint16_t *yb = (uint16_t *)j->jb->y;
             for (int64_t o = 0; o < n_out * j->M; o++) yb[o] = f32_to_bf16(j->y[o]);
-            free(j->y);
         }
-        free(j->prep);
     }
     return 0;
 }
@@ -1372,7 +1410,8 @@ void rk_wkv5(int64_t T, int64_t H, int64_t N, const float *r, const float *k, co
 
 /* v7: S [H][V][K]; S <- S diag(w_t) - (S kk_t) (kk_t * a_t)^T + v_t k_t^T; out_t = S r_t.
    All of r, w, k, v, kk, a: [T, H, N]; N <= 1024. */
-typedef struct { int64_t T, H, N; const float *r, *w, *k, *v, *kk, *a, *s_in; float *s_out, *out; } wkv7_ctx_t;
+typedef struct { int64_t T, H, N; const float *r, *w, *k, *v, *kk, *a, *s_in; float *s_out, *out; int stream; } wkv7_ctx_t;
+/* stream: write s_out past the caches (a batch's states are read again only on its next step) */
 
 static void wkv7_unit(void *arg, int64_t h) {
     /* Works on the transposed state St[k][v] so every inner loop runs over v without reductions. */
@@ -1384,6 +1423,28 @@ static void wkv7_unit(void *arg, int64_t h) {
                     *kkt = x->kk + off, *at = x->a + off;
         float *S_out = x->s_out + h * N * N, *out = x->out + off, b[1024];
         for (int64_t j = 0; j < N; j++) b[j] = kkt[j] * at[j];
+#ifdef RK_AVX512
+        if (N % 16 == 0) {
+            int stream = x->stream && ((uintptr_t)S_out & 63) == 0;
+            for (int64_t i = 0; i < N; i++) {
+                const float *row = S + i * N;
+                float *new_row = S_out + i * N;
+                __m512 sa = _mm512_setzero_ps(), o = _mm512_setzero_ps();
+                for (int64_t j = 0; j < N; j += 16) sa = _mm512_fmadd_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(kkt + j), sa);
+                __m512 sab = _mm512_set1_ps(_mm512_reduce_add_ps(sa)), vi = _mm512_set1_ps(vt[i]);
+                for (int64_t j = 0; j < N; j += 16) {
+                    __m512 s = _mm512_fnmadd_ps(sab, _mm512_loadu_ps(b + j), _mm512_mul_ps(_mm512_loadu_ps(row + j), _mm512_loadu_ps(wt + j)));
+                    s = _mm512_fmadd_ps(vi, _mm512_loadu_ps(kt + j), s);
+                    if (stream) _mm512_stream_ps(new_row + j, s);
+                    else _mm512_storeu_ps(new_row + j, s);
+                    o = _mm512_fmadd_ps(s, _mm512_loadu_ps(rt + j), o);
+                }
+                out[i] = _mm512_reduce_add_ps(o);
+            }
+            if (stream) _mm_sfence();
+            return;
+        }
+#endif
         for (int64_t i = 0; i < N; i++) {
             const float *row = S + i * N;
             float *new_row = S_out + i * N, sa = 0.f, o = 0.f, vi = vt[i];
@@ -1434,7 +1495,7 @@ static void wkv7_unit(void *arg, int64_t h) {
 
 void rk_wkv7(int64_t T, int64_t H, int64_t N, const float *r, const float *w, const float *k, const float *v,
              const float *kk, const float *a, const float *s_in, float *s_out, float *out, int n_threads) {
-    wkv7_ctx_t ctx = { T, H, N, r, w, k, v, kk, a, s_in, s_out, out };
+    wkv7_ctx_t ctx = { T, H, N, r, w, k, v, kk, a, s_in, s_out, out, 0 };
     pool_run(wkv7_unit, &ctx, H, T >= 4 ? n_threads : 1);
 }
 
@@ -1480,9 +1541,9 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
                     const void *r_, const void *k_, const void *v_, const void *w_lora_, const void *a_lora_,
                     const void *g_, const void *v_lora_, const void *v_first_, const float *w0, const void *a0_,
                     const void *k_k_, const void *k_a_, const void *v0_, const void *r_k_, const void *ln_w_,
-                    const void *ln_b_, const float *s_in, float *s_out, void *y, void *v_out) {
+                    const void *ln_b_, const float *s_in, float *s_out, void *y, void *v_out, int stream) {
     int64_t C = H * N;
-    float *buf = (float *)malloc(sizeof(float) * C * 24);
+    float *buf = (float *)scratch_buffer(&tail_scratch, sizeof(float) * C * 24);
     float *rr = buf, *ww = buf + C, *kk = buf + 2 * C, *aa = buf + 3 * C, *k2 = buf + 4 * C, *v2 = buf + 5 * C,
           *o = buf + 6 * C, *yf = buf + 7 * C, *scratch = buf + 8 * C;
     /* every input as fp32 (the fused layer's activations already are), so the loops vectorize */
@@ -1512,7 +1573,7 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
         float inv = 1.f / (norm > 1e-12f ? norm : 1e-12f);
         for (int64_t i = 0; i < N; i++) kh[i] *= inv;
     }
-    wkv7_ctx_t ctx = { 1, H, N, rr, ww, k2, v2, kk, aa, s_in, s_out, o };
+    wkv7_ctx_t ctx = { 1, H, N, rr, ww, k2, v2, kk, aa, s_in, s_out, o, stream };
     for (int64_t h = 0; h < H; h++) wkv7_unit(&ctx, h);
     for (int64_t h = 0; h < H; h++) {
         const float *oh = o + h * N;
@@ -1528,7 +1589,6 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
         }
     }
     for (int64_t c = 0; c < C; c++) { st(y, bf, c, yf[c]); st(v_out, bf, c, v2[c]); }
-    free(buf);
 }
 
 void rk_v7_step(int64_t H, int64_t N, int bf,
@@ -1537,7 +1597,7 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
                 const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
                 const float *s_in, float *s_out, void *y, void *v_out) {
     v7_tail(H, N, bf, bf, r, k, v, w_lora, a_lora, g, v_lora, v_first, w0, a0, k_k, k_a, v0, r_k, ln_w, ln_b,
-            s_in, s_out, y, v_out);
+            s_in, s_out, y, v_out, 0);
 }
 
 
@@ -1584,6 +1644,7 @@ typedef struct {
     int nv;
     float *r, *k, *v, *w_lora, *a_lora, *g, *v_lora, *y, *v_out;
     const float *v_first_in;
+    int stream;  /* a batch: new states written past the caches */
 } v7_tails_t;
 
 static void v7_tail_unit(void *arg, int64_t b) {
@@ -1592,7 +1653,7 @@ static void v7_tail_unit(void *arg, int64_t b) {
     int64_t i = b * t->C;
     v7_tail(L->H, L->N, 0, (int)L->pbf, t->r + i, t->k + i, t->v + i, t->w_lora + i, t->a_lora + i, t->g + i,
             t->nv ? t->v_lora + i : NULL, t->nv ? t->v_first_in + i : NULL, L->w0, L->a0, L->k_k, L->k_a, L->v0,
-            L->r_k, L->lnx_w, L->lnx_b, t->rows[b].s_in, t->rows[b].s_out, t->y + i, t->v_out + i);
+            L->r_k, L->lnx_w, L->lnx_b, t->rows[b].s_in, t->rows[b].s_out, t->y + i, t->v_out + i, t->stream);
 }
 
 void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, const float *v_first_in,
@@ -1601,7 +1662,7 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     int64_t H = L->H, N = L->N, C = H * N, F = L->lin[12].n_out, pbf = (int)L->pbf, BC = B * C;
     int64_t rank = 0;
     for (int i = 3; i < 7; i++) rank += L->lin[i].n_out;
-    float *buf = (float *)malloc(sizeof(float) * B * (C * 17 + rank + F));
+    float *buf = (float *)scratch_buffer(&layer_scratch, sizeof(float) * B * (C * 17 + rank + F));
     float *xa = buf, *mix = xa + BC, *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *lora = v + BC, *y = lora + 4 * BC,
           *o = y + BC, *vout = o + BC, *low = vout + BC, *h = low + B * rank;
     float *lw = low, *la = lw + B * L->lin[3].n_out, *lg = la + B * L->lin[4].n_out, *lv = lg + B * L->lin[5].n_out;
@@ -1625,7 +1686,7 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     float *x2[4] = { lw, la, lg, lv }, *y2[4] = { w_lora, a_lora, g, v_lora };
     run_jobs(L->lin + 7, 3 + nv, x2, y2, B, n_threads);
     v7_tails_t tails = { L, rows, C, nv, r, k, v, w_lora, a_lora, g, v_lora, y, v_first_out ? v_first_out : vout,
-                         v_first_in };
+                         v_first_in, B > 1 };
     pool_run(v7_tail_unit, &tails, B, n_threads);  /* the sequences' recurrences side by side */
     float *x3[1] = { y }, *y3[1] = { o };
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
@@ -1645,7 +1706,6 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     float *x5[1] = { h }, *y5[1] = { o };
     run_jobs(L->lin + 13, 1, x5, y5, B, n_threads);
     for (int64_t i = 0; i < BC; i++) x[i] += o[i];
-    free(buf);
 }
 
 typedef struct {
@@ -1669,7 +1729,7 @@ void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, i
     int64_t H = L->H, N = L->N, C = H * N, F = L->lin[14].n_out, D = L->lin[0].n_out / 5, Dd = L->lin[10].n_out;
     int64_t BC = B * C;
     int pbf = (int)L->pbf;
-    float *buf = (float *)malloc(sizeof(float) * B * (C * 18 + 10 * D + Dd + F));
+    float *buf = (float *)scratch_buffer(&layer_scratch, sizeof(float) * B * (C * 18 + 10 * D + Dd + F));
     float *xa = buf, *delta = xa + BC, *lora = delta + BC, *mix = lora + 5 * BC, *r = mix + 5 * BC, *k = r + BC,
           *v = k + BC, *g = v + BC, *o = g + BC, *y = o + BC, *low = y + BC, *lows = low + 5 * B * D,
           *dlow = lows + 5 * B * D, *h = dlow + B * Dd;
@@ -1729,5 +1789,4 @@ void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, i
     float *x6[1] = { h }, *y6[1] = { o };
     run_jobs(L->lin + 15, 1, x6, y6, B, n_threads);
     for (int64_t i = 0; i < BC; i++) x[i] += sigmoidf_(r[i]) * o[i];
-    free(buf);
 }
