@@ -132,6 +132,9 @@ class RWKV:
         for key, tensor in sd.items():
             loader.check_finite(key, tensor, path)
             release(tensor)
+        arena = memory.arena_for(path)  # host-resident weights on 2 MiB pages (memory.py)
+        hosted = lambda i: memory.packing(
+            arena if self.plan[i].stream or torch.device(self.devices[i]).type == "cpu" else None)
         self.emb = Embedding(sd, self.plan[0])  # stays in host memory; rows move per call
         release(sd["emb.weight"])
         self.layers = []
@@ -141,8 +144,9 @@ class RWKV:
             get = lambda name, i=i: sd[f"blocks.{i}.{name}"]
             scale = 1.0 / 2 ** (i // self.rescale) if self.rescale else 1.0
             ops = select.backend(device)
-            self.layers.append(self._module.prepare_layer(get, plan, device, ops, output_scale=scale,
-                                                          n_head=self.n_head, layer=i))
+            with hosted(i):
+                self.layers.append(self._module.prepare_layer(get, plan, device, ops, output_scale=scale,
+                                                              n_head=self.n_head, layer=i))
             prefix = f"blocks.{i}."
             for key, tensor in sd.items():
                 if key.startswith(prefix):
@@ -152,7 +156,8 @@ class RWKV:
                 progress(i + 1, total, f"layer {i + 1}/{self.n_layer}")
         head_plan, head_device = self.plan[-1], self.devices[-1]
         self.ln_out = pair(lambda n: sd[n], "ln_out", head_plan.dtype, head_device)
-        self.head = make_linear(sd["head.weight"], head_plan, head_device)
+        with hosted(self.n_layer):
+            self.head = make_linear(sd["head.weight"], head_plan, head_device)
         release(sd["head.weight"])
         if progress:
             progress(total, total, "head")

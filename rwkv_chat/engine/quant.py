@@ -253,8 +253,8 @@ def quantize_groups(weight: torch.Tensor, bits: int):
     bound the float temporaries."""
     rows, n = weight.shape
     groups = -(-n // GROUP)
-    q = torch.empty((rows, n) if bits == 8 else (rows, groups * GROUP // 2), dtype=torch.int8 if bits == 8 else torch.uint8)
-    scale = torch.empty((rows, groups), dtype=torch.float16)
+    q = memory.empty((rows, n) if bits == 8 else (rows, groups * GROUP // 2), torch.int8 if bits == 8 else torch.uint8)
+    scale = memory.empty((rows, groups), torch.float16)
     for start, stop in memory.row_blocks(weight):
         block = weight[start:stop]
         w = F.pad(block.float(), (0, groups * GROUP - n)).view(stop - start, groups, GROUP)

@@ -122,3 +122,74 @@ def test_releasing_a_file_that_is_not_mapped_finds_no_ranges(tmp_path):
         assert releaser.ranges == []
         memory.release(own)
     assert torch.equal(own, expected_weight())
+
+
+# ---------------------------------------------------------------------------------------------
+# The weight arena: big models' weights packed into memory advised to use 2 MiB pages
+
+huge_pages = pytest.mark.skipif(not memory.huge_pages_available(),
+                                reason="the kernel has no transparent huge pages (Linux, mode always or madvise)")
+
+
+def mapping_flags(address: int) -> list[str]:
+    """The VmFlags of the mapping of this process that holds `address` (/proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            fields = line.split()
+            if fields and not fields[0].endswith(":"):
+                start, end = (int(v, 16) for v in fields[0].split("-"))
+                inside = start <= address < end
+            elif inside and fields[0] == "VmFlags:":
+                return fields[1:]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@huge_pages
+def test_empty_inside_packing_carves_tensors_from_huge_page_memory_one_after_another():
+    shapes = [((300, 70), torch.float32), ((1001,), torch.int8), ((5, 3), torch.bfloat16),
+              ((17_000_000,), torch.float32)]  # 68 MB: more than is left of the first 64 MiB mapping
+    with memory.packing(memory.WeightArena()):
+        placed = [memory.empty(shape, dtype) for shape, dtype in shapes]
+    for (shape, dtype), tensor in zip(shapes, placed):
+        assert tuple(tensor.shape) == shape and tensor.dtype == dtype and tensor.is_contiguous()
+        assert tensor.data_ptr() % 64 == 0 and "hg" in mapping_flags(tensor.data_ptr())  # advised to use huge pages
+    first = placed[0].data_ptr()
+    assert first % (2 << 20) == 0  # a mapping starts on a 2 MiB boundary
+    assert placed[1].data_ptr() == first + 84032  # packed: 300 * 70 * 4 = 84000 bytes, rounded up to 64
+    assert placed[2].data_ptr() == first + 84032 + 1024  # 1001 bytes, rounded up to 64
+    assert placed[3].data_ptr() % (2 << 20) == 0 and placed[3].data_ptr() != first  # a mapping of its own
+    for tensor in placed:  # ordinary writable tensors, each in memory of its own
+        tensor.fill_(3)
+    assert all(bool((t == 3).all()) for t in placed)
+
+
+def test_empty_outside_packing_is_torch_empty():
+    with memory.packing(None):
+        tensor = memory.empty((4, 4), torch.bfloat16)
+    assert tensor.shape == (4, 4) and tensor.dtype == torch.bfloat16 and "hg" not in mapping_flags(tensor.data_ptr())
+    assert memory.arena_for(Path("/nonexistent/model.pth")) is None
+
+
+@huge_pages
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16i8"])
+@pytest.mark.parametrize("version", ["4", "7"])
+def test_a_model_packed_into_the_arena_computes_what_an_unpacked_one_does(make_model_file, monkeypatch, version,
+                                                                          strategy):
+    from rwkv_chat import RWKV
+
+    path = make_model_file(version)
+    monkeypatch.setattr(memory, "ARENA_MIN_FILE", 1 << 62)
+    assert memory.arena_for(path) is None
+    plain = RWKV(path, strategy=strategy)
+    monkeypatch.setattr(memory, "ARENA_MIN_FILE", 0)
+    assert memory.arena_for(path) is not None
+    packed = RWKV(path, strategy=strategy)
+    head = packed.head.q if hasattr(packed.head, "q") else packed.head.weight
+    assert "hg" in mapping_flags(head.data_ptr()) and "hg" not in mapping_flags(
+        (plain.head.q if hasattr(plain.head, "q") else plain.head.weight).data_ptr())
+    tokens = [0, 65535, 11, 261, 4000]
+    expected, state = plain.forward(tokens, None)
+    got, packed_state = packed.forward(tokens, None)
+    assert torch.equal(got, expected)
+    assert torch.equal(packed.forward([7], packed_state)[0], plain.forward([7], state)[0])  # the decode path too
