@@ -1541,8 +1541,10 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
                     const void *r_, const void *k_, const void *v_, const void *w_lora_, const void *a_lora_,
                     const void *g_, const void *v_lora_, const void *v_first_, const float *w0, const void *a0_,
                     const void *k_k_, const void *k_a_, const void *v0_, const void *r_k_, const void *ln_w_,
-                    const void *ln_b_, const float *s_in, float *s_out, void *y, void *v_out, int stream) {
-    int64_t C = H * N;
+                    const void *ln_b_, const float *s_in, float *s_out, void *y, void *v_out, int stream,
+                    int64_t h0, int64_t h1) {
+    /* heads h0 .. h1 - 1 only (every step below is per head, so any split gives the same bits) */
+    int64_t C = H * N, c0 = h0 * N, c1 = h1 * N;
     float *buf = (float *)scratch_buffer(&tail_scratch, sizeof(float) * C * 24);
     float *rr = buf, *ww = buf + C, *kk = buf + 2 * C, *aa = buf + 3 * C, *k2 = buf + 4 * C, *v2 = buf + 5 * C,
           *o = buf + 6 * C, *yf = buf + 7 * C, *scratch = buf + 8 * C;
@@ -1554,7 +1556,7 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
     const float *k_k = as_f32(k_k_, pbf, C, scratch + 9 * C), *k_a = as_f32(k_a_, pbf, C, scratch + 10 * C);
     const float *v0 = as_f32(v0_, pbf, C, scratch + 11 * C), *r_k = as_f32(r_k_, pbf, C, scratch + 12 * C);
     const float *ln_w = as_f32(ln_w_, pbf, C, scratch + 13 * C), *ln_b = as_f32(ln_b_, pbf, C, scratch + 14 * C);
-    for (int64_t c = 0; c < C; c++) {
+    for (int64_t c = c0; c < c1; c++) {
         float a = sigmoidf_(a0[c] + a_lora[c]), kc = k[c];
         rr[c] = r[c];
         ww[c] = rk_exp(-RK_V7_DECAY_SCALE * sigmoidf_(w0[c] + w_lora[c]));
@@ -1563,10 +1565,10 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
         k2[c] = kc * (1.f + (a - 1.f) * k_a[c]);
     }
     if (v_first != NULL)  /* value residual: blend in layer 0's values */
-        for (int64_t c = 0; c < C; c++) v2[c] = v[c] + (v_first[c] - v[c]) * sigmoidf_(v0[c] + v_lora[c]);
+        for (int64_t c = c0; c < c1; c++) v2[c] = v[c] + (v_first[c] - v[c]) * sigmoidf_(v0[c] + v_lora[c]);
     else
-        for (int64_t c = 0; c < C; c++) v2[c] = v[c];
-    for (int64_t h = 0; h < H; h++) {
+        for (int64_t c = c0; c < c1; c++) v2[c] = v[c];
+    for (int64_t h = h0; h < h1; h++) {
         float *kh = kk + h * N, norm = 0.f;
         for (int64_t i = 0; i < N; i++) norm += kh[i] * kh[i];
         norm = sqrtf(norm);
@@ -1574,8 +1576,8 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
         for (int64_t i = 0; i < N; i++) kh[i] *= inv;
     }
     wkv7_ctx_t ctx = { 1, H, N, rr, ww, k2, v2, kk, aa, s_in, s_out, o, stream };
-    for (int64_t h = 0; h < H; h++) wkv7_unit(&ctx, h);
-    for (int64_t h = 0; h < H; h++) {
+    for (int64_t h = h0; h < h1; h++) wkv7_unit(&ctx, h);
+    for (int64_t h = h0; h < h1; h++) {
         const float *oh = o + h * N;
         float mean = 0.f, var = 0.f, bonus = 0.f;
         for (int64_t i = 0; i < N; i++) mean += oh[i];
@@ -1588,7 +1590,7 @@ static void v7_tail(int64_t H, int64_t N, int bf, int pbf,
             yf[c] = ((oh[i] - mean) * inv * ln_w[c] + ln_b[c] + bonus * v2[c]) * g[c];
         }
     }
-    for (int64_t c = 0; c < C; c++) { st(y, bf, c, yf[c]); st(v_out, bf, c, v2[c]); }
+    for (int64_t c = c0; c < c1; c++) { st(y, bf, c, yf[c]); st(v_out, bf, c, v2[c]); }
 }
 
 void rk_v7_step(int64_t H, int64_t N, int bf,
@@ -1597,7 +1599,7 @@ void rk_v7_step(int64_t H, int64_t N, int bf,
                 const void *k_a, const void *v0, const void *r_k, const void *ln_w, const void *ln_b,
                 const float *s_in, float *s_out, void *y, void *v_out) {
     v7_tail(H, N, bf, bf, r, k, v, w_lora, a_lora, g, v_lora, v_first, w0, a0, k_k, k_a, v0, r_k, ln_w, ln_b,
-            s_in, s_out, y, v_out, 0);
+            s_in, s_out, y, v_out, 0, 0, H);
 }
 
 
@@ -1645,15 +1647,17 @@ typedef struct {
     float *r, *k, *v, *w_lora, *a_lora, *g, *v_lora, *y, *v_out;
     const float *v_first_in;
     int stream;  /* a batch: new states written past the caches */
+    int64_t parts;  /* units per sequence, each a range of its heads (fewer sequences than threads) */
 } v7_tails_t;
 
-static void v7_tail_unit(void *arg, int64_t b) {
+static void v7_tail_unit(void *arg, int64_t u) {
     const v7_tails_t *t = (const v7_tails_t *)arg;
     const v7_layer_t *L = t->L;
-    int64_t i = b * t->C;
+    int64_t b = u / t->parts, part = u % t->parts, i = b * t->C;
     v7_tail(L->H, L->N, 0, (int)L->pbf, t->r + i, t->k + i, t->v + i, t->w_lora + i, t->a_lora + i, t->g + i,
             t->nv ? t->v_lora + i : NULL, t->nv ? t->v_first_in + i : NULL, L->w0, L->a0, L->k_k, L->k_a, L->v0,
-            L->r_k, L->lnx_w, L->lnx_b, t->rows[b].s_in, t->rows[b].s_out, t->y + i, t->v_out + i, t->stream);
+            L->r_k, L->lnx_w, L->lnx_b, t->rows[b].s_in, t->rows[b].s_out, t->y + i, t->v_out + i, t->stream,
+            L->H * part / t->parts, L->H * (part + 1) / t->parts);
 }
 
 void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, const float *v_first_in,
@@ -1686,8 +1690,9 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     float *x2[4] = { lw, la, lg, lv }, *y2[4] = { w_lora, a_lora, g, v_lora };
     run_jobs(L->lin + 7, 3 + nv, x2, y2, B, n_threads);
     v7_tails_t tails = { L, rows, C, nv, r, k, v, w_lora, a_lora, g, v_lora, y, v_first_out ? v_first_out : vout,
-                         v_first_in, B > 1 };
-    pool_run(v7_tail_unit, &tails, B, n_threads);  /* the sequences' recurrences side by side */
+                         v_first_in, B > 1, B >= n_threads ? 1 : (n_threads + B - 1) / B };
+    if (tails.parts > H) tails.parts = H;
+    pool_run(v7_tail_unit, &tails, B * tails.parts, n_threads);  /* the sequences' recurrences side by side */
     float *x3[1] = { y }, *y3[1] = { o };
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
     for (int64_t i = 0; i < BC; i++) x[i] += o[i];
@@ -1712,16 +1717,19 @@ typedef struct {
     const v6_layer_t *L;
     const row_states_t *rows;
     float *r, *k, *v, *g, *decay, *o, *y;
+    int64_t parts;  /* units per sequence, each a range of its heads (as v7_tails_t) */
 } v6_tails_t;
 
-static void v6_tail_unit(void *arg, int64_t b) {
+static void v6_tail_unit(void *arg, int64_t u) {
     const v6_tails_t *t = (const v6_tails_t *)arg;
     const v6_layer_t *L = t->L;
-    int64_t H = L->H, N = L->N, i = b * H * N;
+    int64_t H = L->H, N = L->N, b = u / t->parts, part = u % t->parts, i = b * H * N;
+    int64_t h0 = H * part / t->parts, h1 = H * (part + 1) / t->parts, c = i + h0 * N;
     wkv5_ctx_t ctx = { 1, H, N, t->r + i, t->k + i, t->v + i, t->decay + i, 0, L->bonus, t->rows[b].s_in,
                        t->rows[b].s_out, t->o + i };
-    for (int64_t hh = 0; hh < H; hh++) wkv5_unit(&ctx, hh);
-    rk_group_norm_gate(H, N, t->o + i, L->lnx_w, L->lnx_b, 0, 64e-5f, t->g + i, 2, 0, t->y + i);
+    for (int64_t hh = h0; hh < h1; hh++) wkv5_unit(&ctx, hh);
+    rk_group_norm_gate(h1 - h0, N, t->o + c, L->lnx_w + h0 * N, L->lnx_b + h0 * N, 0, 64e-5f, t->g + c, 2, 0,
+                       t->y + c);
 }
 
 void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, int n_threads) {
@@ -1767,8 +1775,9 @@ void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, i
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
     for (int64_t b = 0; b < B; b++)
         for (int64_t c = 0; c < C; c++) decay[b * C + c] = rk_exp(-rk_exp(L->decay[c] + decay[b * C + c]));
-    v6_tails_t tails = { L, rows, r, k, v, g, decay, o, y };
-    pool_run(v6_tail_unit, &tails, B, n_threads);  /* the sequences' recurrences side by side */
+    v6_tails_t tails = { L, rows, r, k, v, g, decay, o, y, B >= n_threads ? 1 : (n_threads + B - 1) / B };
+    if (tails.parts > H) tails.parts = H;
+    pool_run(v6_tail_unit, &tails, B * tails.parts, n_threads);  /* the sequences' recurrences side by side */
     float *x4[1] = { y }, *y4[1] = { o };
     run_jobs(L->lin + 12, 1, x4, y4, B, n_threads);  /* output */
     for (int64_t i = 0; i < BC; i++) x[i] += o[i];

@@ -83,6 +83,30 @@ def test_a_batch_larger_than_the_kernel_rows_is_still_row_exact(make_model_file,
         assert torch.equal(logits[b], model.forward([tokens[b]], states[b])[0]), b
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16i8"])
+@pytest.mark.parametrize("version", ["6", "7"])
+def test_a_sequence_alone_splits_its_heads_over_the_threads_with_the_same_bits(make_model_file, version, strategy,
+                                                                             threads):
+    """Alone, a sequence's recurrences run as ranges of its heads on the kernels' threads (three
+    heads on 2 threads: 0 | 1-2; on 3: one each); in a batch of three each sequence takes a thread
+    whole. Every head's arithmetic is the same either way: the logits are bitwise equal."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        model = RWKV(make_model_file(version, n_layer=2, n_embd=192), strategy=strategy)
+        if not has_kernels(model):
+            pytest.skip("the C kernels are not available")
+        alone = [greedy_alone(model, p, STEPS) for p in PROMPTS]
+        states = [model.forward(p)[1] for p in PROMPTS]
+        for step in range(STEPS):
+            logits, states = model.forward_batch([ids[step] for _, ids, _ in alone], states)
+            for b, (want_rows, _, _) in enumerate(alone):
+                assert torch.equal(logits[b], want_rows[step + 1]), (step, b)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 def test_a_batch_of_one_is_the_single_token_forward(load_model, version):
     model = load_model(version)
