@@ -1799,3 +1799,14 @@ void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, i
     run_jobs(L->lin + 15, 1, x6, y6, B, n_threads);
     for (int64_t i = 0; i < BC; i++) x[i] += sigmoidf_(r[i]) * o[i];
 }
+
+void rk_layers(int version, int64_t n, const int64_t *layers, int64_t B, float *x, const void *states,
+               float *v_first, int n_threads) {
+    for (int64_t i = 0; i < n; i++) {
+        const void *rows = (const row_states_t *)states + i * B;
+        if (version == 6)
+            rk_v6_layer((const v6_layer_t *)layers[i], B, x, rows, n_threads);
+        else
+            rk_v7_layer((const v7_layer_t *)layers[i], B, x, rows, i ? v_first : NULL, i ? NULL : v_first, n_threads);
+    }
+}

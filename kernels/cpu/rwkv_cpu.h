@@ -29,7 +29,7 @@
      (fp32), parallel over channels / heads; rk_v7_step and rk_group_norm_gate fuse one token's
      time-mix tail; rk_v7_layer and rk_v6_layer run one token through a whole layer in one call
      (fp32 activations, the projections as rk_gemv jobs), or one token of each of B sequences
-     (a server's batch: the weights read once for all of them).
+     (a server's batch: the weights read once for all of them); rk_layers runs them all.
    * Threads: a small pool of its own in which the caller never waits for a helper thread that
      has not started; OpenMP's barrier does, which costs milliseconds per call when the machine is
      busy with other work. rk_set_spin sets how long idle helpers spin before sleeping. Calls
@@ -115,5 +115,10 @@ typedef struct {
 } v6_layer_t;
 
 void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, int n_threads);
+
+/* Every layer of a model in one call: `version` 7 or 6, layers[i] the address of layer i's struct,
+   states [n][B] six pointers each (as above), v_first [B, C] fp32 scratch (v7: layer 0's values). */
+void rk_layers(int version, int64_t n, const int64_t *layers, int64_t B, float *x, const void *states,
+               float *v_first, int n_threads);
 
 #endif

@@ -101,6 +101,22 @@ def for_target(target: str, folder: Path) -> Kernels:
     return _load(target, folder)
 
 
+def _new_states(layers) -> tuple[list[list[list[torch.Tensor]]], array]:
+    """For each layer's sequences' (att_x, wkv, ffn_x): new tensors like them, and the six pointers
+    per sequence the one-call layers read and write (att in / out, ffn in / out, wkv in / out)."""
+    new_states, table = [], []
+    with torch.inference_mode(False):  # ordinary tensors: RWKVState.made_ordinary has nothing to do
+        for states in layers:
+            new_layer = []
+            for att_x, wkv, ffn_x in states:
+                new = [torch.empty_like(att_x), torch.empty_like(wkv), torch.empty_like(ffn_x)]
+                new_layer.append(new)
+                table += (att_x.data_ptr(), new[0].data_ptr(), ffn_x.data_ptr(), new[2].data_ptr(), wkv.data_ptr(),
+                          new[1].data_ptr())
+            new_states.append(new_layer)
+    return new_states, array("q", table)
+
+
 class Kernels:
     """Thin ctypes wrappers; every tensor argument must be a contiguous CPU tensor."""
 
@@ -118,8 +134,9 @@ class Kernels:
         lib.rk_v7_step.argtypes = [i64, i64, ctypes.c_int] + [ptr] * 20
         lib.rk_v7_layer.argtypes = [ptr, i64, ptr, ptr, ptr, ptr, ctypes.c_int]
         lib.rk_v6_layer.argtypes = [ptr, i64, ptr, ptr, ctypes.c_int]
+        lib.rk_layers.argtypes = [ctypes.c_int, i64, ptr, i64, ptr, ptr, ptr, ctypes.c_int]
         for fn in (lib.rk_wkv4, lib.rk_wkv5, lib.rk_wkv7, lib.rk_dequant_groups, lib.rk_group_norm_gate,
-                   lib.rk_v7_step, lib.rk_v7_layer, lib.rk_v6_layer):
+                   lib.rk_v7_step, lib.rk_v7_layer, lib.rk_v6_layer, lib.rk_layers):
             fn.restype = None
         lib.rk_gemm_bf16.argtypes = [i64, i64, i64, ptr, ptr, ptr, i64, ctypes.c_int, ctypes.c_int]
         lib.rk_gemm_bf16.restype = ctypes.c_int
@@ -229,14 +246,7 @@ class Kernels:
         load; x: [B, C] fp32, updated in place; states: for each sequence its (att_x, wkv, ffn_x),
         read in place; v_first (v7): fp32 [B, C] after layer 0, None in it. Returns (for each
         sequence its new [att_x, wkv, ffn_x], v_first)."""
-        new_states, table = [], []
-        with torch.inference_mode(False):  # ordinary tensors: RWKVState.made_ordinary has nothing to do
-            for att_x, wkv, ffn_x in states:
-                new = [torch.empty_like(att_x), torch.empty_like(wkv), torch.empty_like(ffn_x)]
-                new_states.append(new)
-                table += (att_x.data_ptr(), new[0].data_ptr(), ffn_x.data_ptr(), new[2].data_ptr(), wkv.data_ptr(),
-                          new[1].data_ptr())
-        words = array("q", table)
+        (new_states,), words = _new_states([states])
         if version == "6":
             self.lib.rk_v6_layer(layer.buffer_info()[0], x.shape[0], x.data_ptr(), words.buffer_info()[0],
                                  self.threads())
@@ -246,6 +256,16 @@ class Kernels:
                              0 if v_first is None else v_first.data_ptr(),
                              0 if first_out is None else first_out.data_ptr(), self.threads())
         return new_states, (first_out if v_first is None else v_first)
+
+    def layers(self, version, addresses, x, states):
+        """One token of each of B sequences through every layer in one call (rk_layers): `addresses`
+        an array('q') of the layers' word arrays, x [B, C] fp32 updated in place, states[i] the
+        sequences' (att_x, wkv, ffn_x) in layer i. Returns the new states, [layer][sequence]."""
+        new_states, words = _new_states(states)
+        v_first = torch.empty_like(x)
+        self.lib.rk_layers(int(version), len(addresses), addresses.buffer_info()[0], x.shape[0], x.data_ptr(),
+                           words.buffer_info()[0], v_first.data_ptr(), self.threads())
+        return new_states
 
     def wkv4(self, k, v, w, u, aa, bb, pp):
         T, C = k.shape

@@ -12,7 +12,7 @@ import torch
 from ..errors import StateMismatchError, TokenError
 from . import batch, loader, memory
 from .common import layer_norm, pair, vector
-from .ops import select
+from .ops import cpu as cpu_ops, select
 from .placement import cpu_activations, rescale_every, resolve_device
 from .quant import dequantize, make_linear, quantize_groups
 from .state import RWKVState, ordinary, time_state_layout
@@ -118,6 +118,8 @@ class RWKV:
         self._load_weights(sd, progress)
         self._initial_wkv = merged
         self._batch_layers = None  # the layers for forward_batch, made on its first call
+        # every layer in one C call per token where they all can (CPU kernels, v6 / v7), else None
+        self._one_call = None if self.rescale else cpu_ops.one_call_layers(self.layers, self.version)
         self._state_spec = [[(tuple(t.shape), t.dtype, t.device) for t in layer] for layer in self.zero_state().layers]
 
     # ------------------------------------------------------------------ loading
@@ -276,6 +278,11 @@ class RWKV:
 
     def _run_layers(self, x: torch.Tensor, layers, states):
         """x through every layer -> (x, new per-layer states)."""
+        batch = layers is self._batch_layers
+        if self._one_call is not None and (batch or x.shape[0] == 1):
+            x, new_layers = self.layers[0].ops.layers(self.version, self._one_call, x,
+                                                      states if batch else [[s] for s in states])
+            return x, (new_layers if batch else [layer[0] for layer in new_layers])
         v_first = None
         new_layers = []
         for i, (w, layer_state) in enumerate(zip(layers, states)):

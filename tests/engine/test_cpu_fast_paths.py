@@ -472,3 +472,26 @@ def test_one_call_layers_decode_close_to_fp32(version, strategy, fused, bound, e
     logits = torch.stack(rows)
     assert torch.nn.functional.cosine_similarity(logits, reference, dim=-1).min() >= bound
     assert (logits.argmax(-1) == reference.argmax(-1)).float().mean() >= 0.85
+
+
+@needs_kernels
+@pytest.mark.parametrize("version", ["6", "7"])
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16i8", "cpu fp32 *1 -> cpu bf16"])
+def test_all_layers_in_one_call_give_the_bits_of_a_call_per_layer(version, strategy, engine_models, token_sequence):
+    """Where every layer is a one-call layer, a token (or a batch step) runs them all in one C call
+    (rk_layers): the same layer functions in the same order, so the same bits as calling them one
+    by one; layers of another kind keep the call per layer."""
+    model = RWKV(engine_models[version, "three_heads"], strategy)
+    assert model._one_call is not None and len(model._one_call) == model.n_layer
+    _, state = model.forward(token_sequence[:5])
+    states = [model.forward(token_sequence[:n])[1] for n in (3, 6)]
+    one_call = (model.forward(token_sequence[5:6], state), model.forward_batch([7, 9], states))
+    model._one_call = None
+    per_layer = (model.forward(token_sequence[5:6], state), model.forward_batch([7, 9], states))
+    for (got_logits, got_state), (want_logits, want_state) in zip(one_call, per_layer):
+        assert torch.equal(got_logits, want_logits)
+        got_states, want_states = (got_state, want_state) if isinstance(got_state, list) else ([got_state], [want_state])
+        for got, want in zip(got_states, want_states):
+            assert all(torch.equal(a, b) for la, lb in zip(got.layers, want.layers) for a, b in zip(la, lb))
+    assert RWKV(engine_models[version, "three_heads"], "cpu bf16 *1+")._one_call is None  # a streamed layer
+    assert RWKV(engine_models["5.2", "three_heads"], "cpu fp32")._one_call is None

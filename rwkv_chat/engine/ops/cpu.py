@@ -93,6 +93,12 @@ class CpuOps:
         rows, v_first = self.kernels.layer(version, w.fused, x, state if w.sequences else [state], v_first)
         return x, (rows if w.sequences else rows[0]), v_first
 
+    def layers(self, version, words, x, states):
+        """One token (of each of B sequences) through every layer in one C call -> (x [B, C] fp32,
+        new states [layer][sequence]); `words`: the layers' word arrays (one_call_layers)."""
+        x = x.to(torch.float32, copy=True).contiguous()
+        return x, self.kernels.layers(version, words, x, states)
+
     def group_norm_gate(self, out, g, w, dtype):
         """One token: GroupNorm over heads of `out` times silu(g) ([1, C] in dtype); None when the C
         step cannot take it."""
@@ -101,3 +107,13 @@ class CpuOps:
         C = out.numel()
         return self.kernels.group_norm_gate(out.reshape(C).float().contiguous(), w.n_head, w.ln_x[0], w.ln_x[1],
                                             64e-5, g.contiguous(), silu=True, dtype=dtype)
+
+
+def one_call_layers(layers, version: str) -> array | None:
+    """The addresses of the layers' word arrays when every layer is a one-call layer of these
+    kernels (v6 / v7 on the CPU), so a token runs them all in one call (CpuOps.layers); else None."""
+    if version not in ("6", "7") or not layers or any(getattr(w, "fused", None) is None for w in layers):
+        return None
+    if not all(isinstance(w.ops, CpuOps) and w.ops.kernels is layers[0].ops.kernels for w in layers):
+        return None
+    return array("q", [w.fused.buffer_info()[0] for w in layers])
