@@ -17,6 +17,7 @@ import math
 import mmap
 import os
 import sys
+import threading
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ _HUGE_PAGE = 2 << 20
 _ARENA_CHUNK = 64 << 20  # bytes an arena maps at a time (virtual; pages are resident once written)
 ARENA_MIN_FILE = 64 << 20  # checkpoints smaller than this keep ordinary allocations
 _active: "PageReleaser | None" = None
-_arena: "WeightArena | None" = None
+_packing = threading.local()  # .arena: the WeightArena `empty` carves from in this thread (loads may run in workers)
 
 
 class PageReleaser:
@@ -184,14 +185,15 @@ def packing(arena: "WeightArena | None"):
     """Within the block, `empty` carves weights out of `arena` (None: ordinary allocations). Only
     for weights that stay in host memory: an arena gives no memory back while any of its tensors
     lives."""
-    global _arena
-    previous, _arena = _arena, arena
+    previous = getattr(_packing, "arena", None)
+    _packing.arena = arena
     try:
         yield arena
     finally:
-        _arena = previous
+        _packing.arena = previous
 
 
 def empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """torch.empty(shape, dtype=dtype) for a converted weight: in the arena inside `packing`."""
-    return torch.empty(shape, dtype=dtype) if _arena is None else _arena.empty(tuple(shape), dtype)
+    arena = getattr(_packing, "arena", None)
+    return torch.empty(shape, dtype=dtype) if arena is None else arena.empty(tuple(shape), dtype)

@@ -164,6 +164,29 @@ def test_empty_inside_packing_carves_tensors_from_huge_page_memory_one_after_ano
     assert all(bool((t == 3).all()) for t in placed)
 
 
+@huge_pages
+def test_packing_holds_for_the_thread_that_entered_it():
+    """A model loading in a worker thread packs its weights; another thread's allocations meanwhile
+    are ordinary ones."""
+    import threading
+
+    entered, done, seen = threading.Event(), threading.Event(), {}
+
+    def loader():
+        with memory.packing(memory.WeightArena()):
+            entered.set()
+            done.wait(10)
+            seen["loader"] = memory.empty((8,), torch.float32)
+
+    thread = threading.Thread(target=loader)
+    thread.start()
+    entered.wait(10)
+    seen["other"] = memory.empty((8,), torch.float32)
+    done.set()
+    thread.join(10)
+    assert "hg" in mapping_flags(seen["loader"].data_ptr()) and "hg" not in mapping_flags(seen["other"].data_ptr())
+
+
 def test_empty_outside_packing_is_torch_empty():
     with memory.packing(None):
         tensor = memory.empty((4, 4), torch.bfloat16)
