@@ -1660,26 +1660,48 @@ static void v7_tail_unit(void *arg, int64_t u) {
             L->H * part / t->parts, L->H * (part + 1) / t->parts);
 }
 
+/* The token-shift mixes of a batch, a sequence per unit. */
+typedef struct { const v7_layer_t *L; const row_states_t *rows; const float *x; float *xa, *mix; int64_t C, BC; } v7_mix_t;
+
+/* time mix: x_m = xa + (previous xa - xa) * mix_m for m = r w k v a g, xa = ln1(x); mix is [6][B][C] */
+static void v7_att_mix_unit(void *arg, int64_t b) {
+    const v7_mix_t *t = (const v7_mix_t *)arg;
+    const v7_layer_t *L = t->L;
+    int64_t C = t->C, pbf = L->pbf;
+    float *xa = t->xa + b * C, *mix = t->mix + b * C;
+    layer_norm_f(t->x + b * C, L->ln1_w, L->ln1_b, (int)pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        float d = ld(t->rows[b].att_in, (int)pbf, c) - xa[c];
+        for (int m = 0; m < 6; m++) mix[m * t->BC + c] = xa[c] + d * ld(L->mix, (int)pbf, m * C + c);
+        st(t->rows[b].att_out, (int)pbf, c, xa[c]);
+    }
+}
+
+/* channel mix input: xa = ln2(x), mix = xa + (previous xa - xa) * x_k */
+static void v7_ffn_mix_unit(void *arg, int64_t b) {
+    const v7_mix_t *t = (const v7_mix_t *)arg;
+    const v7_layer_t *L = t->L;
+    int64_t C = t->C, pbf = L->pbf;
+    float *xa = t->xa + b * C, *mix = t->mix + b * C;
+    layer_norm_f(t->x + b * C, L->ln2_w, L->ln2_b, (int)pbf, C, xa);
+    for (int64_t c = 0; c < C; c++) {
+        mix[c] = xa[c] + (ld(t->rows[b].ffn_in, (int)pbf, c) - xa[c]) * ld(L->x_k, (int)pbf, c);
+        st(t->rows[b].ffn_out, (int)pbf, c, xa[c]);
+    }
+}
+
 void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, const float *v_first_in,
                  float *v_first_out, int n_threads) {
     const row_states_t *rows = (const row_states_t *)states;
-    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[12].n_out, pbf = (int)L->pbf, BC = B * C;
+    int64_t H = L->H, N = L->N, C = H * N, F = L->lin[12].n_out, BC = B * C;
     int64_t rank = 0;
     for (int i = 3; i < 7; i++) rank += L->lin[i].n_out;
     float *buf = (float *)scratch_buffer(&layer_scratch, sizeof(float) * B * (C * 17 + rank + F));
     float *xa = buf, *mix = xa + BC, *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *lora = v + BC, *y = lora + 4 * BC,
           *o = y + BC, *vout = o + BC, *low = vout + BC, *h = low + B * rank;
     float *lw = low, *la = lw + B * L->lin[3].n_out, *lg = la + B * L->lin[4].n_out, *lv = lg + B * L->lin[5].n_out;
-    /* time mix: x_m = xa + (previous xa - xa) * mix_m for m = r w k v a g; mix is [6][B][C] */
-    for (int64_t b = 0; b < B; b++) {
-        layer_norm_f(x + b * C, L->ln1_w, L->ln1_b, pbf, C, xa + b * C);
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = b * C + c;
-            float d = ld(rows[b].att_in, pbf, c) - xa[i];
-            for (int m = 0; m < 6; m++) mix[m * BC + i] = xa[i] + d * ld(L->mix, pbf, m * C + c);
-            st(rows[b].att_out, pbf, c, xa[i]);
-        }
-    }
+    v7_mix_t mixes = { L, rows, x, xa, mix, C, BC };
+    pool_run(v7_att_mix_unit, &mixes, B, B > 1 ? n_threads : 1);
     float *xr = mix, *xw = mix + BC, *xk = mix + 2 * BC, *xv = mix + 3 * BC, *xaa = mix + 4 * BC, *xg = mix + 5 * BC;
     int nv = L->has_v ? 1 : 0;
     float *x1[7] = { xr, xk, xv, xw, xaa, xg, xv }, *y1[7] = { r, k, v, lw, la, lg, lv };
@@ -1697,14 +1719,7 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
     for (int64_t i = 0; i < BC; i++) x[i] += o[i];
     /* channel mix: x += value(relu(key(mix(ln2(x))))^2) */
-    for (int64_t b = 0; b < B; b++) {
-        layer_norm_f(x + b * C, L->ln2_w, L->ln2_b, pbf, C, xa + b * C);
-        for (int64_t c = 0; c < C; c++) {
-            int64_t i = b * C + c;
-            mix[i] = xa[i] + (ld(rows[b].ffn_in, pbf, c) - xa[i]) * ld(L->x_k, pbf, c);
-            st(rows[b].ffn_out, pbf, c, xa[i]);
-        }
-    }
+    pool_run(v7_ffn_mix_unit, &mixes, B, B > 1 ? n_threads : 1);
     float *x4[1] = { mix }, *y4[1] = { h };
     run_jobs(L->lin + 12, 1, x4, y4, B, n_threads);
     relu_square(h, B * F);
