@@ -1660,33 +1660,28 @@ static void v7_tail_unit(void *arg, int64_t u) {
             L->H * part / t->parts, L->H * (part + 1) / t->parts);
 }
 
-/* The token-shift mixes of a batch, a sequence per unit. */
-typedef struct { const v7_layer_t *L; const row_states_t *rows; const float *x; float *xa, *mix; int64_t C, BC; } v7_mix_t;
+/* The token-shift mixes of a batch, a sequence per unit: the time mix's (ffn 0) x_m = xa + (previous
+   xa - xa) * mix_m for m = r w k v a g with xa = ln1(x), mix [6][B][C]; the channel mix's (ffn 1)
+   one with x_k and xa = ln2(x). */
+typedef struct { const v7_layer_t *L; const row_states_t *rows; const float *x; float *xa, *mix; int64_t C, BC; int ffn; } v7_mix_t;
 
-/* time mix: x_m = xa + (previous xa - xa) * mix_m for m = r w k v a g, xa = ln1(x); mix is [6][B][C] */
-static void v7_att_mix_unit(void *arg, int64_t b) {
+static void v7_mix_unit(void *arg, int64_t b) {
     const v7_mix_t *t = (const v7_mix_t *)arg;
     const v7_layer_t *L = t->L;
-    int64_t C = t->C, pbf = L->pbf;
+    const row_states_t *row = &t->rows[b];
+    int64_t C = t->C;
+    int pbf = (int)L->pbf;
     float *xa = t->xa + b * C, *mix = t->mix + b * C;
-    layer_norm_f(t->x + b * C, L->ln1_w, L->ln1_b, (int)pbf, C, xa);
+    layer_norm_f(t->x + b * C, t->ffn ? L->ln2_w : L->ln1_w, t->ffn ? L->ln2_b : L->ln1_b, pbf, C, xa);
     for (int64_t c = 0; c < C; c++) {
-        float d = ld(t->rows[b].att_in, (int)pbf, c) - xa[c];
-        for (int m = 0; m < 6; m++) mix[m * t->BC + c] = xa[c] + d * ld(L->mix, (int)pbf, m * C + c);
-        st(t->rows[b].att_out, (int)pbf, c, xa[c]);
-    }
-}
-
-/* channel mix input: xa = ln2(x), mix = xa + (previous xa - xa) * x_k */
-static void v7_ffn_mix_unit(void *arg, int64_t b) {
-    const v7_mix_t *t = (const v7_mix_t *)arg;
-    const v7_layer_t *L = t->L;
-    int64_t C = t->C, pbf = L->pbf;
-    float *xa = t->xa + b * C, *mix = t->mix + b * C;
-    layer_norm_f(t->x + b * C, L->ln2_w, L->ln2_b, (int)pbf, C, xa);
-    for (int64_t c = 0; c < C; c++) {
-        mix[c] = xa[c] + (ld(t->rows[b].ffn_in, (int)pbf, c) - xa[c]) * ld(L->x_k, (int)pbf, c);
-        st(t->rows[b].ffn_out, (int)pbf, c, xa[c]);
+        if (t->ffn) {
+            mix[c] = xa[c] + (ld(row->ffn_in, pbf, c) - xa[c]) * ld(L->x_k, pbf, c);
+            st(row->ffn_out, pbf, c, xa[c]);
+        } else {
+            float d = ld(row->att_in, pbf, c) - xa[c];
+            for (int m = 0; m < 6; m++) mix[m * t->BC + c] = xa[c] + d * ld(L->mix, pbf, m * C + c);
+            st(row->att_out, pbf, c, xa[c]);
+        }
     }
 }
 
@@ -1700,8 +1695,8 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     float *xa = buf, *mix = xa + BC, *r = mix + 6 * BC, *k = r + BC, *v = k + BC, *lora = v + BC, *y = lora + 4 * BC,
           *o = y + BC, *vout = o + BC, *low = vout + BC, *h = low + B * rank;
     float *lw = low, *la = lw + B * L->lin[3].n_out, *lg = la + B * L->lin[4].n_out, *lv = lg + B * L->lin[5].n_out;
-    v7_mix_t mixes = { L, rows, x, xa, mix, C, BC };
-    pool_run(v7_att_mix_unit, &mixes, B, B > 1 ? n_threads : 1);
+    v7_mix_t mixes = { L, rows, x, xa, mix, C, BC, 0 };
+    pool_run(v7_mix_unit, &mixes, B, B > 1 ? n_threads : 1);
     float *xr = mix, *xw = mix + BC, *xk = mix + 2 * BC, *xv = mix + 3 * BC, *xaa = mix + 4 * BC, *xg = mix + 5 * BC;
     int nv = L->has_v ? 1 : 0;
     float *x1[7] = { xr, xk, xv, xw, xaa, xg, xv }, *y1[7] = { r, k, v, lw, la, lg, lv };
@@ -1719,7 +1714,8 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
     for (int64_t i = 0; i < BC; i++) x[i] += o[i];
     /* channel mix: x += value(relu(key(mix(ln2(x))))^2) */
-    pool_run(v7_ffn_mix_unit, &mixes, B, B > 1 ? n_threads : 1);
+    mixes.ffn = 1;
+    pool_run(v7_mix_unit, &mixes, B, B > 1 ? n_threads : 1);
     float *x4[1] = { mix }, *y4[1] = { h };
     run_jobs(L->lin + 12, 1, x4, y4, B, n_threads);
     relu_square(h, B * F);
