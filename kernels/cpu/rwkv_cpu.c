@@ -1660,6 +1660,13 @@ static void v7_tail_unit(void *arg, int64_t u) {
             L->H * part / t->parts, L->H * (part + 1) / t->parts);
 }
 
+/* How many ranges of heads each sequence's recurrence tail is split into: enough units for the
+   threads when there are fewer sequences than threads, never more than the heads. */
+static int64_t head_parts(int64_t B, int64_t H, int n_threads) {
+    int64_t parts = B >= n_threads ? 1 : (n_threads + B - 1) / B;
+    return parts < H ? parts : H;
+}
+
 /* The token-shift mixes of a batch, a sequence per unit: the time mix's (ffn 0) x_m = xa + (previous
    xa - xa) * mix_m for m = r w k v a g with xa = ln1(x), mix [6][B][C]; the channel mix's (ffn 1)
    one with x_k and xa = ln2(x). */
@@ -1707,8 +1714,7 @@ void rk_v7_layer(const v7_layer_t *L, int64_t B, float *x, const void *states, c
     float *x2[4] = { lw, la, lg, lv }, *y2[4] = { w_lora, a_lora, g, v_lora };
     run_jobs(L->lin + 7, 3 + nv, x2, y2, B, n_threads);
     v7_tails_t tails = { L, rows, C, nv, r, k, v, w_lora, a_lora, g, v_lora, y, v_first_out ? v_first_out : vout,
-                         v_first_in, B > 1, B >= n_threads ? 1 : (n_threads + B - 1) / B };
-    if (tails.parts > H) tails.parts = H;
+                         v_first_in, B > 1, head_parts(B, H, n_threads) };
     pool_run(v7_tail_unit, &tails, B * tails.parts, n_threads);  /* the sequences' recurrences side by side */
     float *x3[1] = { y }, *y3[1] = { o };
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
@@ -1786,8 +1792,7 @@ void rk_v6_layer(const v6_layer_t *L, int64_t B, float *x, const void *states, i
     run_jobs(L->lin + 11, 1, x3, y3, B, n_threads);
     for (int64_t b = 0; b < B; b++)
         for (int64_t c = 0; c < C; c++) decay[b * C + c] = rk_exp(-rk_exp(L->decay[c] + decay[b * C + c]));
-    v6_tails_t tails = { L, rows, r, k, v, g, decay, o, y, B >= n_threads ? 1 : (n_threads + B - 1) / B };
-    if (tails.parts > H) tails.parts = H;
+    v6_tails_t tails = { L, rows, r, k, v, g, decay, o, y, head_parts(B, H, n_threads) };
     pool_run(v6_tail_unit, &tails, B * tails.parts, n_threads);  /* the sequences' recurrences side by side */
     float *x4[1] = { y }, *y4[1] = { o };
     run_jobs(L->lin + 12, 1, x4, y4, B, n_threads);  /* output */
