@@ -191,12 +191,12 @@ typedef struct {
     int16_t *xq;      /* x rounded to int16 (int8 rows) */
     uint8_t *xlo, *xhi; /* its low byte and its high byte + 128 (in the weights' storage order) */
     int16_t *xqs;     /* ... xq in the weights' storage order, zero-padded to whole groups (RK_I8_MADD) */
-    int8_t *x8;       /* int4 rows: x rounded to int8 per group of 32 (zero-padded to whole groups;
-                         in the weights' storage order) */
+    int8_t *x8;       /* int4 rows and int8 rows with RK_ACT8: x rounded to int8 per group of 32
+                         (zero-padded to whole groups; in the weights' storage order) */
     float *xsl;       /* ... each group's scale, per 64 inputs as 16 lanes (8 per group) */
-    int32_t *xnl;     /* ... minus each group's sum of x8, in the same lanes */
+    int32_t *xnl;     /* ... minus each group's sum of x8 times the weights' offset / 8, in the same lanes */
     float *bxs;       /* ... per full block (flag BLOCKS), its 8 groups' scales twice (16 lanes) */
-    int32_t *boff;    /* ... and -4 times each group's sum of x8, in the same lanes */
+    int32_t *boff;    /* ... and minus its sum times the offset / 2, in the same lanes */
     uint16_t *xb;     /* x as bf16 (bf16 rows) */
     int32_t *nz;      /* indices of nonzero inputs (cols layout) */
     int64_t n_nz;
@@ -233,6 +233,8 @@ static inline uint16_t f32_to_bf16(float f) {
    (llama.cpp's Q4_0 x Q8_0 dot), and the +8 offset comes off through the group sums of x. */
 #define RK_BLOCK 256   /* int8 / int4 rows with flag BLOCKS: 8 groups interleaved (quant.block_order) */
 #define RK_BLOCKS 1024 /* the job flag */
+#define RK_ACT8 2048   /* the job flag: int8 rows times x rounded to int8 per group of 32 (W8A8, llama.cpp's
+                          Q8_0 x Q8_0 dot) instead of to int16 for the whole vector */
 
 /* where input k of a row of n inputs is stored: a full block holds in chunk j (64 bytes), lane l
    (4 bytes) the inputs 8j + 4 (l / 8) .. + 3 of its group l % 8; later inputs keep their place */
@@ -275,6 +277,16 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
         } else if (kind == K_BF16_WIDE) {
             const uint16_t *w = (const uint16_t *)jb->w + r * n;
             for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * p->xf[c];
+        } else if (kind == K_I8 && (jb->flags & RK_ACT8)) {
+            const int8_t *w = (const int8_t *)jb->w + r * n;
+            for (int64_t g = 0; g < ng; g++) {
+                int32_t acc = 0;
+                for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
+                    int64_t at = stored_index(c, n, blocks);
+                    acc += (int32_t)w[at] * (int32_t)p->x8[at];
+                }
+                s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
+            }
         } else if (kind == K_I8) {
             const int8_t *w = (const int8_t *)jb->w + r * n;
             for (int64_t g = 0; g < ng; g++) {
@@ -432,23 +444,40 @@ RK_ALWAYS_INLINE __m512i unpack_nibbles(const uint8_t *p) {  /* 32 bytes -> thei
                               _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
 }
 
-RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
+/* 64 stored weights of a row as u8 for vpdpbusd: int4 nibbles (q + 8), or int8 q ^ 0x80 (q + 128);
+   mk: the inputs left in a row's last chunk (int8; int4 rows are padded to whole groups) */
+RK_ALWAYS_INLINE __m512i unsigned64(const void *W, const int bits, int64_t row, int64_t n32, int64_t n, int64_t c,
+                                    __mmask64 mk) {
+    if (bits == 8)
+        return _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, (const int8_t *)W + row * n + c), _mm512_set1_epi8((char)0x80));
+    const uint8_t *p = (const uint8_t *)W + row * (n32 / 2) + c / 2;
+    if (c + 64 <= n32) return unpack_nibbles(p);
+    /* a last group of 32: inputs i and i + 16 in byte i */
+    __m128i v = _mm_loadu_si128((const __m128i *)p), l = _mm_set1_epi8(15);
+    return _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, l)),
+                                                          _mm_and_si128(_mm_srli_epi16(v, 4), l), 1));
+}
+
+/* int4 rows, and int8 rows with RK_ACT8: unsigned weights (q plus an offset) times x rounded to int8
+   per group; the offset comes off through the group sums of x (prep's boff / xnl) */
+RK_ALWAYS_INLINE void tile_q8(const void *W, const int bits, const uint16_t *S, const prep_t *const *ps, float *const *ys,
                               int64_t r0, const int R, const int M, int64_t n, int blocks) {
     int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, nb = blocks ? n / RK_BLOCK : 0;
+    int64_t stride = bits == 8 ? n : n32 / 2;  /* bytes per row */
     __m512 acc[RK_TILE][RK_TILE];
     RK_TILE_ZERO(acc, _mm512_setzero_ps());
     for (int64_t b = 0; b < nb; b++) {
         int64_t base = b * RK_BLOCK;
         __m512i d[RK_TILE][RK_TILE];
-        for (int j = 0; j < M; j++) {  /* the +8 offset of q, per lane: -4 times its group's sum of x */
+        for (int j = 0; j < M; j++) {
             __m512i offset = _mm512_loadu_si512(ps[j]->boff + b * 16);
             for (int i = 0; i < R; i++) d[i][j] = offset;
         }
         for (int64_t c = base; c < base + RK_BLOCK; c += 64) {
             __m512i q[RK_TILE];
             for (int i = 0; i < R; i++) {
-                _mm_prefetch((const char *)(W + (r0 + 4 + i) * (n32 / 2) + c / 2), _MM_HINT_T0);  /* 4 rows ahead */
-                q[i] = unpack_nibbles(W + (r0 + i) * (n32 / 2) + c / 2);
+                _mm_prefetch((const char *)W + (r0 + 4 + i) * stride + c * bits / 8, _MM_HINT_T0);  /* 4 rows ahead */
+                q[i] = unsigned64(W, bits, r0 + i, n32, n, c, ~0ull);
             }
             for (int j = 0; j < M; j++) {
                 __m512i x = _mm512_loadu_si512(ps[j]->x8 + c);
@@ -463,16 +492,11 @@ RK_ALWAYS_INLINE void tile_i4(const uint8_t *W, const uint16_t *S, const prep_t 
         }
     }
     for (int64_t c = nb * RK_BLOCK; c < n32; c += 64) {
+        __mmask64 mk = n - c >= 64 ? ~0ull : (~0ull) >> (64 - (n - c));
         __m512i q[RK_TILE];
         __m512 s[RK_TILE];
         for (int i = 0; i < R; i++) {
-            const uint8_t *row = W + (r0 + i) * (n32 / 2) + c / 2;
-            if (c + 64 <= n32) q[i] = unpack_nibbles(row);
-            else {  /* a last group of 32: inputs i and i + 16 in byte i */
-                __m128i v = _mm_loadu_si128((const __m128i *)row), l = _mm_set1_epi8(15);
-                q[i] = _mm512_zextsi256_si512(_mm256_inserti128_si256(_mm256_castsi128_si256(_mm_and_si128(v, l)),
-                                                                      _mm_and_si128(_mm_srli_epi16(v, 4), l), 1));
-            }
+            q[i] = unsigned64(W, bits, r0 + i, n32, n, c, mk);
             s[i] = pair_scales(S + (r0 + i) * ng, c / GROUP, ng);
         }
         for (int j = 0; j < M; j++) {
@@ -607,7 +631,39 @@ RK_ALWAYS_INLINE __m256i dot4(__m256i q, __m256i x) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(q, x), _mm256_set1_epi16(1));
 }
 
-RK_ALWAYS_INLINE void tile8_i4(const uint8_t *W, const uint16_t *S, const prep_t *const *ps, float *const *ys,
+/* int8 q times int8 x, as dot4 (vpmaddubsw takes |q| and x with q's sign: no offset) */
+RK_ALWAYS_INLINE __m256i dot4_signed(__m256i q, __m256i x) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q)), _mm256_set1_epi16(1));
+}
+
+/* 64 stored weights of a row from input c: int4 nibbles (q + 8: the offset is prep's) or int8 q
+   (RK_ACT8; a last chunk of fewer than 64 zero-padded), as two halves of 32 bytes */
+RK_ALWAYS_INLINE void weights64(const void *W, const int bits, int64_t row, int64_t n32, int64_t n, int64_t c,
+                                __m256i *q0, __m256i *q1) {
+    if (bits == 8) {
+        const int8_t *p = (const int8_t *)W + row * n + c;
+        int8_t part[64] = { 0 };
+        if (n - c < 64) { memcpy(part, p, (size_t)(n - c)); p = part; }
+        *q0 = _mm256_loadu_si256((const __m256i *)p);
+        *q1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        return;
+    }
+    const uint8_t *p = (const uint8_t *)W + row * (n32 / 2) + c / 2;
+    *q1 = _mm256_setzero_si256();
+    if (c + 64 <= n32) nibbles8(p, q0, q1);
+    else {  /* a last group of 32: inputs i and i + 16 in byte i */
+        __m128i v = _mm_loadu_si128((const __m128i *)p), mask = _mm_set1_epi8(15);
+        *q0 = _mm256_setr_m128i(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
+    }
+}
+
+RK_ALWAYS_INLINE __m256i dot_q(const int bits, __m256i q, const int8_t *x) {
+    __m256i v = _mm256_loadu_si256((const __m256i *)x);
+    return bits == 8 ? dot4_signed(q, v) : dot4(q, v);
+}
+
+/* int4 rows, and int8 rows with RK_ACT8 */
+RK_ALWAYS_INLINE void tile8_q8(const void *W, const int bits, const uint16_t *S, const prep_t *const *ps, float *const *ys,
                                int64_t r0, const int R, const int M, int64_t n, int blocks) {
     int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, ng = n32 / GROUP, nb = blocks ? n / RK_BLOCK : 0;
     const __m256i in_order = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -615,22 +671,19 @@ RK_ALWAYS_INLINE void tile8_i4(const uint8_t *W, const uint16_t *S, const prep_t
     RK_TILE_ZERO(acc, _mm256_setzero_ps());
     for (int64_t b = 0; b < nb; b++) {  /* in a full block, lane k of either 32-byte half sums group k */
         __m256i d[RK_TILE][RK_TILE];
-        for (int j = 0; j < M; j++) {  /* the +8 offset of q: lanes k and k + 8 each hold -4 times group k's sum of x */
+        for (int j = 0; j < M; j++) {  /* int4's +8 offset of q: lanes k and k + 8 each hold -4 times group k's sum of x */
             const __m256i *off = (const __m256i *)(ps[j]->boff + b * 16);
-            __m256i offset = _mm256_add_epi32(_mm256_loadu_si256(off), _mm256_loadu_si256(off + 1));
+            __m256i offset = bits == 8 ? _mm256_setzero_si256() : _mm256_add_epi32(_mm256_loadu_si256(off), _mm256_loadu_si256(off + 1));
             for (int i = 0; i < R; i++) d[i][j] = offset;
         }
-        for (int64_t c = b * RK_BLOCK; c < (b + 1) * RK_BLOCK; c += 64) {
+        for (int64_t c = b * RK_BLOCK; c < (b + 1) * RK_BLOCK; c += 64)
             for (int i = 0; i < R; i++) {
                 __m256i q0, q1;
-                nibbles8(W + (r0 + i) * (n32 / 2) + c / 2, &q0, &q1);
-                for (int j = 0; j < M; j++) {
-                    const __m256i *x = (const __m256i *)(ps[j]->x8 + c);
-                    d[i][j] = _mm256_add_epi32(d[i][j], _mm256_add_epi32(dot4(q0, _mm256_loadu_si256(x)),
-                                                                         dot4(q1, _mm256_loadu_si256(x + 1))));
-                }
+                weights64(W, bits, r0 + i, n32, n, c, &q0, &q1);
+                for (int j = 0; j < M; j++)
+                    d[i][j] = _mm256_add_epi32(d[i][j], _mm256_add_epi32(dot_q(bits, q0, ps[j]->x8 + c),
+                                                                         dot_q(bits, q1, ps[j]->x8 + c + 32)));
             }
-        }
         for (int i = 0; i < R; i++) {
             __m256 s = scales8(S + (r0 + i) * ng + b * 8, in_order);
             for (int j = 0; j < M; j++)
@@ -641,18 +694,13 @@ RK_ALWAYS_INLINE void tile8_i4(const uint8_t *W, const uint16_t *S, const prep_t
     for (int64_t c = nb * RK_BLOCK; c < n32; c += 64) {  /* past the blocks: 64 inputs are groups g and g + 1 */
         int64_t g = c / GROUP;
         for (int i = 0; i < R; i++) {
-            const uint8_t *row = W + (r0 + i) * (n32 / 2) + c / 2;
-            __m256i q0, q1 = _mm256_setzero_si256();
-            if (c + 64 <= n32) nibbles8(row, &q0, &q1);
-            else {  /* a last group of 32: inputs i and i + 16 in byte i */
-                __m128i v = _mm_loadu_si128((const __m128i *)row), mask = _mm_set1_epi8(15);
-                q0 = _mm256_setr_m128i(_mm_and_si128(v, mask), _mm_and_si128(_mm_srli_epi16(v, 4), mask));
-            }
+            __m256i q[2];
+            weights64(W, bits, r0 + i, n32, n, c, &q[0], &q[1]);
             for (int j = 0; j < M; j++) {
                 const prep_t *p = ps[j];
                 for (int half = 0; half < 2 && g + half < ng; half++) {
-                    __m256i dd = _mm256_add_epi32(_mm256_loadu_si256((const __m256i *)(p->xnl + c / 4 + 8 * half)),
-                                                  dot4(half ? q1 : q0, _mm256_loadu_si256((const __m256i *)(p->x8 + c + 32 * half))));
+                    __m256i dd = dot_q(bits, q[half], p->x8 + c + 32 * half);
+                    if (bits == 4) dd = _mm256_add_epi32(dd, _mm256_loadu_si256((const __m256i *)(p->xnl + c / 4 + 8 * half)));
                     __m256 s = _mm256_set1_ps(half_to_f32(S[(r0 + i) * ng + g + half]) * p->xsl[c / 4 + 8 * half]);
                     acc[i][j] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dd), s, acc[i][j]);
                 }
@@ -694,6 +742,12 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
     }
 #endif
 #ifdef __AVX512VNNI__
+    if (kind == K_I8 && (jb->flags & RK_ACT8)) {
+#define RK_I8A8(r_, m_) tile_q8(jb->w, 8, S, ps, ys, r0, r_, m_, n, blocks)
+        RK_SPECIALIZE(RK_I8A8)
+#undef RK_I8A8
+        return 1;
+    }
     if (kind == K_I8) {
         const int8_t *W = (const int8_t *)jb->w;
         const float *corr = (const float *)(intptr_t)jb->tag;
@@ -704,7 +758,7 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
     }
     if (kind == K_I4) {
         const uint8_t *W = (const uint8_t *)jb->w;
-#define RK_I4(r_, m_) tile_i4(W, S, ps, ys, r0, r_, m_, n, blocks)
+#define RK_I4(r_, m_) tile_q8(W, 4, S, ps, ys, r0, r_, m_, n, blocks)
         RK_SPECIALIZE(RK_I4)
 #undef RK_I4
         return 1;
@@ -719,6 +773,12 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
 #undef RK_F32_8
         return 1;
     }
+    if (kind == K_I8 && (jb->flags & RK_ACT8)) {
+#define RK_I8A8_8(r_, m_) tile8_q8(jb->w, 8, S, ps, ys, r0, r_, m_, n, blocks)
+        RK_SPECIALIZE(RK_I8A8_8)
+#undef RK_I8A8_8
+        return 1;
+    }
     if (kind == K_I8) {
 #define RK_I8_8(r_, m_) tile8_i8((const int8_t *)jb->w, S, ps, ys, r0, r_, m_, n, blocks)
         RK_SPECIALIZE(RK_I8_8)
@@ -726,7 +786,7 @@ static int rows_tile(const job_t *jb, const prep_t *const *ps, float *const *ys,
         return 1;
     }
     if (kind == K_I4) {
-#define RK_I4_8(r_, m_) tile8_i4((const uint8_t *)jb->w, S, ps, ys, r0, r_, m_, n, blocks)
+#define RK_I4_8(r_, m_) tile8_q8(jb->w, 4, S, ps, ys, r0, r_, m_, n, blocks)
         RK_SPECIALIZE(RK_I4_8)
 #undef RK_I4_8
         return 1;
@@ -851,9 +911,37 @@ static size_t prep_bytes(const job_t *jb) {
     int64_t n = jb->n_in, kind = jb->flags & 15, n32 = (n + GROUP - 1) / GROUP * GROUP;
     size_t bytes = 16 * 64 + 4 * n;  /* alignment, xf */
     if ((jb->flags >> 4) & 1) return bytes + 4 * (n + 4) + 4 * jb->n_out * 8;
+    if (kind == K_I4 || (jb->flags & RK_ACT8)) return bytes + n32 + 64 + 16 * (n32 / 4 + 16) + 8 * (n / RK_BLOCK * 16 + 1);
     if (kind == K_I8) return bytes + 4 * n + 2 * n32;
-    if (kind == K_I4) return bytes + n32 + 64 + 16 * (n32 / 4 + 16) + 8 * (n / RK_BLOCK * 16 + 1);
     return bytes + (kind == K_BF16 ? 2 * n : 0);
+}
+
+/* a group of `len` (<= 32) values rounded to int8, round(x * 127 / m) with m the largest |x|
+   (lrintf's rounding), zero-padded to 32; *scale = m / 127; returns the sum of the 32 */
+static int32_t group_to_int8(const float *x, int64_t len, int8_t *q, float *scale) {
+#ifdef RK_AVX512
+    __mmask16 m0 = len >= 16 ? 0xffff : (__mmask16)((1u << len) - 1);
+    __mmask16 m1 = len >= 32 ? 0xffff : len > 16 ? (__mmask16)((1u << (len - 16)) - 1) : 0;
+    __m512 v0 = _mm512_maskz_loadu_ps(m0, x), v1 = _mm512_maskz_loadu_ps(m1, x + 16);
+    float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    __m512 inv = _mm512_set1_ps(m > 0.f ? 127.f / m : 0.f);
+    __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    _mm_storeu_si128((__m128i *)q, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm512_cvtepi32_epi8(q1));
+    *scale = m / 127.f;
+    return _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+#else
+    float m = 0.f;
+    for (int64_t c = 0; c < len; c++) { float a = fabsf(x[c]); m = a > m ? a : m; }
+    float inv = m > 0.f ? 127.f / m : 0.f;
+    int32_t sum = 0;
+    for (int64_t c = 0; c < GROUP; c++) {
+        q[c] = c < len ? (int8_t)lrintf(x[c] * inv) : 0;
+        sum += q[c];
+    }
+    *scale = m / 127.f;
+    return sum;
+#endif
 }
 
 /* one vector of a job: its copies and roundings, in `mem` (prep_bytes of it); p->bad when it has
@@ -875,7 +963,7 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p, char *mem) {
         p->rows_per_unit = units ? (p->n_nz + units - 1) / units : 1;
         p->units = units;
         p->part = (float *)take(&mem, sizeof(float) * jb->n_out * (units ? units : 1));
-    } else if (kind == K_I8) {  /* xq in input order; its bytes lo and hi in the weights' storage order */
+    } else if (kind == K_I8 && !(jb->flags & RK_ACT8)) {  /* xq in input order; its bytes lo and hi in the weights' storage order */
         int blocks = (jb->flags & RK_BLOCKS) != 0;
         float m = abs_max(p->xf, n);
         p->xq = (int16_t *)take(&mem, sizeof(int16_t) * n);
@@ -915,8 +1003,9 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p, char *mem) {
         p->xqs = (int16_t *)memset(take(&mem, padded), 0, padded);
         for (int64_t k = 0; k < n; k++) p->xqs[stored_index(k, n, blocks)] = p->xq[k];
 #endif
-    } else if (kind == K_I4) {  /* x8 in the weights' storage order */
+    } else if (kind == K_I4 || kind == K_I8) {  /* x8 in the weights' storage order */
         int blocks = (jb->flags & RK_BLOCKS) != 0;
+        int32_t offset = kind == K_I4 ? 8 : 128;  /* what the VNNI tiles add to q: q + 8, or q ^ 0x80 */
         int64_t n32 = (n + GROUP - 1) / GROUP * GROUP, nb = blocks ? n / RK_BLOCK : 0;
         size_t lanes = sizeof(float) * ((size_t)n32 / 4 + 16);
         p->x8 = (int8_t *)memset(take(&mem, (size_t)n32 + 64), 0, (size_t)n32 + 64);
@@ -925,19 +1014,18 @@ static void prep_vector(const job_t *jb, const void *x, prep_t *p, char *mem) {
         p->bxs = (float *)take(&mem, sizeof(float) * (nb * 16 + 1));
         p->boff = (int32_t *)take(&mem, sizeof(int32_t) * (nb * 16 + 1));
         for (int64_t g = 0; g < n32 / GROUP; g++) {
-            float m = 0.f;
-            for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) { float a = fabsf(p->xf[c]); m = a > m ? a : m; }
-            float xs = m / 127.f, inv = m > 0.f ? 127.f / m : 0.f;
-            int32_t sum = 0;
-            for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
-                int32_t q = (int32_t)lrintf(p->xf[c] * inv);
-                p->x8[stored_index(c, n, blocks)] = (int8_t)q; sum += q;
-            }
-            for (int l = 0; l < 8; l++) { p->xsl[g * 8 + l] = xs; p->xnl[g * 8 + l] = -sum; }
+            int64_t c = g * GROUP;
+            int8_t q[GROUP];
+            float xs;
+            int32_t sum = group_to_int8(p->xf + c, n - c < GROUP ? n - c : GROUP, q, &xs);
+            if (blocks && c < nb * RK_BLOCK)  /* the group's 8 dwords to their lanes (stored_index) */
+                for (int d = 0; d < 8; d++) memcpy(p->x8 + stored_index(c + 4 * d, n, 1), q + 4 * d, 4);
+            else memcpy(p->x8 + c, q, GROUP);
+            for (int l = 0; l < 8; l++) { p->xsl[g * 8 + l] = xs; p->xnl[g * 8 + l] = -offset / 8 * sum; }
             if (g / 8 < nb)
                 for (int half = 0; half < 2; half++) {
                     p->bxs[g / 8 * 16 + half * 8 + g % 8] = xs;
-                    p->boff[g / 8 * 16 + half * 8 + g % 8] = -4 * sum;
+                    p->boff[g / 8 * 16 + half * 8 + g % 8] = -offset / 2 * sum;
                 }
         }
     } else if (kind == K_BF16) {

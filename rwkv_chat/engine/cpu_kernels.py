@@ -35,6 +35,7 @@ K_F32, K_BF16, K_I8, K_I4, K_BF16_WIDE = 0, 1, 2, 3, 4  # wide: bf16 weights tim
 LAYOUT_COLS = 16
 X_BF16, Y_BF16 = 256, 512
 BLOCKS = 1024  # int8 / int4 rows stored in quant.BLOCK blocks (quant.block_order)
+ACT8 = 2048  # int8 rows times x rounded to int8 per group of 32 (strategy i8a8)
 _SHORT_SPIN, _DECODE_SPIN = 2_000, 200_000  # pause instructions a helper spins before sleeping
 _FLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-fno-math-errno", "-std=gnu11", "-pthread"]
 

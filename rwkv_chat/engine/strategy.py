@@ -1,12 +1,16 @@
 """ChatRWKV strategy strings: parse them and assign every layer a device and dtypes.
 
-Grammar: segments `DEVICE DTYPE[i8|i4] [*N[+]]` joined by `->`.
+Grammar: segments `DEVICE DTYPE[i8|i8a8|i4] [*N[+]]` joined by `->`.
 There are n_layer + 1 slots; the last one holds ln_out and the head. `i8` / `i4` store that
 slot's matrices (and, on the first slot, the embedding) as int8 / int4 in groups of 32 weights per
-scale (quant.py); DTYPE stays the activation dtype.
+scale (quant.py); DTYPE stays the activation dtype. `i8a8` (CPU only) also rounds the inputs of
+those int8 products to 8 bits per group of 32, as llama.cpp's Q8_0 does: a batch or a prompt
+runs about twice the multiply-adds per instruction, for Q8_0's accuracy instead of `i8`'s closer
+one (quant.py).
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass
 
@@ -16,7 +20,7 @@ from ..errors import StrategyError
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _SEGMENT = re.compile(
-    r"^(?P<device>cpu|cuda(?::\d+)?|mps|dml)\s+(?P<dtype>fp32|fp16|bf16)(?P<quant>i\d+)?"
+    r"^(?P<device>cpu|cuda(?::\d+)?|mps|dml)\s+(?P<dtype>fp32|fp16|bf16)(?P<quant>i\d+)?(?P<act8>a8)?"
     r"(?:\s+\*(?P<count>\d+)(?P<stream>\+)?)?$"
 )
 
@@ -26,6 +30,7 @@ class Segment:
     device: str  # "cpu", "cuda", "cuda:1", "mps", "dml"
     dtype: torch.dtype  # activation dtype (and weight dtype unless int8)
     quant: int  # weight bits: 0 (DTYPE weights), 8 (i8) or 4 (i4)
+    act8: bool  # i8a8: the int8 products' inputs rounded to 8 bits per group
     count: int | None  # slots asked for with *N, None when absent
     stream: bool  # *N+ : keep N slots resident, stream the rest through this device
     text: str
@@ -38,6 +43,7 @@ class LayerPlan:
     quant: int  # 0, 8 or 4 (Segment.quant)
     stream: bool
     weights: torch.dtype | None = None  # the float matrices' dtype when it is not `dtype`
+    act8: bool = False  # Segment.act8
 
     @property
     def weight_dtype(self) -> torch.dtype:
@@ -46,7 +52,8 @@ class LayerPlan:
 
     def describe(self) -> str:
         name = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.weight_dtype]
-        return f"{self.device} {name}{f'i{self.quant}' if self.quant else ''}{' (streamed)' if self.stream else ''}"
+        quant = f"i{self.quant}{'a8' if self.act8 else ''}" if self.quant else ""
+        return f"{self.device} {name}{quant}{' (streamed)' if self.stream else ''}"
 
 
 def parse_strategy(text: str) -> list[Segment]:
@@ -66,12 +73,20 @@ def parse_strategy(text: str) -> list[Segment]:
                 f"strategy {text!r}: segment {part!r} asks for {quant} weights, which are not supported; "
                 "use i8 (int8, ~8.5 bits per weight) or i4 (int4, ~4.5 bits per weight)"
             )
+        if match["act8"] and quant != "i8":
+            raise StrategyError(
+                f"strategy {text!r}: segment {part!r}: a8 (8-bit product inputs) goes with int8 weights only, "
+                f"as in '{match['device']} {match['dtype']}i8a8'"
+            )
+        if match["act8"] and match["device"] != "cpu":
+            raise StrategyError(f"strategy {text!r}: segment {part!r}: i8a8 runs on the CPU only; use i8 on {match['device']}")
         count = match["count"]
         segments.append(
             Segment(
                 device=match["device"],
                 dtype=DTYPES[match["dtype"]],
                 quant=0 if quant is None else int(quant[1:]),
+                act8=match["act8"] is not None,
                 count=None if count is None else int(count),
                 stream=match["stream"] is not None,
                 text=part,
@@ -89,9 +104,9 @@ def _explain(part: str) -> str:
     if not re.fullmatch(r"cpu|cuda(:\d+)?|mps|dml", words[0]):
         return f"unknown device {words[0]!r} (expected cpu, cuda, cuda:N, mps or dml)"
     if len(words) < 2:
-        return "the dtype is missing (expected fp32, fp16 or bf16, optionally with i8 or i4)"
-    if not re.fullmatch(r"(fp32|fp16|bf16)(i\d+)?", words[1]):
-        return f"unknown dtype {words[1]!r} (expected fp32, fp16 or bf16, optionally with i8 or i4)"
+        return "the dtype is missing (expected fp32, fp16 or bf16, optionally with i8, i8a8 or i4)"
+    if not re.fullmatch(r"(fp32|fp16|bf16)(i\d+(a8)?)?", words[1]):
+        return f"unknown dtype {words[1]!r} (expected fp32, fp16 or bf16, optionally with i8, i8a8 or i4)"
     if len(words) > 3 or not re.fullmatch(r"\*\d+\+?", words[2]):
         return f"unexpected {' '.join(words[2:])!r} (expected '*N' or '*N+' with N a whole number)"
     return "expected 'DEVICE DTYPE [*N[+]]'"
@@ -130,8 +145,8 @@ def plan_layers(segments: list[Segment], n_layer: int) -> list[LayerPlan]:
     for i, (seg, size) in enumerate(zip(segments, sizes)):
         first_streamed = size - streamed if i == stream_index else size
         for j in range(size):
-            plan.append(LayerPlan(seg.device, seg.dtype, seg.quant, stream=j >= first_streamed))
+            plan.append(LayerPlan(seg.device, seg.dtype, seg.quant, stream=j >= first_streamed, act8=seg.act8))
     # The head slot stays resident: streaming applies to the blocks only.
     last = plan[-1]
-    plan[-1] = LayerPlan(last.device, last.dtype, last.quant, stream=False)
+    plan[-1] = dataclasses.replace(last, stream=False)
     return plan

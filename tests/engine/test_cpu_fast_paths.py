@@ -116,19 +116,70 @@ def test_quantized_single_token_matches_dequantized(out_features, in_features, b
     assert rel(got, x.double() @ weight.double().t()) <= {8: 0.05, 4: 0.3}[bits]
 
 
+def rounded_per_group(x: torch.Tensor) -> torch.Tensor:
+    """i8a8's product input, by a plain loop: each group of 32 values (a last one shorter) as
+    round(v * (127 / m)) * (m / 127), m the group's max |v|, in float32; the result in float64."""
+    out = x.double().clone()
+    for r in range(x.shape[0]):
+        for c in range(0, x.shape[1], 32):
+            group = x[r, c:c + 32].float()
+            m = group.abs().max()
+            if m > 0:
+                out[r, c:c + 32] = torch.round(group * (127 / m)).double() * (m / 127).double()
+    return out
+
+
 @needs_kernels
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("out_features,in_features", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_with_8bit_inputs_rounds_each_group_of_the_input(out_features, in_features, dtype):
+    """i8a8: the GEMV kernels' input (up to KERNEL_ROWS rows) is rounded to int8 per group of 32
+    (Q8_0's rule), then the group sums are exact, so the result is the float64 product of the two
+    roundings, each row bitwise as alone. A prompt (more rows) takes plain i8's GEMM."""
+    g = gen(7 * out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=g) / in_features**0.5
+    x = torch.randn(KERNEL_ROWS + 5, in_features, generator=g)
+    x[x < -1] = 0
+    x[0, 3 % in_features] = 40.0
+    x = x.to(dtype)
+    linear = QuantLinear(weight, dtype, "cpu", bits=8, act8=True)
+    got = linear(x[:KERNEL_ROWS])
+    expected = rounded_per_group(x[:KERNEL_ROWS]) @ plain_dequantize(linear).t()
+    assert got.dtype == dtype and got.shape == (KERNEL_ROWS, out_features)
+    assert rel(got, expected) <= (1e-6 if dtype == torch.float32 else 1e-2)
+    for b in (0, KERNEL_ROWS - 1):
+        assert torch.equal(linear(x[b:b + 1])[0], got[b])
+    plain_i8 = QuantLinear(weight, dtype, "cpu", bits=8)
+    assert torch.equal(linear(x), plain_i8(x))
+    # plain int8 rounds to int16 instead: closer to the float product
+    plain = x[:KERNEL_ROWS].double() @ weight.double().t()
+    assert rel(plain_i8(x[:KERNEL_ROWS]), plain) < rel(got, plain)
+
+
+def test_int8_with_8bit_inputs_without_kernels_rounds_the_same_way(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_loaded", None)
+    g = gen(17)
+    weight = torch.randn(40, 100, generator=g) / 10
+    x = torch.randn(3, 100, generator=g)
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=8, act8=True)
+    assert linear._job is None
+    assert rel(linear(x), rounded_per_group(x) @ plain_dequantize(linear).t()) <= 1e-6
+
+
+@needs_kernels
+@pytest.mark.parametrize("bits", [8, 4, "8a8"])
 def test_int4_and_int8_kernels_are_exact_on_integer_inputs(bits):
     """Activations that the kernels' rounding keeps exactly (int8 weights: integers up to 32767
-    with the max present, as int16; int4: up to 127 with each group's max present, as int8): the
-    group sums are exact integers, so the result equals the float64 product of the dequantized
-    weights up to float32 rounding of the scaled sums."""
-    g = gen(bits)
+    with the max present, as int16; int4 and i8a8: up to 127 with each group's max present, as
+    int8): the group sums are exact integers, so the result equals the float64 product of the
+    dequantized weights up to float32 rounding of the scaled sums."""
+    act8 = bits == "8a8"
+    g = gen(9 if act8 else bits)
     weight = torch.randn(64, 672, generator=g)  # two blocks of the kernels' storage order and a rest
     top = 32767 if bits == 8 else 127
     x = torch.randint(-top, top + 1, (1, 672), generator=g).float()
     x[0, ::32] = float(top)
-    linear = QuantLinear(weight, torch.float32, "cpu", bits=bits)
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=8 if act8 else bits, act8=act8)
     expected = x.double() @ plain_dequantize(linear).t()
     assert rel(linear(x), expected) <= 1e-6
 

@@ -103,22 +103,23 @@ def test_avx2_products_match_float64(avx2, kind, out_features, in_features):
 
 
 @runs_avx2
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "8a8"])
 def test_avx2_integer_kernels_are_exact_on_integer_inputs(avx2, bits):
     """Inputs the rounding keeps exactly (see the 16-lane twin in test_cpu_fast_paths): the group
     sums are exact integers on the 8-lane tiles too, blocks and the inputs past them alike."""
-    g = gen(bits + 100)
-    weight = torch.randn(64, 672, generator=g)
+    act8 = bits == "8a8"
+    g = gen(200 if act8 else bits + 100)
+    weight = torch.randn(64, 677, generator=g)  # a last group of 5 inputs (i8a8's zero-padded chunk)
     top = 32767 if bits == 8 else 127
-    x = torch.randint(-top, top + 1, (2, 672), generator=g).float()
+    x = torch.randint(-top, top + 1, (2, 677), generator=g).float()
     x[:, ::32] = float(top)
-    linear = QuantLinear(weight, torch.float32, "cpu", bits=bits)
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=8 if act8 else bits, act8=act8)
     assert rel(linear(x), x.double() @ plain_dequantize(linear).t()) <= 1e-6
 
 
 @runs_avx2
 @pytest.mark.parametrize("version", VERSIONS)
-@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16i8", "cpu bf16i4"])
+@pytest.mark.parametrize("strategy", ["cpu fp32", "cpu bf16i8", "cpu bf16i8a8", "cpu bf16i4"])
 def test_avx2_models_match_the_avx512_build(version, strategy, engine_models, token_sequence, avx2_build,
                                             monkeypatch):
     """A whole model, prompt and single tokens, on the AVX2 build against this machine's build:

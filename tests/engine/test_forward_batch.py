@@ -10,7 +10,7 @@ from rwkv_chat.testing.checkpoints import VERSIONS
 
 PROMPTS = ([1, 2, 3, 4], [500, 17], [9000, 8, 77, 1234, 5, 60])
 STEPS = 4
-STRATEGIES = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu bf16i4")
+STRATEGIES = ("cpu fp32", "cpu bf16", "cpu fp32i8", "cpu bf16i8", "cpu bf16i8a8", "cpu bf16i4")
 # Without the C kernels the batch runs torch's GEMMs where one token runs its GEMV: the same math,
 # other blocking. Largest differences seen (relative to the largest logit): fp32 ~2e-7, bf16 ~1e-2.
 TOLERANCE = 0.1

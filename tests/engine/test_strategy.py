@@ -34,6 +34,10 @@ def runs(strategy: str, n_layer: int = 24) -> list[tuple[str, int]]:
         ("cpu bf16i4 *8 -> cpu bf16i8", [("cpu bf16i4", 8), ("cpu bf16i8", 17)]),
         ("cpu fp32i8 *4 -> cpu fp32i4 *4 -> cpu fp32", [("cpu fp32i8", 4), ("cpu fp32i4", 4), ("cpu fp32", 17)]),
         ("cuda fp16i4 *20+", [("cuda fp16i4", 20), ("cuda fp16i4 (streamed)", 4), ("cuda fp16i4", 1)]),
+        # int8 with 8-bit product inputs, per layer like the rest
+        ("cpu bf16i8a8", [("cpu bf16i8a8", 25)]),
+        ("cpu fp32i8a8 *6 -> cpu fp32i8", [("cpu fp32i8a8", 6), ("cpu fp32i8", 19)]),
+        ("cpu bf16i8a8 *20+", [("cpu bf16i8a8", 20), ("cpu bf16i8a8 (streamed)", 4), ("cpu bf16i8a8", 1)]),
     ],
 )
 def test_allocation_matches_chatrwkv(strategy, expected):
@@ -57,7 +61,11 @@ def test_whitespace_and_dtypes_are_read():
         ("cuda fp16 20", "'20'"),
         ("cuda fp16i2", "i2 weights, which are not supported; use i8 (int8, ~8.5 bits per weight) or i4"),
         ("cpu fp32i3", "i3 weights"),
-        ("cpu fp32q4", "optionally with i8 or i4"),
+        ("cpu fp32q4", "optionally with i8, i8a8 or i4"),
+        ("cpu bf16i4a8", "a8 (8-bit product inputs) goes with int8 weights only, as in 'cpu bf16i8a8'"),
+        ("cpu fp32a8", "goes with int8 weights only"),
+        ("cuda fp16i8a8", "i8a8 runs on the CPU only; use i8 on cuda"),
+        ("cpu bf16i8a4", "unknown dtype 'bf16i8a4'"),
         ("cpu fp32 ->", "segment is empty"),
         ("cuda fp16 *2+ -> cpu fp32 *1+", "only one segment may stream"),
     ],
