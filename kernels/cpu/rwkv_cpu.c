@@ -328,6 +328,22 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
 
 #ifdef RK_AVX512
 
+/* the sums of four accumulators' lanes, each in a fixed order (whichever others come with it) */
+static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
+#define RK_HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(RK_HALVES(a0), RK_HALVES(a1)), _mm256_hadd_ps(RK_HALVES(a2), RK_HALVES(a3)));
+#undef RK_HALVES
+    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+/* a row's sums for M vectors (M <= 4) in one reduction */
+RK_ALWAYS_INLINE void store_row_sums(const __m512 *acc, const int M, float *const *ys, int64_t r) {
+    const __m512 zero = _mm512_setzero_ps();
+    float sums[4];
+    _mm_storeu_ps(sums, sum4(acc[0], M > 1 ? acc[1] : zero, M > 2 ? acc[2] : zero, M > 3 ? acc[3] : zero));
+    for (int j = 0; j < M; j++) ys[j][r] = sums[j];
+}
+
 /* 16 weights of a row as fp32: fp32 rows, or bf16 rows widened (wide: a compile-time constant) */
 RK_ALWAYS_INLINE __m512 weights16(const void *W, const int wide, int64_t at, __mmask16 mk) {
     if (wide)
@@ -349,7 +365,7 @@ RK_ALWAYS_INLINE void tile_f32(const void *W, const int wide, const prep_t *cons
             for (int i = 0; i < R; i++) acc[i][j] = _mm512_fmadd_ps(w[i], x, acc[i][j]);
         }
     }
-    for (int i = 0; i < R; i++) for (int j = 0; j < M; j++) ys[j][r0 + i] = _mm512_reduce_add_ps(acc[i][j]);
+    for (int i = 0; i < R; i++) store_row_sums(acc[i], M, ys, r0 + i);
 }
 
 #ifdef __AVX512BF16__
@@ -1263,12 +1279,6 @@ static void gemm_round_unit(void *arg, int64_t t) {  /* token t of x to bf16, ze
 
 #if defined(RK_AVX512) && defined(__AVX512BF16__)
 /* 4 accumulators -> their 4 sums */
-static inline __m128 sum4(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
-#define RK_HALVES(a) _mm256_add_ps(_mm512_castps512_ps256(a), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1)))
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(RK_HALVES(a0), RK_HALVES(a1)), _mm256_hadd_ps(RK_HALVES(a2), RK_HALVES(a3)));
-#undef RK_HALVES
-    return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
 
 /* rows r0..r0+R-1 (R <= 4) times tokens t0..t0+V-1 (V <= 6) */
 RK_ALWAYS_INLINE void gemm_tile(const gemm_ctx_t *c, int64_t r0, int64_t t0, const int R, const int V) {
