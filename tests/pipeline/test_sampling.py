@@ -393,3 +393,33 @@ def test_sampling_does_not_touch_global_rng():
     torch.manual_seed(0)
     generate_with(Sampler(seed=1), steps=5)
     assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("temperature", [0, 1.0])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("ban", [(), (3,)])
+def test_broken_logits_are_an_error_whatever_the_settings(temperature, bad, ban):
+    """A NaN or +inf logit means the model or its state is broken: an error naming them, greedy or
+    not, with bans and penalties or without (a ban on that very token hides nothing)."""
+    logits = torch.zeros(1000)
+    logits[[3, 500]] = bad
+    sampler = Sampler(0)
+    sampler.record(7, 1.0, penalty_decay=1.0)
+    for presence in (0.0, 0.5):
+        settings = SamplingSettings(temperature=temperature, presence=presence, frequency=0.0, token_ban=ban)
+        with pytest.raises(ValueError, match="2 NaN or \\+infinite value"):
+            sampler.sample(logits, settings)
+    with pytest.raises(ValueError, match="every logit is -inf"):
+        sampler.sample(torch.full((10,), -math.inf), SamplingSettings(temperature=temperature, presence=0.0,
+                                                                   frequency=0.0, token_ban=()))
+
+
+def test_greedy_leaves_the_logits_alone():
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.0])
+    kept = logits.clone()
+    sampler = Sampler(0)
+    for settings in (SamplingSettings(temperature=0, presence=0.0, frequency=0.0, token_ban=()),
+                     SamplingSettings(temperature=0, presence=0.5, frequency=0.5, token_ban=(1,))):
+        sampler.sample(logits, settings)
+        sampler.record(1, 1.0, penalty_decay=0.9)
+        assert torch.equal(logits, kept)
