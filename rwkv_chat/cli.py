@@ -120,7 +120,8 @@ def model_options(command):
         click.option("--strategy", "-s", envvar="RWKV_CHAT_STRATEGY",
                      help="Where and how to run the layers, e.g. 'cpu fp32', 'cpu bf16i8', 'cuda fp16', "
                           "'cuda fp16i8 *10 -> cpu fp32'. DTYPE fp32/fp16/bf16, plus i8 or i4 for int8 / "
-                          "int4 weights (a scale per 32 weights; i4 is smaller and less accurate). Default: "
+                          "int4 weights (a scale per 32 weights; i4 is smaller and less accurate; CPU i8a8 "
+                          "also rounds the products' inputs to int8, for faster batches). Default: "
                           "cuda fp16 when CUDA is present, else cpu fp32. Env: RWKV_CHAT_STRATEGY."),
         click.option("--demo", is_flag=True, help="Use the built-in tiny demo model (ignores --model)."),
     ]

@@ -230,7 +230,9 @@ static inline uint16_t f32_to_bf16(float f) {
    32768 * sum_g scale_g * sum(q in g) to every row: `corr` (one float per row, made at load).
    int4: q + 8 in [0, 15] is stored as nibbles, per 64 inputs byte i holding input i (low) and
    input i + 32 (high) (a last group of 32: i and i + 16); x is rounded to int8 per group of 32
-   (llama.cpp's Q4_0 x Q8_0 dot), and the +8 offset comes off through the group sums of x. */
+   (llama.cpp's Q4_0 x Q8_0 dot), and the +8 offset comes off through the group sums of x.
+   int8 with RK_ACT8: x rounded to int8 per group of 32 as for int4 (Q8_0 x Q8_0); VNNI takes
+   q ^ 0x80 = q + 128 as its unsigned operand, and the offset comes off the same way. */
 #define RK_BLOCK 256   /* int8 / int4 rows with flag BLOCKS: 8 groups interleaved (quant.block_order) */
 #define RK_BLOCKS 1024 /* the job flag */
 #define RK_ACT8 2048   /* the job flag: int8 rows times x rounded to int8 per group of 32 (W8A8, llama.cpp's

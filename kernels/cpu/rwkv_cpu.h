@@ -46,7 +46,9 @@
    else `tag` is 0.
    flags: bits 0-3 kind (0 fp32, 1 bf16, 2 int8, 3 int4, 4 bf16 widened: times x as it is, not rounded to
    bf16; int8/int4/widened rows only), bit 4 layout
-   (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16, bit 9 y is bf16, bits 32-47 the number M of
+   (0 rows [out,in], 1 cols [in,out]), bit 8 x is bf16, bit 9 y is bf16, bit 10 int8 / int4 rows in blocks
+   of 256 (quant.block_order), bit 11 int8 rows times x rounded to int8 per group of 32 (strategy i8a8; `tag`
+   then 0), bits 32-47 the number M of
    vectors (0 means 1): x is [M, in] and y [M, out], each row computed exactly as it would be alone. */
 typedef struct {
     const void *w; const float *scale; const void *x; void *y;

@@ -26,9 +26,8 @@ block order (`block_order`). Longer inputs (prefill) use GEMMs: torch's for fp32
 bf16 activations (oneDNN); for bf16 weights under fp32 activations (placement.cpu_activations) the
 kernels' bf16 GEMM with fp32 results where the CPU has AVX-512 BF16, else torch's fp32 GEMM on the
 weights widened a block at a time. Quantized weights are first expanded (to fp32, or to bf16 for
-that bf16 GEMM) a block of rows at a time by the C kernels, so that the activations are never
-rounded to 8 bits. Elsewhere (CUDA, MPS, no
-kernels) the reference math runs: the same expansion in torch, then a matmul (CUDA int8: the
+that bf16 GEMM) a block of rows at a time by the C kernels, so that the activations are not
+rounded to 8 bits (i8a8 included). Elsewhere (CUDA, MPS, no kernels) the reference math runs: the same expansion in torch, then a matmul (CUDA int8: the
 kernels of cuda.py).
 
 Layouts: "rows" keeps the checkpoint's [out, in] (a dot product per output); "cols" stores

@@ -14,6 +14,8 @@ refused with a 400 naming it, never ignored.
 from __future__ import annotations
 
 import asyncio
+import collections
+import functools
 import hmac
 import json
 import time
@@ -205,7 +207,34 @@ def completion_prompt(prompt, encode, vocab_size: int) -> list[int]:
 
 
 # ------------------------------------------------------------------ the app
+class _Relay:
+    """Events from the scheduler thread to the jobs' queues on the event loop, with one wake-up of
+    the loop per burst: a decode step emits a token to every job in the batch, and a wake-up per
+    event made the scheduler hand the GIL over to the loop each time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._pending: collections.deque = collections.deque()
+        self._scheduled = False
+
+    def emit(self, queue: asyncio.Queue, event) -> None:  # any thread
+        self._pending.append((queue, event))
+        if not self._scheduled:
+            self._scheduled = True
+            try:
+                self.loop.call_soon_threadsafe(self._deliver)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                pass
+
+    def _deliver(self) -> None:  # on the loop; an event appended meanwhile is delivered here or schedules anew
+        self._scheduled = False
+        while self._pending:
+            queue, event = self._pending.popleft()
+            queue.put_nowait(event)
+
+
 def create_app(service: Service) -> Starlette:
+    relay: _Relay | None = None
     async def read_body(request: Request) -> dict:
         check_key(request)
         limit = service.limits.max_body_bytes
@@ -272,16 +301,13 @@ def create_app(service: Service) -> Starlette:
         if max(prompt) >= vocab:
             raise ApiError(400, f"the prompt has token id {max(prompt)}, outside this model's vocabulary of {vocab}",
                            "messages")
+        nonlocal relay
         loop = asyncio.get_running_loop()
+        if relay is None or relay.loop is not loop:
+            relay = _Relay(loop)
         queue: asyncio.Queue = asyncio.Queue()
-
-        def emit(event):
-            try:
-                loop.call_soon_threadsafe(queue.put_nowait, event)
-            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
-                pass
-
-        job = Job(prompt=prompt, settings=settings, emit=emit, start=start, start_state=state)
+        job = Job(prompt=prompt, settings=settings, emit=functools.partial(relay.emit, queue), start=start,
+                  start_state=state)
         try:
             service.scheduler.submit(job)
         except Overloaded as error:

@@ -132,7 +132,8 @@ def rounded_per_group(x: torch.Tensor) -> torch.Tensor:
 @needs_kernels
 @pytest.mark.parametrize("out_features,in_features", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_with_8bit_inputs_rounds_each_group_of_the_input(out_features, in_features, dtype):
+@pytest.mark.parametrize("blocks", [True, False])  # False: a streamed layer's plain row order
+def test_int8_with_8bit_inputs_rounds_each_group_of_the_input(out_features, in_features, dtype, blocks):
     """i8a8: the GEMV kernels' input (up to KERNEL_ROWS rows) is rounded to int8 per group of 32
     (Q8_0's rule), then the group sums are exact, so the result is the float64 product of the two
     roundings, each row bitwise as alone. A prompt (more rows) takes plain i8's GEMM."""
@@ -142,7 +143,8 @@ def test_int8_with_8bit_inputs_rounds_each_group_of_the_input(out_features, in_f
     x[x < -1] = 0
     x[0, 3 % in_features] = 40.0
     x = x.to(dtype)
-    linear = QuantLinear(weight, dtype, "cpu", bits=8, act8=True)
+    linear = QuantLinear(weight, dtype, "cpu", bits=8, act8=True, blocks=blocks)
+    assert linear.blocks == blocks
     got = linear(x[:KERNEL_ROWS])
     expected = rounded_per_group(x[:KERNEL_ROWS]) @ plain_dequantize(linear).t()
     assert got.dtype == dtype and got.shape == (KERNEL_ROWS, out_features)

@@ -20,6 +20,7 @@ STRATEGIES = {
     "cpu bf16i8": INT8,
     "cpu bf16i8a8": INT8,
     "cpu fp32i8a8 *2 -> cpu bf16i8": INT8,  # 8-bit product inputs mixed per layer with int16 ones
+    "cpu bf16i8a8 *1+": INT8,  # streamed: the rows in plain order
     "cpu fp32 *1 -> cpu bf16": BF16,  # layer split across dtypes
     "cpu bf16i8 *2 -> cpu fp32": INT8,
     "cpu bf16 *1+": BF16,  # streamed layers

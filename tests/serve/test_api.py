@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from rwkv_chat.serve.api import chat_prompt
+from rwkv_chat.serve.api import Limits, chat_prompt
 
 N = 12  # tokens per test reply
 
@@ -210,9 +210,10 @@ def test_disconnect_mid_stream_frees_the_slot(start_server):
 
 
 def test_queue_overflow_is_429_with_retry_after(start_server):
-    running = start_server(max_batch=1, max_queue=1)
-    first = _open_stream(running.url)
-    next(line for line in first[2] if line.startswith("data:"))  # holds the only slot
+    # the first stream asks for enough tokens to hold the only slot throughout
+    running = start_server(max_batch=1, max_queue=1, limits=Limits(max_tokens=4096, max_body_bytes=64 << 10))
+    first = _open_stream(running.url, max_tokens=4096)
+    next(line for line in first[2] if line.startswith("data:"))
     second = _open_stream(running.url)
     _wait_for(lambda: running.scheduler.load["waiting"] == 1)
     third = httpx.post(running.url + "/v1/completions", json={"prompt": "x", "max_tokens": 2}, timeout=10)
