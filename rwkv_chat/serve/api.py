@@ -209,25 +209,24 @@ def completion_prompt(prompt, encode, vocab_size: int) -> list[int]:
 # ------------------------------------------------------------------ the app
 class _Relay:
     """Events from the scheduler thread to the jobs' queues on the event loop, with one wake-up of
-    the loop per burst: a decode step emits a token to every job in the batch, and a wake-up per
-    event made the scheduler hand the GIL over to the loop each time."""
+    the loop per turn of the scheduler (its flush): a decode step emits a token to every job in the
+    batch, and a wake-up per event made the scheduler hand the GIL over to the loop each time."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
         self._pending: collections.deque = collections.deque()
-        self._scheduled = False
 
-    def emit(self, queue: asyncio.Queue, event) -> None:  # any thread
+    def emit(self, queue: asyncio.Queue, event) -> None:
         self._pending.append((queue, event))
-        if not self._scheduled:
-            self._scheduled = True
+
+    def flush(self) -> None:
+        if self._pending:
             try:
                 self.loop.call_soon_threadsafe(self._deliver)
             except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
                 pass
 
-    def _deliver(self) -> None:  # on the loop; an event appended meanwhile is delivered here or schedules anew
-        self._scheduled = False
+    def _deliver(self) -> None:  # on the loop: what was emitted up to now, in order
         while self._pending:
             queue, event = self._pending.popleft()
             queue.put_nowait(event)
@@ -305,6 +304,7 @@ def create_app(service: Service) -> Starlette:
         loop = asyncio.get_running_loop()
         if relay is None or relay.loop is not loop:
             relay = _Relay(loop)
+            service.scheduler.add_flush(relay.flush)
         queue: asyncio.Queue = asyncio.Queue()
         job = Job(prompt=prompt, settings=settings, emit=functools.partial(relay.emit, queue), start=start,
                   start_state=state)

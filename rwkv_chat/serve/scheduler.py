@@ -9,7 +9,8 @@ next token from its own logits with its own seeded Sampler, and all the chosen t
 Per token a job does what `pipeline.Generation` does (sample, feed, record the penalty, decode
 text, look for stop strings), so a greedy request gives the same text alone or in a batch, up to
 the rounding of the batched GEMM (engine/batch.py). Events go to the job's `emit` callback, which
-must not block: ("text", piece) and finally ("done", finish_reason).
+must not block: ("text", piece) and finally ("done", finish_reason). After each turn of the loop
+the callbacks given to `add_flush` run, so that a listener may deliver a turn's events together.
 """
 from __future__ import annotations
 
@@ -92,6 +93,7 @@ class Scheduler:
         self._deadline: float | None = None  # shutting down: jobs still running then end with "length"
         self._thread = threading.Thread(target=self._loop, name="rwkv-serve-scheduler", daemon=True)
         self._stopped = threading.Event()
+        self._flushes: list[Callable[[], None]] = []
         self.error: BaseException | None = None
 
     # ------------------------------------------------------------------ outside the thread
@@ -110,6 +112,14 @@ class Scheduler:
             self._waiting.append(job)
             self._wake.notify()
         return job
+
+    def add_flush(self, callback: Callable[[], None]) -> None:
+        """`callback()` runs on the scheduler thread after every turn of its loop (its events emitted)."""
+        self._flushes.append(callback)
+
+    def _flush(self) -> None:
+        for callback in list(self._flushes):
+            callback()
 
     def _retry_after(self) -> int:
         return max(1, min(60, len(self._waiting) // max(1, self.max_batch) + 1))
@@ -149,6 +159,7 @@ class Scheduler:
                 self._prefill_one_chunk()
                 self._decode_step()
                 self._drop_finished()
+                self._flush()
         except BaseException as error:  # a broken model: tell every waiting client, then stop
             self.error = error
             with self._wake:
@@ -159,6 +170,7 @@ class Scheduler:
                 if job.finish_reason is None:
                     job.finish_reason = "error"
                     job.emit(("error", f"generation failed: {error}"))
+            self._flush()
             raise
         finally:
             self._stopped.set()
