@@ -215,8 +215,8 @@ def bench_reference(model_path: str, strategy: str, prompt_tokens: int = 512, de
 
 def reference_strategies(strategy: str, version: str) -> list[str]:
     """What the reference runs by default: the same strategy when it can (its v7 code has no int8,
-    and it has no int4 at all), else its fp32 and bf16 CPU strategies."""
-    text = " ".join(strategy.split())
+    and it has no int4 at all; for i8a8 its plain int8), else its fp32 and bf16 CPU strategies."""
+    text = " ".join(strategy.split()).replace("i8a8", "i8")
     if "i4" in text or ("i8" in text and version == "7"):
         return ["cpu fp32", "cpu bf16"]
     return [text]

@@ -94,4 +94,5 @@ def test_reference_gets_float_strategies_where_it_lacks_the_format():
 
     assert reference_strategies("cpu  bf16i8", "6") == ["cpu bf16i8"]
     assert reference_strategies("cpu bf16i8", "7") == ["cpu fp32", "cpu bf16"]  # no v7 int8 there
+    assert reference_strategies("cpu bf16i8a8 *2 -> cpu fp32", "6") == ["cpu bf16i8 *2 -> cpu fp32"]
     assert reference_strategies("cpu bf16i4 *8 -> cpu bf16i8", "6") == ["cpu fp32", "cpu bf16"]  # no int4 at all
