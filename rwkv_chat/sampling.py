@@ -326,8 +326,8 @@ class Sampler:
         self._fit_vocab(token_id + 1)
         if penalty_decay != 1.0:
             self._counts.mul_(penalty_decay)
-        self._counts[token_id] += weight
-        self._seen[token_id] = 1.0
+        self._counts.numpy()[token_id] += weight  # numpy's indexing: ~10x faster than a tensor's for one item
+        self._seen.numpy()[token_id] = 1.0
 
     def penalised(self, logits: torch.Tensor, settings: SamplingSettings) -> torch.Tensor:
         """New float32 tensor: logits with bans at -inf and `presence + frequency * count` subtracted
@@ -387,6 +387,8 @@ class Sampler:
 
     def sample(self, logits: torch.Tensor, settings: SamplingSettings) -> int:
         """Pick the next token id from last-position logits [vocab] (not modified)."""
+        if settings.temperature == 0:
+            return self._greedy(logits, settings)
         ids, weights = self._candidates(logits, settings)
         if weights.numel() == 1:
             choice = 0
