@@ -660,10 +660,15 @@ RK_ALWAYS_INLINE void weights64(const void *W, const int bits, int64_t row, int6
                                 __m256i *q0, __m256i *q1) {
     if (bits == 8) {
         const int8_t *p = (const int8_t *)W + row * n + c;
+        if (n - c >= 64) {
+            *q0 = _mm256_loadu_si256((const __m256i *)p);
+            *q1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+            return;
+        }
         int8_t part[64] = { 0 };
-        if (n - c < 64) { memcpy(part, p, (size_t)(n - c)); p = part; }
-        *q0 = _mm256_loadu_si256((const __m256i *)p);
-        *q1 = _mm256_loadu_si256((const __m256i *)(p + 32));
+        memcpy(part, p, (size_t)(n - c));
+        *q0 = _mm256_loadu_si256((const __m256i *)part);
+        *q1 = _mm256_loadu_si256((const __m256i *)(part + 32));
         return;
     }
     const uint8_t *p = (const uint8_t *)W + row * (n32 / 2) + c / 2;
