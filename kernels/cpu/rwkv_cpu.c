@@ -279,17 +279,7 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
         } else if (kind == K_BF16_WIDE) {
             const uint16_t *w = (const uint16_t *)jb->w + r * n;
             for (int64_t c = 0; c < n; c++) s += bf16_to_f32(w[c]) * p->xf[c];
-        } else if (kind == K_I8 && (jb->flags & RK_ACT8)) {
-            const int8_t *w = (const int8_t *)jb->w + r * n;
-            for (int64_t g = 0; g < ng; g++) {
-                int32_t acc = 0;
-                for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
-                    int64_t at = stored_index(c, n, blocks);
-                    acc += (int32_t)w[at] * (int32_t)p->x8[at];
-                }
-                s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
-            }
-        } else if (kind == K_I8) {
+        } else if (kind == K_I8 && !(jb->flags & RK_ACT8)) {
             const int8_t *w = (const int8_t *)jb->w + r * n;
             for (int64_t g = 0; g < ng; g++) {
                 int64_t acc = 0;
@@ -298,13 +288,14 @@ static void rows_portable(const job_t *jb, const prep_t *p, float *y, int64_t r0
                 s += (float)acc * half_to_f32(scale[r * ng + g]);
             }
             s *= p->xs;
-        } else {
-            const uint8_t *w = (const uint8_t *)jb->w + r * (n32 / 2);
+        } else {  /* int4, or int8 with RK_ACT8: x rounded to int8 per group (x8, zero past n) */
+            const int8_t *w8 = (const int8_t *)jb->w + r * n;
+            const uint8_t *w4 = (const uint8_t *)jb->w + r * (n32 / 2);
             for (int64_t g = 0; g < ng; g++) {
                 int32_t acc = 0;
-                for (int64_t c = g * GROUP; c < (g + 1) * GROUP; c++) {
+                for (int64_t c = g * GROUP; c < n && c < (g + 1) * GROUP; c++) {
                     int64_t at = stored_index(c, n, blocks);
-                    acc += nibble(w, at, n32) * (int32_t)p->x8[at];
+                    acc += (kind == K_I8 ? (int32_t)w8[at] : nibble(w4, at, n32)) * (int32_t)p->x8[at];
                 }
                 s += (float)acc * half_to_f32(scale[r * ng + g]) * p->xsl[g * 8];
             }

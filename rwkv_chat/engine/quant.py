@@ -16,7 +16,7 @@ Formats:
   as llama.cpp's Q8_0 x Q8_0 dot does: one VNNI instruction per 64 multiply-adds instead of two,
   which pays where a batch makes the products compute-bound. Plain `i8` rounds x to int16 for
   the whole vector, which keeps it 1.2-7x closer to fp32 than Q8_0. Prompts take the same GEMMs
-  as `i8` (the tiles below run int8 x int8 at ~90 GMAC/s here, the bf16 GEMM at ~200).
+  as `i8` (the kernels' int8 x int8 tiles reach ~87 GMAC/s a core here, the bf16 GEMM ~100).
 
 On the CPU a single token (x of shape [1, in]), or a few (up to KERNEL_ROWS: a server's batch, a
 short prompt), goes to the C kernels of `cpu_kernels` when they are available: weights stream from
@@ -27,8 +27,8 @@ bf16 activations (oneDNN); for bf16 weights under fp32 activations (placement.cp
 kernels' bf16 GEMM with fp32 results where the CPU has AVX-512 BF16, else torch's fp32 GEMM on the
 weights widened a block at a time. Quantized weights are first expanded (to fp32, or to bf16 for
 that bf16 GEMM) a block of rows at a time by the C kernels, so that the activations are not
-rounded to 8 bits (i8a8 included). Elsewhere (CUDA, MPS, no kernels) the reference math runs: the same expansion in torch, then a matmul (CUDA int8: the
-kernels of cuda.py).
+rounded to 8 bits (i8a8 included). Elsewhere (CUDA, MPS, no kernels) the reference math runs: the
+same expansion in torch, then a matmul (CUDA int8: the kernels of cuda.py).
 
 Layouts: "rows" keeps the checkpoint's [out, in] (a dot product per output); "cols" stores
 [in, out] so that a single token only reads the rows of the inputs that are nonzero: the FFN's

@@ -4,9 +4,9 @@ Grammar: segments `DEVICE DTYPE[i8|i8a8|i4] [*N[+]]` joined by `->`.
 There are n_layer + 1 slots; the last one holds ln_out and the head. `i8` / `i4` store that
 slot's matrices (and, on the first slot, the embedding) as int8 / int4 in groups of 32 weights per
 scale (quant.py); DTYPE stays the activation dtype. `i8a8` (CPU only) also rounds the inputs of
-those int8 products to 8 bits per group of 32, as llama.cpp's Q8_0 does: a batch or a prompt
-runs about twice the multiply-adds per instruction, for Q8_0's accuracy instead of `i8`'s closer
-one (quant.py).
+those int8 products to 8 bits per group of 32 where the GEMV kernels run them (decode, a server's
+batches), as llama.cpp's Q8_0 does: twice the multiply-adds per instruction, for Q8_0's accuracy
+instead of `i8`'s closer one (quant.py).
 """
 from __future__ import annotations
 

@@ -158,3 +158,27 @@ def test_avx2_cpu_bf16_computes_in_fp32_and_decodes_a_bf16_checkpoint_as_fp32(av
     prompt16, _ = bf16.forward(token_sequence * 3, None, full_output=True)
     assert len(token_sequence) * 3 > KERNEL_ROWS  # the GEMM path
     assert rel(prompt16, prompt32) <= 1e-4
+
+
+runs_x86_64 = pytest.mark.skipif(
+    platform.machine() not in ("x86_64", "AMD64") or shutil.which("cc") is None and shutil.which("gcc") is None,
+    reason="needs an x86-64 CPU and a C compiler")
+
+
+@runs_x86_64
+@pytest.mark.parametrize("bits", [4, "8a8"])
+def test_portable_loops_round_int8_inputs_per_group(bits, tmp_path, monkeypatch):
+    """The build without SIMD (`-march=x86-64`: the portable loops) rounds int4's and i8a8's inputs
+    per group of 32 like the tiles: the float64 product of the two roundings, a last short group
+    and the blocks alike."""
+    from .test_cpu_fast_paths import rounded_per_group
+
+    portable = cpu_kernels.for_target("-march=x86-64", tmp_path)
+    assert portable.simd == 0
+    monkeypatch.setattr(cpu_kernels, "_loaded", portable)
+    g = gen(300)
+    weight = torch.randn(50, 677, generator=g) / 20
+    x = torch.randn(3, 677, generator=g)
+    linear = QuantLinear(weight, torch.float32, "cpu", bits=8 if bits == "8a8" else 4, act8=bits == "8a8")
+    assert linear._job is not None
+    assert rel(linear(x), rounded_per_group(x) @ plain_dequantize(linear).t()) <= 1e-6
