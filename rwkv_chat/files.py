@@ -1,6 +1,6 @@
 """File helpers every layer shares: atomic writes (never-overwriting ones too), cleanup of temp files a
-killed save left, code-free tensor loading, and the check that a user-named path is a regular file
-before anything opens it."""
+killed save left, code-free tensor loading, advisory locks, and the check that a user-named path is a
+regular file before anything opens it."""
 from __future__ import annotations
 
 import errno
@@ -14,6 +14,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import FileWriteError, ModelLoadError, NotARegularFileError
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 # temp files are named ".{target name}.{pid}.{random}.tmp": the pid tells whether their writer still runs
 _TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
@@ -269,6 +275,34 @@ def process_alive(pid: int) -> bool:
     except (PermissionError, OverflowError, OSError):
         return True  # exists (another user's) or cannot tell: leave it
     return True
+
+
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An exclusive advisory lock on `path` (created, private, if missing): the descriptor that
+    holds it, or None when another holder has it. The system drops it when its process ends,
+    however it ends. Two descriptors conflict even within one process."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def release_lock(fd: int) -> None:
+    """Let go of a lock try_lock took."""
+    try:
+        if fcntl is None:
+            os.lseek(fd, 0, os.SEEK_SET)
+            msvcrt.locking(fd, msvcrt.LK_UNLCK, 1)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_tensors(path: str | os.PathLike):

@@ -21,7 +21,10 @@ History: with a store attached (`attach_store`), the conversation is stored afte
 finished or stopped reply (edit, regenerate and continue included), settings change and
 rename, by a background thread, so no caller waits for the disk. `wait_stored()` waits for it;
 `close()` flushes it. A failed store is reported through `store_error` / `on_store_error`;
-the conversation in memory is never touched by it.
+the conversation in memory is never touched by it. The session claims the stored conversation
+it has open (store.py): one open in another rwkv-chat opens here as a copy, and a save refused
+because another writer stored the conversation meanwhile goes to a copy too. Either way both
+versions are kept, and `notice` / `on_store_notice` tell the user.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from ..errors import SnapshotError
 from ..pipeline import Generation, GenerationStats, Pipeline
 from ..sampling import END_OF_TEXT, SamplingSettings
 from . import snapshot as snapshots
-from .store import new_conversation_id
+from .store import StoreConflict, new_conversation_id, title_from
 from .template import TURN_END, clean_user_message, normalise_preamble, turn_prompt
 
 ROLES = ("user", "assistant")
@@ -125,6 +128,10 @@ class ChatSession:
         self.store = None
         self.store_error: str | None = None
         self.on_store_error: Callable[[str], None] | None = None  # called from the saver thread
+        self.on_store_notice: Callable[[str], None] | None = None  # ... when changes went to a copy
+        self.notice: str | None = None  # why the conversation opened as a copy, for the UI
+        self._stored_revs: dict[str, int] = {}  # conversation id -> the revision this session stored or loaded
+        self._copies: dict[str, str] = {}  # conversation id -> the copy its changes go to
         self._saver: _Saver | None = None
         self.state: RWKVState = self._conversation_start()
 
@@ -168,9 +175,14 @@ class ChatSession:
         self._new_identity()
 
     def _new_identity(self) -> None:
+        self._release_claim()
         self.conversation_id = new_conversation_id()
         self.title = None
         self.created = time.time()
+
+    def _release_claim(self) -> None:
+        if self.store is not None:
+            self.store.release(self.conversation_id)
 
     def reset(self) -> None:
         """An empty conversation from the starting state (the state file is kept)."""
@@ -369,6 +381,7 @@ class ChatSession:
         saver, self._saver = self._saver, None
         if saver is not None:
             saver.close(timeout)
+        self._release_claim()
 
     def _changed(self) -> None:
         """Queue the conversation for storing (nothing to do without a store or messages)."""
@@ -381,9 +394,35 @@ class ChatSession:
 
         def job() -> None:
             tensors = {name: state.to_tensors() for name, state in states.items()}
-            store.save(conversation_id, data, tensors, title=title, created=created)
+            target = self._copies.get(conversation_id, conversation_id)
+            try:
+                if not store.claim(target):
+                    raise StoreConflict(f"conversation {target} is open in another rwkv-chat")
+                rev = store.save(target, data, tensors, title=title, created=created,
+                                 expect_rev=self._stored_revs.get(target))
+            except StoreConflict:
+                target, rev = self._store_copy(store, conversation_id, target, data, tensors, title, created)
+            self._stored_revs[target] = rev
 
         saver.submit(conversation_id, job)
+
+    def _store_copy(self, store, conversation_id: str, original: str, data: dict, tensors: dict,
+                    title: str | None, created: float) -> tuple[str, int]:
+        """From the saver thread: another writer stored `original` since this session did, so
+        this version goes to a new conversation, which the session goes on in."""
+        copy_id, copy_title = new_conversation_id(), _copy_title(title, data.get("messages", []))
+        rev = store.save(copy_id, data, tensors, title=copy_title, created=created, expect_rev=None)
+        store.claim(copy_id)
+        store.release(original)
+        self._copies[conversation_id] = self._copies[original] = copy_id
+        if self.conversation_id in (conversation_id, original):
+            self.conversation_id, self.title = copy_id, copy_title
+        notice = (f"This conversation was changed in another rwkv-chat window meanwhile. Both versions are "
+                  f"kept: yours goes on as {copy_title!r}.")
+        self.notice = notice
+        if self.on_store_notice is not None:
+            self.on_store_notice(notice)
+        return copy_id, rev
 
     def _report_store_error(self, error: str | None) -> None:
         self.store_error = error
@@ -396,15 +435,22 @@ class ChatSession:
         being stored under its own id."""
         with self._lock:
             self._require_idle()
-            file, title = store.load(conversation_id)
+            file, title, rev = store.load_with_revision(conversation_id)
             loaded = _LoadedSnapshot.from_file(file, self.model)
             self._apply(loaded)
             self.snapshot_path = None
-            meta = file.data.get("conversation") if isinstance(file.data.get("conversation"), dict) else {}
-            self.conversation_id = conversation_id
-            self.title = title
-            created = meta.get("created")
-            self.created = float(created) if isinstance(created, (int, float)) else time.time()
+            self._release_claim()
+            if store.claim(conversation_id):
+                meta = file.data.get("conversation") if isinstance(file.data.get("conversation"), dict) else {}
+                self.conversation_id, self.title, self.notice = conversation_id, title, None
+                self._stored_revs[conversation_id] = rev
+                created = meta.get("created")
+                self.created = float(created) if isinstance(created, (int, float)) else time.time()
+            else:  # open in another window: go on in a copy, so neither overwrites the other
+                self._new_identity()
+                self.title = _copy_title(title, file.data.get("messages", []))
+                self.notice = (f"This conversation is open in another rwkv-chat window, so it opened here as a "
+                               f"copy, {self.title!r}: both are kept.")
 
     @classmethod
     def from_store(cls, pipeline: Pipeline, store, conversation_id: str) -> ChatSession:
@@ -681,6 +727,11 @@ def _combined(first: GenerationStats, second: GenerationStats) -> GenerationStat
         seconds=first.seconds + second.seconds,
         tokens_per_second=generated / decode_seconds if decode_seconds else 0.0,
     )
+
+
+def _copy_title(title: str | None, messages: list) -> str:
+    """The title of a conversation's copy: its own (the user's, or from the first message) marked."""
+    return f"{title or title_from(messages)} (copy)"
 
 
 class _Saver:

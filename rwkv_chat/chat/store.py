@@ -18,8 +18,13 @@ the two steps) is adopted. Files that cannot be read are listed with the reason 
 deleted. Temp files of killed saves are removed when the store opens.
 
 Two processes may use the store at once: each conversation has its own id and its own files;
-SQLite serialises the index updates (busy timeout). A folder that cannot be written opens
-read-only: listing and opening work, saving raises StoreError saying why.
+SQLite serialises the index updates (busy timeout). A conversation open in a session is claimed
+(an advisory lock on `.{id}.open`, dropped by the system if the process dies): another process
+opening it gets a copy instead, and cannot delete it. A save also names the revision it follows:
+if another writer stored the conversation meanwhile (a file system without locks), the save is
+refused (StoreConflict) and nothing is written over. A folder that cannot be written opens
+read-only: listing and opening work, saving raises StoreError saying why. The folders and the
+index are private to the user, like the conversation files.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from pathlib import Path
 
 from ..demo import model_label
 from ..errors import SnapshotError, StoreError
-from ..files import remove_stale_temp_files
+from ..files import release_lock, remove_stale_temp_files, try_lock
 from . import locations
 from . import snapshot as snapshots
 
@@ -43,6 +48,11 @@ INDEX_NAME = "index.sqlite3"
 SUFFIX = snapshots.SUFFIX
 BUSY_TIMEOUT_S = 10.0
 TITLE_LENGTH = 60
+ANY_REVISION = object()  # save(): store whatever revision the index holds now
+
+
+class StoreConflict(StoreError):
+    """Another writer stored the conversation since the revision a save follows."""
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS conversations (
@@ -117,12 +127,22 @@ def _when(seconds) -> datetime | None:
 
 
 def _check_writable(folder: Path) -> None:
-    """Raise OSError unless files can be created in `folder` (created if missing)."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """Raise OSError unless files can be created in `folder` (created private if missing)."""
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
     probe = folder / f".probe.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp"
     with open(probe, "wb") as file:
         file.write(b"ok")
     probe.unlink()
+
+
+def _make_private(path: Path) -> None:
+    """Create `path` readable by its owner only, or make it so (it holds every message's text)."""
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+    except OSError:
+        pass  # not ours to change (another user's file, a read-only system): SQLite says what fails
 
 
 class ConversationStore:
@@ -137,6 +157,7 @@ class ConversationStore:
         self._lock = threading.RLock()
         self._last_rev = 0
         self._unreadable: dict[str, str] = {}  # files the index does not know and that cannot be read
+        self._claims: dict[str, int] = {}  # conversation id -> the descriptor holding its claim
         self._db: sqlite3.Connection | None = None
         try:
             _check_writable(self.folder)
@@ -200,6 +221,7 @@ class ConversationStore:
                 db.close()
             return sqlite3.connect(f"file:{self.index_path}?immutable=1", uri=True,
                                    check_same_thread=False, isolation_level=None)
+        _make_private(self.index_path)  # SQLite creates its -wal and -shm files with the index's permissions
         db = sqlite3.connect(self.index_path, timeout=BUSY_TIMEOUT_S, check_same_thread=False, isolation_level=None)
         db.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
         db.execute("PRAGMA journal_mode = WAL")
@@ -291,10 +313,12 @@ class ConversationStore:
             raise StoreError(self.problem or f"{self.folder}: the history cannot be written")
 
     def save(self, conversation_id: str, data: dict, states: dict, *, title: str | None = None,
-             created: float | None = None) -> None:
-        """Store a conversation (`data` and `states` as `snapshot.write_snapshot` takes them).
-        `title` None keeps a title the user gave, else uses the first message. StoreError when
-        it cannot be stored; the previously stored copy is then intact."""
+             created: float | None = None, expect_rev=ANY_REVISION) -> int:
+        """Store a conversation (`data` and `states` as `snapshot.write_snapshot` takes them) and
+        return its new revision. `title` None keeps a title the user gave, else uses the first
+        message. `expect_rev`: the revision the caller last stored or loaded (None: it never
+        stored this one); StoreConflict when the index holds another, and nothing is changed.
+        StoreError when it cannot be stored; the previously stored copy is then intact."""
         self._require_writable()
         created = time.time() if created is None else created
         rev = self._next_rev()
@@ -306,15 +330,20 @@ class ConversationStore:
         except SnapshotError as error:
             raise StoreError(f"could not store the conversation: {error}") from error
         try:
-            previous = self._upsert(conversation_id, title, title is not None, created, time.time(), document, rev)
+            previous = self._upsert(conversation_id, title, title is not None, created, time.time(), document, rev,
+                                    expect_rev)
+        except StoreConflict:
+            path.unlink(missing_ok=True)
+            raise
         except sqlite3.Error as error:
             path.unlink(missing_ok=True)
             raise StoreError(f"{self.index_path}: could not update the history index ({error})") from error
         self._unreadable.pop(conversation_id, None)
         self._remove_old_revisions(conversation_id, keep={rev, previous})
+        return rev
 
     def _upsert(self, conversation_id: str, title: str | None, custom: bool, created: float, updated: float,
-                data: dict, rev: int) -> int | None:
+                data: dict, rev: int, expect_rev=ANY_REVISION) -> int | None:
         """Point the index row at revision `rev`; returns the revision it pointed at before."""
         messages = [m for m in data.get("messages", []) if isinstance(m, dict)]
         auto_title = title_from(messages)
@@ -327,6 +356,8 @@ class ConversationStore:
                 row = db.execute("SELECT rev, title, custom_title, created FROM conversations WHERE id = ?",
                                  (conversation_id,)).fetchone()
                 previous = row[0] if row else None
+                if expect_rev is not ANY_REVISION and previous != expect_rev:
+                    raise StoreConflict(f"conversation {conversation_id} was stored by another rwkv-chat meanwhile")
                 if title is None and row and row[2]:
                     title, custom = row[1], True
                 db.execute(
@@ -411,6 +442,10 @@ class ConversationStore:
     def load(self, conversation_id: str) -> tuple[snapshots.SnapshotFile, str | None]:
         """(the conversation as a snapshot file, the user's title or None). Falls back to the
         previous revision when the newest one is missing or damaged; StoreError when none reads."""
+        return self.load_with_revision(conversation_id)[:2]
+
+    def load_with_revision(self, conversation_id: str) -> tuple[snapshots.SnapshotFile, str | None, int]:
+        """`load`, and the revision the index pointed at (what a later save names as `expect_rev`)."""
         title, rev, prev_rev = self._row(conversation_id)[:3]
         candidates = [self._revision_path(conversation_id, rev)]
         if prev_rev is not None:
@@ -425,7 +460,7 @@ class ConversationStore:
             except SnapshotError as error:
                 problems.append(str(error))
                 continue
-            return file, title if self._custom(conversation_id) else None
+            return file, title if self._custom(conversation_id) else None, rev
         raise StoreError(f"conversation {title!r} cannot be opened: " + "; ".join(problems))
 
     def _custom(self, conversation_id: str) -> bool:
@@ -459,19 +494,53 @@ class ConversationStore:
                 raise StoreError(f"{self.index_path}: could not rename ({error})") from error
 
     def delete(self, conversation_id: str) -> None:
-        """Remove a conversation (its row and all its files), readable or not."""
+        """Remove a conversation (its row and all its files), readable or not. StoreError when
+        another rwkv-chat has it open."""
         self._require_writable()
+        if not self.claim(conversation_id):
+            raise StoreError(f"conversation {conversation_id[:8]} is open in another rwkv-chat window; "
+                             "close it there (or start a new conversation there) first")
+        try:
+            with self._lock:
+                try:
+                    self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
+                except sqlite3.Error as error:
+                    raise StoreError(f"{self.index_path}: could not delete ({error})") from error
+            for path in self._files_by_id().get(conversation_id, []):
+                try:
+                    path.unlink(missing_ok=True)
+                except OSError as error:
+                    raise StoreError(f"{path}: could not delete ({error.strerror or error})") from error
+            self._unreadable.pop(conversation_id, None)
+            self._claim_path(conversation_id).unlink(missing_ok=True)
+        finally:
+            self.release(conversation_id)
+
+    # ------------------------------------------------------------------ claims
+    def _claim_path(self, conversation_id: str) -> Path:
+        return self.folder / f".{conversation_id}.open"
+
+    def claim(self, conversation_id: str) -> bool:
+        """Mark the conversation open here until `release` (or this process ends). False when
+        another session (another rwkv-chat, or another store in this process) has it. Where no
+        claim can be made (a read-only folder) the answer is True: saving is refused there anyway."""
         with self._lock:
+            if conversation_id in self._claims or self.read_only:
+                return True
             try:
-                self._db.execute("DELETE FROM conversations WHERE id = ?", (conversation_id,))
-            except sqlite3.Error as error:
-                raise StoreError(f"{self.index_path}: could not delete ({error})") from error
-        for path in self._files_by_id().get(conversation_id, []):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as error:
-                raise StoreError(f"{path}: could not delete ({error.strerror or error})") from error
-        self._unreadable.pop(conversation_id, None)
+                fd = try_lock(self._claim_path(conversation_id))
+            except OSError:
+                return True
+            if fd is None:
+                return False
+            self._claims[conversation_id] = fd
+            return True
+
+    def release(self, conversation_id: str) -> None:
+        with self._lock:
+            fd = self._claims.pop(conversation_id, None)
+        if fd is not None:
+            release_lock(fd)
 
     def export_snapshot(self, conversation_id: str, path: str | os.PathLike) -> Path:
         """Write the conversation as a single shareable .rwkvchat file (never replacing one)."""
@@ -489,6 +558,8 @@ class ConversationStore:
         return conversation_id
 
     def close(self) -> None:
+        for conversation_id in list(self._claims):
+            self.release(conversation_id)
         with self._lock:
             if self._db is not None:
                 self._db.close()

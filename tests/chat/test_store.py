@@ -302,6 +302,125 @@ def test_two_processes_chatting_at_once_keep_both_conversations(chat_home, make_
     store.close()
 
 
+def test_a_conversation_open_in_another_window_opens_as_a_copy_and_both_are_kept(pipe, store):
+    first = stored_session(pipe, store, "shared start")
+    other_store = ConversationStore()  # another window: its own claims
+    second = ChatSession.from_store(pipe, other_store, first.conversation_id)
+    assert second.conversation_id != first.conversation_id
+    assert second.title == "shared start (copy)" and "open in another rwkv-chat window" in second.notice
+    assert [m.text for m in second.messages] == [m.text for m in first.messages]
+    list(first.send("A from one"))
+    list(second.send("B from two"))
+    assert first.wait_stored() and second.wait_stored()
+    with pytest.raises(StoreError, match="open in another rwkv-chat window"):
+        other_store.delete(first.conversation_id)
+    texts = {i.id: [m["text"] for m in store.messages(i.id)] for i in store.list()}
+    assert texts[first.conversation_id][::2] == ["shared start", "A from one"]
+    assert texts[second.conversation_id][::2] == ["shared start", "B from two"]
+    assert {i.title for i in store.list()} == {"shared start", "shared start (copy)"}
+    first.close()
+    other_store.delete(first.conversation_id)  # closed there: deletable now
+    assert [i.id for i in store.list()] == [second.conversation_id]
+    assert not list(store.folder.glob(f".{first.conversation_id}*"))
+    second.close()
+    other_store.close()
+
+
+def test_a_save_after_another_writer_stored_the_conversation_goes_to_a_copy(pipe, store, monkeypatch):
+    # a file system without locks: both sessions get the conversation; the index's revision check remains
+    monkeypatch.setattr(ConversationStore, "claim", lambda self, conversation_id: True)
+    first = stored_session(pipe, store, "start")
+    second = ChatSession.from_store(pipe, ConversationStore(), first.conversation_id)
+    assert second.conversation_id == first.conversation_id
+    notices = []
+    second.on_store_notice = notices.append
+    list(first.send("A from one"))
+    assert first.wait_stored()
+    list(second.send("B from two"))
+    assert second.wait_stored() and second.store_error is None
+    assert len(notices) == 1 and "changed in another rwkv-chat window" in notices[0]
+    assert second.conversation_id != first.conversation_id and second.title == "start (copy)"
+    list(second.send("more from two"))  # goes on in the copy
+    assert second.wait_stored()
+    texts = {i.id: [m["text"] for m in store.messages(i.id)] for i in store.list()}
+    assert texts == {first.conversation_id: ["start", texts[first.conversation_id][1], "A from one",
+                                             texts[first.conversation_id][3]],
+                     second.conversation_id: ["start", texts[second.conversation_id][1], "B from two",
+                                              texts[second.conversation_id][3], "more from two",
+                                              texts[second.conversation_id][5]]}
+    assert len(notices) == 1
+    first.close()
+    second.close()
+
+
+def test_two_processes_on_one_conversation_lose_nothing(chat_home, make_model_file):
+    """The same conversation continued in two processes (rwkv-chat -c twice): the second works on a
+    copy, the history cannot delete it while the first has it open, and every message is kept."""
+    model = make_model_file("7", n_layer=1, n_embd=64)
+    common = f"""
+        import sys
+        from rwkv_chat import RWKV, Pipeline
+        from rwkv_chat.chat.session import ChatSession
+        from rwkv_chat.chat.store import ConversationStore
+        from rwkv_chat.sampling import SamplingSettings
+        pipe = Pipeline(RWKV({str(model)!r}, progress=None))
+        store = ConversationStore()
+    """
+    env = {**os.environ, "RWKV_CHAT_HOME": str(chat_home)}
+    program = lambda script: textwrap.dedent(common) + textwrap.dedent(script)
+    run = lambda script, *args: subprocess.run([sys.executable, "-c", program(script), *args], cwd=REPO_ROOT, env=env,
+                                               capture_output=True, text=True, timeout=240)
+    started = run("""
+        session = ChatSession(pipe, SamplingSettings(max_tokens=2))
+        session.attach_store(store)
+        list(session.send("start"))
+        session.close()
+        print(session.conversation_id)
+    """)
+    assert started.returncode == 0, started.stderr[-2000:]
+    conversation_id = started.stdout.split()[-1]
+    holder = subprocess.Popen([sys.executable, "-c", program("""
+        session = ChatSession.from_store(pipe, store, sys.argv[1])
+        print(session.conversation_id, flush=True)
+        sys.stdin.readline()
+        list(session.send("A from one"))
+        session.close()
+    """), conversation_id], cwd=REPO_ROOT, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().split() == [conversation_id]
+        second = run("""
+            session = ChatSession.from_store(pipe, store, sys.argv[1])
+            list(session.send("B from two"))
+            session.close()
+            print(session.conversation_id, session.notice)
+        """, conversation_id)
+        assert second.returncode == 0, second.stderr[-2000:]
+        copy_id = second.stdout.split()[0]
+        assert copy_id != conversation_id and "open in another rwkv-chat window" in second.stdout
+        deleted = subprocess.run([sys.executable, "-m", "rwkv_chat.cli", "history", "delete", conversation_id[:8]],
+                                 cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert deleted.returncode != 0 and "open in another rwkv-chat window" in deleted.stderr
+        holder.stdin.write("go\n")
+        holder.stdin.flush()
+        assert holder.wait(240) == 0
+    finally:
+        holder.kill()
+    store = ConversationStore()
+    texts = {i.id: [m["text"] for m in store.messages(i.id)][::2] for i in store.list()}
+    assert texts == {conversation_id: ["start", "A from one"], copy_id: ["start", "B from two"]}
+    store.close()
+
+
+def test_the_history_folder_and_index_are_private(chat_home):
+    store = ConversationStore()
+    assert store.folder.stat().st_mode & 0o777 == 0o700
+    assert store.index_path.stat().st_mode & 0o777 == 0o600
+    store.close()
+    os.chmod(store.index_path, 0o644)  # made by an older version
+    ConversationStore().close()
+    assert store.index_path.stat().st_mode & 0o777 == 0o600
+
+
 def test_write_new_file_never_replaces_a_file(tmp_path):
     target = tmp_path / "chat.rwkvchat"
     written = [files_module.write_new_file(target, lambda temp, n=n: temp.write_text(str(n))) for n in range(3)]

@@ -103,6 +103,27 @@ def test_quit_and_new_lose_nothing(stored_session, app_for):
     assert sorted(info.title for info in store.list()) == ["one", "two"]
 
 
+def test_a_conversation_open_in_another_window_opens_here_as_a_copy(stored_session, make_session, app_for):
+    other, other_store = stored_session()  # another window, with its own claims
+    list(other.send("the other window's"))
+    assert other.wait_stored()
+    session, _ = make_session()
+    session.attach_store(ConversationStore())
+
+    async def scenario(pilot):
+        history = await open_history(pilot)
+        history.query_one("#history-list").highlighted = 0
+        await pilot.press("enter")
+        await wait_until(pilot, lambda: "opened here as a copy" in notes(pilot))
+        assert session.conversation_id != other.conversation_id and len(shown(pilot)) == 2
+        await send(pilot, "mine", wait=True)
+        session.wait_stored()
+        titles = {i.title: i.n_messages for i in other_store.list()}
+        assert titles == {"the other window's": 2, "the other window's (copy)": 4}
+
+    run_app(app_for(session), scenario)
+
+
 def test_a_full_disk_is_a_message_and_nothing_is_lost(stored_session, app_for, monkeypatch):
     session, store = stored_session()
 

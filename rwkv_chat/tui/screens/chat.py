@@ -146,9 +146,11 @@ class ChatScreen(Screen):
         self.refresh_status()
         self.query_one(PromptInput).focus()
         self.session.on_store_error = self._store_failed
+        self.session.on_store_notice = self._stored_as_copy
         store = getattr(self.session, "store", None)
         if store is not None and store.problem:
             self.notify(store.problem, title="Conversation history", severity="warning", timeout=10)
+        self._notice_copy()
         self.recover_unanswered()
 
     @work(thread=True, group="drafts")
@@ -187,6 +189,19 @@ class ChatScreen(Screen):
                                       title="Could not keep the conversation", severity="error", timeout=10)
         except RuntimeError:  # the app has ended
             pass
+
+    def _stored_as_copy(self, notice: str) -> None:
+        """From the saver thread: the conversation was changed elsewhere; it goes on in a copy."""
+        try:
+            self.app.call_from_thread(self._notice_copy)
+        except RuntimeError:  # the app has ended
+            pass
+
+    def _notice_copy(self) -> None:
+        if getattr(self.session, "notice", None):
+            self.notify(self.session.notice, title="Conversation history", severity="warning", timeout=15)
+            self.session.notice = None
+        self.refresh_status()
 
     def on_resize(self, event) -> None:
         self.set_class(event.size.width < NARROW_WIDTH, "-narrow")
@@ -442,6 +457,7 @@ class ChatScreen(Screen):
         self.conversation.labels = {"user": self.session.user, "assistant": self.session.assistant}
         self.show_conversation()
         self.notify(f"Opened {entry.name}")
+        self._notice_copy()
 
     def action_nudge(self, field: str, delta: float) -> None:
         settings = self.session.settings.nudge(field, delta)
