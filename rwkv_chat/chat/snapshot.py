@@ -204,7 +204,33 @@ def parse_description(path: Path, text: str):
         raise SnapshotError(f"{path}: the snapshot's description is damaged ({str(error)[:200]})") from None
     if _depth(data) > MAX_JSON_DEPTH:
         raise SnapshotError(f"{path}: the snapshot's description is nested deeper than {MAX_JSON_DEPTH} levels")
+    where = _unencodable_text(data)
+    if where is not None:  # JSON's \ud800 escapes decode to lone surrogates, which no file or screen takes
+        raise SnapshotError(f"{path}: the snapshot's description has text that is not valid Unicode "
+                            f"(a lone surrogate) at {where or 'its top level'}")
     return data
+
+
+def _unencodable_text(value, where: str = "") -> str | None:
+    """Where in a parsed JSON value a string (or key) cannot be encoded as UTF-8, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable_text(key, where) if isinstance(key, str) else None
+            found = found if found is not None else _unencodable_text(item, f"{where}.{key}" if where else str(key))
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _unencodable_text(item, f"{where}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _depth(value, limit: int = MAX_JSON_DEPTH) -> int:

@@ -112,6 +112,9 @@ JSON_CASES = {
                                                   + ', "settings": {'), "deeper than 16 levels"),
     "huge integer": (lambda d: d.update(tokens="@"), lambda text: text.replace('"@"', "9" * 5000), "4300"),
     "not JSON": (None, lambda text: text[:-5], "damaged"),
+    "lone surrogate in a message": (lambda d: d["messages"][0].update(text="a\0b\ud800"), None,
+                                    "not valid Unicode (a lone surrogate) at messages[0].text"),
+    "lone surrogate in a key": (lambda d: d["chat"].update({"\udfff": 1}), None, "a lone surrogate) at chat"),
 }
 
 
