@@ -24,6 +24,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -154,6 +155,10 @@ torch.set_flush_denormal(True)
 if args["threads"]:
     torch.set_num_threads(args["threads"])
 path = args["model"]
+_torch_load = torch.load
+def _load_without_code(*args, **kwargs):  # the reference's torch.load: never run a pickle's code
+    return _torch_load(*args, **{**kwargs, "weights_only": True})
+torch.load = _load_without_code
 sys.path.insert(0, args["package_root"])
 from rwkv_chat.testing.reference import is_v7_checkpoint, load_reference_module, open_reference_model
 v7 = is_v7_checkpoint(path)
@@ -191,20 +196,26 @@ def bench_reference(model_path: str, strategy: str, prompt_tokens: int = 512, de
     if not reference_available():
         result.error = f"the reference package is not installed (pip install {REFERENCE_PACKAGE}=={REFERENCE_VERSION})"
         return result
+    from .engine.loader import resolve_path
+
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    model_path = os.path.abspath(os.path.expanduser(str(model_path)))
-    if not model_path.endswith(".pth") and os.path.isfile(model_path + ".pth"):
-        model_path += ".pth"  # our loader's spelling; the reference wants the file name
-    args = dict(model=model_path, strategy=strategy, prompt_tokens=prompt_tokens,
-                decode_tokens=decode_tokens, chunk_len=chunk_len, repeats=repeats, threads=threads or 0,
-                package_root=package_root, reference_version=REFERENCE_VERSION)
-    env = reference_env(cuda_on=False, jit=os.environ.get("RWKV_JIT_ON", "1") == "1")
-    try:
-        proc = subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, json.dumps(args)], capture_output=True,
-                              text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        result.error = f"the reference ran over {timeout:.0f} s"
-        return result
+    env = reference_env(cuda_on=False, jit=os.environ.get("RWKV_JIT_ON", "1") == "1",
+                        drop=("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD",))
+    with tempfile.TemporaryDirectory(prefix="rwkv-chat-reference-") as folder:
+        # the very file our loader takes (the reference appends ".pth" to a name without it)
+        checked = resolve_path(model_path).resolve()
+        if checked.suffix != ".pth":
+            os.symlink(checked, os.path.join(folder, "model.pth"))
+            checked = os.path.join(folder, "model.pth")
+        args = dict(model=str(checked), strategy=strategy, prompt_tokens=prompt_tokens,
+                    decode_tokens=decode_tokens, chunk_len=chunk_len, repeats=repeats, threads=threads or 0,
+                    package_root=package_root, reference_version=REFERENCE_VERSION)
+        try:
+            proc = subprocess.run([sys.executable, "-c", _REFERENCE_CHILD, json.dumps(args)], capture_output=True,
+                                  text=True, timeout=timeout, env=env)
+        except subprocess.TimeoutExpired:
+            result.error = f"the reference ran over {timeout:.0f} s"
+            return result
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return BenchResult(**json.loads(line[len("RESULT "):]))
@@ -288,7 +299,7 @@ def bench(model_path, demo, strategy, prompt_tokens, decode_tokens, chunk_len, r
                                               repeats, threads))
     if as_json:
         click.echo(json.dumps({"ours": ours.to_dict(), "reference": [r.to_dict() for r in references]}, indent=1))
-        return
+        raise SystemExit(1 if any(r.error for r in references) else 0)
     click.echo(f"model {model_path} (v{ours.version}), prompt {prompt_tokens} tokens in chunks of {chunk_len}, "
                f"{decode_tokens} decode tokens, {ours.threads} threads, best of {repeats}")
     click.echo(format_result(ours))
@@ -296,6 +307,8 @@ def bench(model_path, demo, strategy, prompt_tokens, decode_tokens, chunk_len, r
         click.echo(format_result(ref))
     for line in ratio_lines(ours, references):
         click.echo(line)
+    if any(r.error for r in references):
+        raise SystemExit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

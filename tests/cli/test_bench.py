@@ -96,3 +96,41 @@ def test_reference_gets_float_strategies_where_it_lacks_the_format():
     assert reference_strategies("cpu bf16i8", "7") == ["cpu fp32", "cpu bf16"]  # no v7 int8 there
     assert reference_strategies("cpu bf16i8a8 *2 -> cpu fp32", "6") == ["cpu bf16i8 *2 -> cpu fp32"]
     assert reference_strategies("cpu bf16i4 *8 -> cpu bf16i8", "6") == ["cpu fp32", "cpu bf16"]  # no int4 at all
+
+
+class _WritesMarker:
+    """Unpickling this runs code: it creates the file named `marker`."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_the_reference_runs_the_file_we_checked_and_never_a_pickles_code(runner, model_path, tmp_path, monkeypatch):
+    import shutil
+
+    import torch
+
+    from rwkv_chat.benchmark import bench_reference
+
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")  # torch's old default, as before 2.6
+    marker = tmp_path / "code-ran"
+    ours = shutil.copy(model_path, tmp_path / "model")  # what `-m model` loads ...
+    torch.save({"emb.weight": _WritesMarker(marker)}, tmp_path / "model.pth")  # ... not this one beside it
+    result = runner.invoke(cli, ["bench", "-m", ours, "--prompt-tokens", "4", "--decode-tokens", "2", "--repeats",
+                                 "1", "--compare-reference"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert figures(result.output.splitlines()[2])["decode"] > 0
+    evil = bench_reference(tmp_path / "model.pth", "cpu fp32", 4, 2, 4, 1)
+    assert "weights" in evil.error.lower() or "global" in evil.error.lower(), evil.error
+    assert not marker.exists()
+
+
+def test_bench_fails_when_the_reference_cannot_run(runner, model_path, monkeypatch):
+    import rwkv_chat.benchmark as benchmark
+
+    monkeypatch.setattr(benchmark, "reference_available", lambda: False)
+    result = runner.invoke(cli, ["bench", "-m", model_path, *TINY, "--compare-reference"])
+    assert result.exit_code == 1 and "the reference package is not installed" in result.output
