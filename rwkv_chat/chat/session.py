@@ -28,6 +28,7 @@ versions are kept, and `notice` / `on_store_notice` tell the user.
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -485,7 +486,7 @@ class ChatSession:
         data = {
             "messages": [message.to_dict() for message in self.messages],
             "settings": self.settings.to_dict(),
-            "model": {"path": str(model.path), "name": Path(model.path).name, "version": model.shape.version,
+            "model": {"path": os.path.abspath(model.path), "name": Path(model.path).name, "version": model.shape.version,
                       "shape": model.shape.to_dict(), "fingerprint": model.fingerprint},
             "state_file": None if self.state_file is None else str(self.state_file),
             "tokens": self.state.tokens,

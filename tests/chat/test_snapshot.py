@@ -221,3 +221,17 @@ def test_older_format_versions_are_upgraded_when_read(pipe, tmp_path, monkeypatc
     monkeypatch.setitem(snapshots._UPGRADES, 1, lambda data: {**data, "format_version": 2, "upgraded": True})
     data = snapshots.read_snapshot_data(path)
     assert data["format_version"] == 2 and data["upgraded"] is True
+
+
+def test_a_saved_conversation_names_its_model_by_absolute_path(make_model_file, tmp_path, monkeypatch):
+    """Started with `-m model.pth` in the model's folder, resumed (`-c`) from anywhere."""
+    from rwkv_chat import RWKV, Pipeline
+    from rwkv_chat.cli import snapshot_model_path
+
+    model_file = make_model_file("7", n_layer=1, n_embd=64)
+    monkeypatch.chdir(model_file.parent)
+    session = ChatSession(Pipeline(RWKV(model_file.name, progress=None)), SamplingSettings(max_tokens=2))
+    list(session.send("hi"))
+    saved = session.save(tmp_path / "relative.rwkvchat")
+    monkeypatch.chdir(tmp_path)
+    assert snapshot_model_path(saved) == model_file
