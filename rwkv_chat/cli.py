@@ -676,20 +676,30 @@ def history_import(file) -> None:
 
 @history.command("delete")
 @click.argument("conversation_id")
+@click.option("--yes", "-y", is_flag=True, help="delete without asking (for scripts)")
 @debug_option
-def history_delete(conversation_id) -> None:
-    """Delete a conversation (its messages and state) from the history.
+def history_delete(conversation_id, yes) -> None:
+    """Delete a conversation (its messages and state) from the history, after asking.
 
     \b
     Examples:
       rwkv-chat history delete 3f2a
+      rwkv-chat history delete 3f2a --yes
     """
     from .chat.store import ConversationStore
 
     store = ConversationStore()
-    conversation_id = store.resolve(conversation_id)
-    store.delete(conversation_id)
-    click.echo(f"Deleted {conversation_id}")
+    try:
+        conversation_id = store.resolve(conversation_id)
+        info = next((i for i in store.list() if i.id == conversation_id), None)
+        about = f"{conversation_id[:8]} {info.title!r} ({info.n_messages} messages)" if info else conversation_id
+        store.hold(conversation_id)  # refused now, not after asking, when it is open in another window
+        if not yes:
+            click.confirm(f"Delete {about}?", abort=True, err=True)
+        store.delete(conversation_id)
+    finally:
+        store.close()
+    click.echo(f"Deleted {about}")
 
 
 def _is_safetensors(path: Path) -> bool:

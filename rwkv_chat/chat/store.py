@@ -496,10 +496,7 @@ class ConversationStore:
     def delete(self, conversation_id: str) -> None:
         """Remove a conversation (its row and all its files), readable or not. StoreError when
         another rwkv-chat has it open."""
-        self._require_writable()
-        if not self.claim(conversation_id):
-            raise StoreError(f"conversation {conversation_id[:8]} is open in another rwkv-chat window; "
-                             "close it there (or start a new conversation there) first")
+        self.hold(conversation_id)
         try:
             with self._lock:
                 try:
@@ -536,6 +533,14 @@ class ConversationStore:
             self._claims[conversation_id] = fd
             return True
 
+    def hold(self, conversation_id: str) -> None:
+        """Claim the conversation for a change no other session may see happen (a delete);
+        StoreError naming the problem when another rwkv-chat has it open."""
+        self._require_writable()
+        if not self.claim(conversation_id):
+            raise StoreError(f"conversation {conversation_id[:8]} is open in another rwkv-chat window; "
+                             "close it there (or start a new conversation there) first")
+
     def release(self, conversation_id: str) -> None:
         with self._lock:
             fd = self._claims.pop(conversation_id, None)
@@ -544,17 +549,22 @@ class ConversationStore:
 
     def export_snapshot(self, conversation_id: str, path: str | os.PathLike) -> Path:
         """Write the conversation as a single shareable .rwkvchat file (never replacing one)."""
-        file, _title = self.load(conversation_id)
+        file, title = self.load(conversation_id)
         data = {key: value for key, value in file.data.items() if key not in ("format", "format_version", "saved_at")}
+        meta = data.get("conversation") if isinstance(data.get("conversation"), dict) else {}
+        data["conversation"] = {**meta, "title": title, "custom_title": title is not None}  # renamed since stored
         return snapshots.write_snapshot(path, data, file.states, new_file=True)
 
     def import_snapshot(self, path: str | os.PathLike) -> str:
-        """Store a .rwkvchat file as a new conversation; returns its id."""
+        """Store a .rwkvchat file as a new conversation (with the title its user gave it, if any);
+        returns its id."""
         file = snapshots.read_snapshot(path)
         data = {key: value for key, value in file.data.items() if key not in ("format", "format_version", "saved_at",
                                                                                "conversation")}
+        meta = file.data.get("conversation") if isinstance(file.data.get("conversation"), dict) else {}
+        title = " ".join(meta["title"].split()) if meta.get("custom_title") and isinstance(meta.get("title"), str) else None
         conversation_id = new_conversation_id()
-        self.save(conversation_id, data, file.states)
+        self.save(conversation_id, data, file.states, title=title or None)
         return conversation_id
 
     def close(self) -> None:

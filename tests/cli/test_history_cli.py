@@ -66,9 +66,23 @@ def test_export_markdown_and_snapshot_then_import_and_delete(runner, stored, tmp
     imported = invoke(runner, "history", "import", tmp_path / "chat.rwkvchat").output.strip()
     assert imported not in stored and len(ConversationStore().list()) == 3
 
-    result = invoke(runner, "history", "delete", newer)
+    result = runner.invoke(cli, ["history", "delete", newer[:1]], input="n\n")
+    assert result.exit_code == 1 and "Delete " + newer[:8] + " 'What is RWKV?' (4 messages)?" in result.stderr
+    assert len(ConversationStore().list()) == 3  # asked, kept
+    result = runner.invoke(cli, ["history", "delete", newer], input="y\n")
     assert result.exit_code == 0 and "Deleted" in result.output
     assert {info.id for info in ConversationStore().list()} == {stored[0], imported}
+    result = invoke(runner, "history", "delete", imported[:6], "--yes")
+    assert result.exit_code == 0 and [info.id for info in ConversationStore().list()] == [stored[0]]
+
+
+def test_an_imported_conversation_keeps_the_title_its_user_gave(runner, stored, tmp_path):
+    store = ConversationStore()
+    store.rename(stored[0], "Rain")
+    invoke(runner, "history", "export", stored[0][:6], tmp_path / "rain.rwkvchat")
+    imported = invoke(runner, "history", "import", tmp_path / "rain.rwkvchat").output.strip()
+    assert {i.id: i.title for i in ConversationStore().list()}[imported] == "Rain"
+    store.close()
 
 
 def test_an_unknown_or_ambiguous_id_is_a_clean_error(runner, stored):
