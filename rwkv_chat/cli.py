@@ -192,10 +192,17 @@ def command_config(config_path: Path | None):
 
 
 def load_model(path: Path, strategy: str):
-    """RWKV(path, strategy) with a rich progress bar on stderr (shown only on a terminal)."""
+    """RWKV(path, strategy) with a rich progress bar on stderr (shown only on a terminal), after
+    saying so when the CPU kernels are compiled first (once per machine, seconds)."""
     from . import RWKV
-    from .progress import terminal_bar
+    from .progress import terminal_bar, terminal_status
 
+    if "cpu" in strategy.lower():
+        from .engine import cpu_kernels
+
+        if not cpu_kernels.ready():
+            with terminal_status("Compiling the CPU kernels for this machine (once; about 10 s)"):
+                cpu_kernels.get()
     with terminal_bar(path, f"Reading and checking {Path(path).name} (strategy {strategy})") as progress:
         return RWKV(path, strategy, progress=progress)
 

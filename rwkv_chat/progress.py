@@ -35,3 +35,16 @@ def terminal_bar(path: str | Path, title: str) -> Iterator[ProgressCallback | No
             bar.update(task, completed=done, total=total, description=f"Loading {name}: {what}")
 
         yield update
+
+
+@contextlib.contextmanager
+def terminal_status(text: str) -> Iterator[None]:
+    """A spinner with `text` on stderr while the block runs (nothing when stderr is no terminal)."""
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if not console.is_terminal:
+        yield
+        return
+    with console.status(text):
+        yield

@@ -311,6 +311,22 @@ def _torch_gomp_parallel() -> int | None:
     return None
 
 
+def ready() -> bool:
+    """Whether get() has the kernels at hand without compiling them: loaded, disabled, not built on
+    this system, or already in the cache for this machine. False before a first build."""
+    if _loaded is not False or not _enabled() or sys.platform not in ("linux", "darwin"):
+        return True
+    try:
+        folder = kernel_cache.private_folder(_cache_dir())
+        library = kernel_cache.open_verified(folder, library_name(kernel_cache.compiler(), _FLAGS))
+    except Exception:  # no compiler, an unsafe cache: get() reports it
+        return True
+    if library is None:
+        return False
+    library.close()
+    return True
+
+
 def get() -> Kernels | None:
     """The CPU kernels, building them on first use; None when unavailable or disabled."""
     global _loaded

@@ -101,6 +101,16 @@ def test_a_cached_library_is_not_compiled_again(folder, monkeypatch):
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="chown to another user needs root")
+def test_ready_says_whether_a_first_use_compiles(kernels_env):
+    """The CLI announces the compile (seconds, once per machine) when ready() is False."""
+    assert not cpu_kernels.ready()
+    kernels, problems = get_with_warnings()
+    assert kernels is not None and not problems
+    assert cpu_kernels.ready()
+    cpu_kernels._loaded = False  # another process: the library is in the cache now
+    assert cpu_kernels.ready()
+
+
 def test_library_planted_by_another_user_never_runs(kernels_env, mark):
     """The attack of issue #12: another user puts a library under the predictable cache name."""
     name = real_library_name()
