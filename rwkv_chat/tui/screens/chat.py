@@ -74,6 +74,7 @@ class ChatScreen(Screen):
     """Chat with `session`. Every key is a binding with an id, so the config's [keys] remap it."""
 
     BINDINGS = [
+        _binding("quit", "app.quit", "Quit"),  # first: the footer cuts from the right in a narrow terminal
         _binding("help", "help", "Help"),
         _binding("stop", "stop", "Stop"),
         _binding("regenerate", "regenerate", "Regen"),
@@ -204,7 +205,9 @@ class ChatScreen(Screen):
         self.refresh_status()
 
     def on_resize(self, event) -> None:
-        self.set_class(event.size.width < NARROW_WIDTH, "-narrow")
+        narrow = event.size.width < NARROW_WIDTH
+        self.set_class(narrow, "-narrow")
+        self.query_one(Footer).compact = narrow  # so that Quit still fits in 80 columns
 
     @property
     def conversation(self) -> Conversation:
