@@ -425,14 +425,39 @@ def generate(model_path, strategy, demo, prompt, state_path, chat_format, stats,
         )
 
 
+def _serve_host(ctx: click.Context, param: click.Parameter, host: str) -> str:
+    from .serve.server import ServeOptionError, check_host
+
+    try:
+        check_host(host)
+    except ServeOptionError as error:
+        raise click.BadParameter(str(error), ctx, param) from None
+    return host
+
+
+def _serve_api_key(ctx: click.Context, param: click.Parameter, api_key: str | None) -> str | None:
+    from .serve.server import ServeOptionError, check_api_key
+
+    if api_key is None and os.environ.get(param.envvar) == "":  # click reads an empty variable as unset
+        raise click.BadParameter(f"{param.envvar} is set but empty, which would let every client in; set a key, "
+                                 "or unset it to serve without one", ctx, param)
+    if api_key is not None:
+        try:
+            check_api_key(api_key)
+        except ServeOptionError as error:
+            raise click.BadParameter(str(error), ctx, param) from None
+    return api_key
+
+
 @cli.command()
 @model_options
-@click.option("--host", default="127.0.0.1", show_default=True,
+@click.option("--host", default="127.0.0.1", show_default=True, callback=_serve_host,
               help="Address to listen on (0.0.0.0 serves other machines: set --api-key then).")
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
 @click.option("--state", "state_paths", multiple=True, type=click.Path(dir_okay=False, path_type=Path),
               help="A tuned state file clients may start from (model 'NAME:STATE' or a 'state' field); repeatable.")
-@click.option("--api-key", envvar="RWKV_CHAT_API_KEY", help="Require 'Authorization: Bearer KEY'. Env: RWKV_CHAT_API_KEY.")
+@click.option("--api-key", envvar="RWKV_CHAT_API_KEY", callback=_serve_api_key,
+              help="Require 'Authorization: Bearer KEY' (printable ASCII). Env: RWKV_CHAT_API_KEY.")
 @click.option("--max-batch", default=16, show_default=True, type=click.IntRange(1, 256),
               help="Requests decoded together in one batch; more wait in the queue.")
 @click.option("--max-queue", default=64, show_default=True, type=click.IntRange(0, 100000),
@@ -453,31 +478,40 @@ def serve(model_path, strategy, demo, host, port, state_paths, api_key, max_batc
     the state after each conversation prefix is cached, so a client that resends the whole
     history each turn only pays for the new part. See docs/serving.md.
 
+    Clients name the model by its file name without .pth ("rwkv-demo" for the demo model), or
+    "NAME:STATE" for a tuned state; GET /v1/models lists the names.
+
     \b
     Examples:
       rwkv-chat serve                                   # the tiny demo model on 127.0.0.1:8000
-      rwkv-chat serve -m model.pth -s "cpu bf16i8" --port 8080
-      rwkv-chat serve -m model.pth --state states/poet.pth --api-key secret
+      curl http://127.0.0.1:8000/v1/models              # its names: rwkv-demo
       curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' \\
-           -d '{"model": "model", "messages": [{"role": "user", "content": "Hi"}]}'
+           -d '{"model": "rwkv-demo", "messages": [{"role": "user", "content": "Hi"}]}'
+      rwkv-chat serve -m model.pth -s "cpu bf16i8" --port 8080          # serves "model"
+      rwkv-chat serve -m model.pth --state states/poet.pth --api-key secret   # and "model:poet"
     """
-    config = command_config(config_path)
-    path, demo_note = choose_model(model_path, demo, config)
-    model = load_model(path, strategy or config.strategy or default_strategy())
-
     from .serve.api import Limits
-    from .serve.server import HttpServer, build_service
+    from .serve.server import HttpServer, base_url, build_service, listen
     from .tokenizer import Tokenizer
 
-    model_id = "rwkv-demo" if demo_note is not None else Path(path).stem
-    limits = Limits(max_tokens=max_tokens, default_max_tokens=min(512, max_tokens))
-    service = build_service(model, Tokenizer(), model_id=model_id, state_paths=state_paths, api_key=api_key,
-                            limits=limits, max_batch=max_batch, max_queue=max_queue, cache_bytes=cache_mb << 20,
-                            timeout=request_timeout)
-    names = ", ".join([model_id] + [f"{model_id}:{name}" for name in service.states])
-    click.echo(f"Serving {names} on http://{host}:{port}/v1 (strategy {model.strategy}"
-               f"{'; API key required' if service.api_key else ''}). Ctrl+C stops.", err=True)
-    HttpServer(service, host, port, grace=5.0).run()
+    sockets = listen(host, port)  # before the model loads: a busy port fails at once, and stays ours
+    try:
+        config = command_config(config_path)
+        path, demo_note = choose_model(model_path, demo, config)
+        model = load_model(path, strategy or config.strategy or default_strategy())
+        model_id = "rwkv-demo" if demo_note is not None else Path(path).stem
+        limits = Limits(max_tokens=max_tokens, default_max_tokens=min(512, max_tokens))
+        service = build_service(model, Tokenizer(), model_id=model_id, state_paths=state_paths, api_key=api_key,
+                                limits=limits, max_batch=max_batch, max_queue=max_queue,
+                                cache_bytes=cache_mb << 20, timeout=request_timeout)
+        port = sockets[0].getsockname()[1]  # the one chosen for --port 0
+        names = ", ".join([model_id] + [f"{model_id}:{name}" for name in service.states])
+        click.echo(f"Serving {names} on {base_url(host, port)} (strategy {model.strategy}"
+                   f"{'; API key required' if service.api_key else ''}). Ctrl+C stops.", err=True)
+        HttpServer(service, host, port, grace=5.0).run(sockets)
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 MAX_STDIN_PROMPT = 16 << 20  # bytes; more is not a prompt (e.g. `< /dev/zero` would never end)

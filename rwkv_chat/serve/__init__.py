@@ -5,5 +5,6 @@
                   prefill, the bounded queue, cancellation
     api.py        the Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health;
                   request checks and OpenAI-shaped answers and errors
-    server.py     run(): load the model, start the scheduler, serve with uvicorn (SIGTERM drains)
+    server.py     build_service(); listen() takes the address before the model loads; HttpServer
+                  starts the scheduler and serves with uvicorn (SIGTERM drains)
 """

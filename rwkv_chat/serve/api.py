@@ -135,15 +135,26 @@ def sampling_settings(body: dict, limits: Limits, *, chat: bool) -> SamplingSett
         token_ban=(END_OF_TEXT,) if chat else (), stop=tuple(([TURN_END] if chat else []) + stop))
 
 
+def _encodable(text: str, where: str, param: str) -> str:
+    """`text`, or a 400 naming `where` if it holds a lone surrogate (a JSON escape such as "\\ud800"
+    without its pair): such text has no UTF-8 form, so the tokenizer cannot read it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ApiError(400, f"{where} is not valid Unicode text: it holds a lone surrogate "
+                       f"U+{ord(text[error.start]):04X} at character {error.start}", param) from None
+    return text
+
+
 def _text_content(content, where: str) -> str:
     if isinstance(content, str):
-        return content
+        return _encodable(content, f"{where}.content", "messages")
     if isinstance(content, list):
         parts = []
-        for part in content:
+        for j, part in enumerate(content):
             if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
                 raise ApiError(400, f"{where}: only text content parts are supported", "messages")
-            parts.append(part["text"])
+            parts.append(_encodable(part["text"], f"{where}.content[{j}].text", "messages"))
         return "\n".join(parts)
     if content is None:
         return ""
@@ -194,7 +205,7 @@ def completion_prompt(prompt, encode, vocab_size: int) -> list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]
     if isinstance(prompt, str):
-        ids = encode(prompt)
+        ids = encode(_encodable(prompt, "prompt", "prompt"))
     elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
         if any(t < 0 or t >= vocab_size for t in prompt):
             raise ApiError(400, f"prompt token ids must be in 0..{vocab_size - 1}", "prompt")
@@ -250,6 +261,8 @@ def create_app(service: Service) -> Starlette:
             raise ApiError(400, "the client went away while sending the request") from None
         try:
             body = json.loads(data)
+        except RecursionError:  # json.loads recurses once per level of [ and {
+            raise ApiError(400, "the request body nests too deeply") from None
         except (ValueError, UnicodeDecodeError) as error:
             raise ApiError(400, f"the request body is not valid JSON ({error})") from None
         if not isinstance(body, dict):
@@ -292,14 +305,15 @@ def create_app(service: Service) -> Starlette:
     def model_ids() -> list[str]:
         return [service.model_id] + [f"{service.model_id}:{name}" for name in service.states]
 
-    def submit(prompt: list[int], settings: SamplingSettings, start: str, state: RWKVState | None):
+    def submit(prompt: list[int], settings: SamplingSettings, start: str, state: RWKVState | None, param: str):
+        """`param`: the request field the prompt came from ("messages" or "prompt"), for errors."""
         if len(prompt) > service.limits.max_prompt_tokens:
             raise ApiError(400, f"the prompt is {len(prompt)} tokens, over this server's limit of "
-                           f"{service.limits.max_prompt_tokens}", "messages")
+                           f"{service.limits.max_prompt_tokens}", param)
         vocab = service.scheduler.model.vocab_size
         if max(prompt) >= vocab:
             raise ApiError(400, f"the prompt has token id {max(prompt)}, outside this model's vocabulary of {vocab}",
-                           "messages")
+                           param)
         nonlocal relay
         loop = asyncio.get_running_loop()
         if relay is None or relay.loop is not loop:
@@ -335,7 +349,7 @@ def create_app(service: Service) -> Starlette:
             prompt = chat_prompt(body.get("messages"), encode)
         else:
             prompt = completion_prompt(body.get("prompt"), encode, service.scheduler.model.vocab_size)
-        job, queue = submit(prompt, settings, start, state)
+        job, queue = submit(prompt, settings, start, state, "messages" if chat else "prompt")
         ident = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         kind = "chat.completion" if chat else "text_completion"

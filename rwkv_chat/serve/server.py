@@ -6,6 +6,8 @@ its final chunk and `data: [DONE]`, and uvicorn exits once the connections are c
 """
 from __future__ import annotations
 
+import errno
+import socket
 import threading
 from pathlib import Path
 
@@ -19,10 +21,82 @@ class StateNameError(RWKVChatError, ValueError):
     """Two --state files would be served under one name."""
 
 
+class ServeOptionError(RWKVChatError, ValueError):
+    """An API key or host the server cannot work with."""
+
+
+class ListenError(RWKVChatError, OSError):
+    """The server's address cannot be listened on (a port in use, an address not of this machine, ...)."""
+
+
+def check_api_key(api_key: str) -> None:
+    """ServeOptionError for a key that would let everyone in (empty) or that no client could send:
+    HTTP header values are ASCII, and their surrounding spaces are dropped."""
+    if not api_key:
+        raise ServeOptionError("the API key is empty, which would let every client in; give a key, "
+                               "or leave it out to serve without one")
+    for position, character in enumerate(api_key):
+        if not " " <= character <= "~":
+            raise ServeOptionError(f"the API key must be printable ASCII ({character!r} at character {position}): "
+                                   "HTTP clients could not send it")
+    if api_key != api_key.strip(" "):
+        raise ServeOptionError("the API key starts or ends with a space, which HTTP drops: clients could not send it")
+
+
+def check_host(host: str) -> None:
+    if not host.strip():
+        raise ServeOptionError("the host is empty; give the address to listen on: 127.0.0.1 for this machine "
+                               "only, 0.0.0.0 for every interface")
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on every address of `host` (port 0: a free one, the same on all of them).
+    Holding them from before the model loads until uvicorn serves on them means nothing else can
+    take the port in between. ListenError, with what to do, when the address cannot be used."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as error:
+        raise ListenError(f"cannot listen on {host!r}: {error.strerror}; check --host") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, address in dict.fromkeys((info[0], info[4]) for info in infos):
+            if sockets:  # the port the first one got (--port 0)
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(2048)
+    except OSError as error:
+        for sock in sockets:
+            sock.close()
+        raise ListenError(_listen_failure(host, port, error)) from None
+    return sockets
+
+
+def _listen_failure(host: str, port: int, error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is in use; pick another with --port"
+    if error.errno == errno.EACCES:
+        return f"port {port} on {host} is not allowed to this user (ports below 1024 usually need root); " \
+               "pick another with --port"
+    if error.errno == errno.EADDRNOTAVAIL:
+        return f"{host} is not an address of this machine; pick another with --host"
+    return f"cannot listen on {host} port {port}: {error.strerror or error}"
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}/v1" if ":" in host else f"http://{host}:{port}/v1"
+
+
 def build_service(model, tokenizer, *, model_id: str, state_paths=(), api_key: str | None = None,
                   limits: Limits = Limits(), max_batch: int = 16, max_queue: int = 64,
                   cache_bytes: int = 512 << 20, prefill_chunk: int = 128,
                   timeout: float = 600.0) -> Service:
+    if api_key is not None:
+        check_api_key(api_key)
     states = {}
     for path in state_paths:
         name = Path(path).stem
@@ -33,7 +107,7 @@ def build_service(model, tokenizer, *, model_id: str, state_paths=(), api_key: s
     scheduler = Scheduler(model, tokenizer, max_batch=max_batch, max_queue=max_queue,
                           prefill_chunk=prefill_chunk, cache=StateCache(cache_bytes), timeout=timeout)
     return Service(model_id=model_id, scheduler=scheduler, tokenizer=tokenizer, states=states,
-                   api_key=api_key or None, limits=limits)
+                   api_key=api_key, limits=limits)
 
 
 class HttpServer:
@@ -55,9 +129,10 @@ class HttpServer:
 
         self.server = Server(config)
 
-    def run(self) -> None:
+    def run(self, sockets: list[socket.socket] | None = None) -> None:
+        """Serve until a signal; on `sockets` (from listen()) if given, else on the configured host and port."""
         self.service.scheduler.start()
-        self.server.run()
+        self.server.run(sockets=sockets)
 
     def start_in_thread(self) -> threading.Thread:
         """Serve from a background thread (tests, benchmarks); `stop()` ends it."""

@@ -162,6 +162,49 @@ def test_bad_chat_messages_get_a_400(server):
         assert response.status_code == 400 and needle in response.json()["error"]["message"], (messages, response.text)
 
 
+@pytest.mark.parametrize("body", [b"[" * 30000 + b"]" * 30000, b'{"a":' * 10000 + b"1" + b"}" * 10000],
+                         ids=["lists", "objects"])  # both under the test server's 64 KiB limit
+def test_too_deeply_nested_a_body_is_a_400(server, body):
+    response = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=10)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"] == {"message": "the request body nests too deeply",
+                                        "type": "invalid_request_error", "param": None, "code": None}
+
+
+LONE = "\ud800"  # half a surrogate pair: it has no UTF-8 form, so it cannot be tokenized
+
+
+@pytest.mark.parametrize("path, body, where", [
+    ("/v1/chat/completions", {"messages": user(LONE)}, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "system", "content": "\udfff"}] + user("Hi")},
+     "messages[0].content"),
+    ("/v1/chat/completions", {"messages": user("Hi") + [{"role": "assistant", "content": "a" + LONE}] + user("Hi")},
+     "messages[1].content"),
+    ("/v1/chat/completions", {"messages": user([{"type": "text", "text": "Hi"}, {"type": "text", "text": LONE}])},
+     "messages[0].content[1].text"),
+    ("/v1/completions", {"prompt": LONE}, "prompt"),
+    ("/v1/completions", {"prompt": [LONE]}, "prompt"),
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_text_with_a_lone_surrogate_is_a_400_naming_the_field(server, path, body, where, stream):
+    content = json.dumps({**body, "max_tokens": 3, "stream": stream})  # ASCII, the surrogate as a \u escape
+    response = httpx.post(server.url + path, content=content, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["message"].startswith(f"{where} is not valid Unicode text"), error
+    assert error["param"] == ("prompt" if path == "/v1/completions" else "messages")
+    assert httpx.get(server.url + "/health", timeout=10).json()["status"] == "ok"
+
+
+def test_too_long_a_prompt_names_the_field_it_came_from(client):
+    with pytest.raises(openai.BadRequestError, match="over this server's limit") as completion:
+        client.completions.create(model="tiny", prompt="hi " * 20000, max_tokens=2)
+    assert completion.value.param == "prompt"
+    with pytest.raises(openai.BadRequestError, match="over this server's limit") as chat:
+        client.chat.completions.create(model="tiny", messages=user("hi " * 20000), max_tokens=2)
+    assert chat.value.param == "messages"
+
+
 def test_too_large_a_body_is_413_and_unknown_paths_404(server):
     response = httpx.post(server.url + "/v1/completions", content=b"x" * (65 << 10), timeout=10)
     assert response.status_code == 413 and "limit" in response.json()["error"]["message"]
