@@ -111,13 +111,20 @@ config_option = click.option(
 )
 
 
+def _strategy_given(ctx: click.Context, param: click.Parameter, strategy: str | None) -> str | None:
+    if strategy is not None and not strategy.strip():  # an empty RWKV_CHAT_STRATEGY reads as unset
+        raise click.BadParameter("the strategy is empty; give one such as 'cpu fp32', or leave it out for the "
+                                 "default", ctx, param)
+    return strategy
+
+
 def model_options(command):
     """--model, --strategy and --demo, shared by every command that loads a model."""
     options = [
         click.option("--model", "-m", "model_path", type=click.Path(path_type=Path), envvar="RWKV_CHAT_MODEL",
                      help="RWKV checkpoint (.pth; the suffix may be left out). Default: [model] path in the "
                           "config file, else the built-in demo model. Env: RWKV_CHAT_MODEL."),
-        click.option("--strategy", "-s", envvar="RWKV_CHAT_STRATEGY",
+        click.option("--strategy", "-s", envvar="RWKV_CHAT_STRATEGY", callback=_strategy_given,
                      help="Where and how to run the layers, e.g. 'cpu fp32', 'cpu bf16i8', 'cuda fp16', "
                           "'cuda fp16i8 *10 -> cpu fp32'. DTYPE fp32/fp16/bf16, plus i8 or i4 for int8 / "
                           "int4 weights (a scale per 32 weights; i4 is smaller and less accurate; CPU i8a8 "

@@ -95,6 +95,13 @@ def test_info_without_files_or_paths_is_a_usage_error(runner):
     assert result.exit_code == 2 and "--paths" in result.output
 
 
+def test_an_empty_strategy_is_a_usage_error_and_an_empty_variable_is_unset(runner, model_path, monkeypatch):
+    result = runner.invoke(cli, ["generate", "-m", str(model_path), "-s", " ", "-n", "1", "Hi"])
+    assert result.exit_code == 2 and "the strategy is empty" in result.output
+    monkeypatch.setenv("RWKV_CHAT_STRATEGY", "")
+    assert invoke(runner, "generate", "-m", model_path, "-n", "1", "Hi").exit_code == 0
+
+
 @pytest.mark.parametrize("how", ["flag", "env", "demo"])
 def test_bench_takes_the_model_like_the_other_commands(runner, model_path, monkeypatch, how):
     seen = {}
