@@ -590,8 +590,17 @@ def info(paths, as_json, show_paths) -> None:
         return
     if not paths:
         raise click.UsageError("give one or more files to describe, or --paths")
+    from .engine import loader
+    from .errors import SnapshotError
+
     for index, path in enumerate(paths):
-        facts = describe_file(path)
+        try:
+            facts = describe_file(path)
+        except SnapshotError:
+            if path.suffix == SNAPSHOT_SUFFIX:
+                raise
+            facts = loader.describe(path)  # safetensors weights, which generate -m loads as a model too
+            facts.update(parameters=_count(facts["parameters"]), size=_size(facts["size"]))
         if as_json:
             click.echo(json.dumps(facts, default=str))
             continue

@@ -104,6 +104,8 @@ def load_config(path: str | os.PathLike | None = None) -> Config:
         raise ConfigError(f"{file}: cannot read the config file ({error})") from error
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"{file}: not valid TOML ({error})") from error
+    except RecursionError:  # tomllib parses nested arrays and inline tables recursively
+        raise ConfigError(f"{file}: not a usable config file (its arrays or tables are nested too deeply)") from None
     return parse_config(data, source=file)
 
 

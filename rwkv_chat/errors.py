@@ -59,3 +59,8 @@ class TextEncodingError(TokenError, UnicodeEncodeError):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ModelPathError(ModelLoadError, TypeError):
+    """A model or state file named by something that is not a path (None, a number): a TypeError
+    too, as Python raises for an argument of the wrong type."""

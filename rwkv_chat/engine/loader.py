@@ -2,7 +2,9 @@
 and check every key and shape before any weight is prepared."""
 from __future__ import annotations
 
+import errno
 import hashlib
+import itertools
 import os
 import pickle
 import re
@@ -13,16 +15,22 @@ from typing import Any
 
 import torch
 
-from ..errors import ModelLoadError, NotARegularFileError
+from ..errors import ModelLoadError, ModelPathError, NotARegularFileError
 from ..files import check_regular_file, load_tensors, regular_file_problem
 from . import v4, v5_2, v6, v7
 from .state import ModelShape
 
 VERSION_MODULES = {"4": v4, "5.2": v5_2, "6": v6, "7": v7}
-_BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
+_BLOCK_KEY = re.compile(r"blocks\.([0-9]+)\.(.+)", re.DOTALL)
 TIME_STATE = "att.time_state"
-_TIME_STATE_KEY = re.compile(r"blocks\.(\d+)\.att\.time_state")
+_TIME_STATE_KEY = re.compile(r"blocks\.([0-9]+)\.att\.time_state")
 _MAX_AXES = 4  # the most any RWKV weight has ([1, 1, C] mixes, v6 [5, C, D] LoRA)
+MAX_LAYERS = 1 << 12
+"""The highest block number a file may hold (real models have at most a few hundred layers)."""
+READABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+"""The tensor dtypes rwkv-chat reads from checkpoints and state files."""
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6
+_LEGACY_MAGIC = b"\x80\x02\x8a\x0a"  # the older torch.save format: a pickle, then the raw storages
 
 
 @dataclass(frozen=True)
@@ -42,9 +50,18 @@ class Dims(ModelShape):
         return ModelShape(self.version, self.n_layer, self.n_embd, self.n_head, self.head_size, self.vocab_size)
 
 
+def path_text(path, what: str = "checkpoint") -> str:
+    """`path` (a str, bytes or os.PathLike) as a str; ModelPathError for anything else (None, a number)."""
+    try:
+        return os.fsdecode(path)
+    except TypeError:
+        raise ModelPathError(f"the {what} must be given as a file path (a str or os.PathLike), "
+                             f"got {_short(path)} ({type(path).__name__})") from None
+
+
 def resolve_path(path: str | os.PathLike) -> Path:
     """The checkpoint file, accepting a path with or without the .pth suffix."""
-    p = Path(os.path.expanduser(str(path).strip()))
+    p = Path(os.path.expanduser(path_text(path).strip()))
     problem = regular_file_problem(p)  # never opens: a FIFO cannot block
     if problem is None:
         return p
@@ -80,12 +97,9 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor
     except FileNotFoundError:
         raise ModelLoadError(f"{path}: no such {what} file") from None
     except Exception as error:  # torch raises many types for corrupt or foreign files
-        text = str(error).strip()
-        if "weights only load failed" in text.lower():  # never show torch's advice to load unsafely
+        if "weights only load failed" in str(error).lower():  # never show torch's advice to load unsafely
             raise ModelLoadError(f"{path}: not a tensors-only {what}" + _unpickle_detail(error)) from None
-        reason = text.splitlines()[0][:200] if text else ""
-        reason = f"{type(error).__name__}: {reason}" if len(reason) < 20 else reason
-        raise ModelLoadError(f"{path}: not a readable PyTorch {what} ({reason})") from error
+        raise ModelLoadError(f"{path}: not a readable PyTorch {what} ({_unreadable_reason(path, error)})") from error
     if not isinstance(data, dict):
         raise ModelLoadError(f"{path}: holds a {type(data).__name__}, not a dict of tensors")
     if "_strategy" in data:
@@ -102,12 +116,88 @@ def read_tensors(path: Path, what: str = "checkpoint") -> dict[str, torch.Tensor
             raise ModelLoadError(f"{path}: entry {_short(key)} is a {value.layout} tensor; only dense tensors are supported")
         if value.dim() > _MAX_AXES:
             raise ModelLoadError(f"{path}: entry {_short(key)} has {value.dim()} axes (shape {list(value.shape)[:8]})")
+        problem = _layer_number_problem(key) or _tensor_problem(value)
+        if problem:
+            raise ModelLoadError(f"{path}: entry {_short(key)} {problem}")
     return dict(data)
+
+
+def _layer_number_problem(key: str) -> str | None:
+    match = _BLOCK_KEY.fullmatch(key)
+    if match and (len(match[1]) > len(str(MAX_LAYERS)) or int(match[1]) >= MAX_LAYERS):
+        number = match[1] if len(match[1]) <= 24 else match[1][:21] + "..."
+        return f"names layer {number}; rwkv-chat reads models of at most {MAX_LAYERS} layers"
+    return None
+
+
+def _tensor_problem(tensor: torch.Tensor) -> str | None:
+    """What makes `tensor` unusable whatever it is for, found from its metadata alone (no
+    element is read). Its dtype is checked where it is used (`dtype_problem`)."""
+    if tensor.is_meta:  # map_location="cpu" moves every other device's tensors to the CPU
+        return "is a meta tensor: the file holds its shape but no data"
+    return _storage_problem(tensor)
+
+
+def dtype_problem(tensor: torch.Tensor) -> str | None:
+    """Why rwkv-chat cannot compute with `tensor`'s dtype (float8, an integer type, ...), or None."""
+    if tensor.dtype in READABLE_DTYPES:
+        return None
+    names = ", ".join(str(dtype).removeprefix("torch.") for dtype in READABLE_DTYPES)
+    return f"is {str(tensor.dtype).removeprefix('torch.')}, which rwkv-chat cannot use (it reads {names})"
+
+
+def _storage_problem(tensor: torch.Tensor) -> str | None:
+    """Whether the shape and strides address distinct elements, all inside the saved data. A
+    checkpoint entry is never an expanded or overlapping view; one claiming 2^40 elements over
+    a single stored value would otherwise be scanned (or copied) element by element."""
+    stored = tensor.untyped_storage().nbytes() // tensor.element_size()
+    if tensor.numel() > stored:
+        return f"claims {tensor.numel():,} elements (shape {list(tensor.shape)}) but its data holds {stored:,}"
+    if tensor.numel() == 0:
+        return None
+    reach = 0  # the furthest element the axes so far address, counted from the first
+    for stride, size in sorted((stride, size) for size, stride in zip(tensor.shape, tensor.stride()) if size > 1):
+        if stride <= reach:
+            return (f"has overlapping strides {list(tensor.stride())} for shape {list(tensor.shape)} "
+                    "(an expanded or as_strided view, never a saved weight)")
+        reach += (size - 1) * stride
+    if tensor.storage_offset() + reach >= stored:
+        return f"reaches past the end of its data (shape {list(tensor.shape)}, strides {list(tensor.stride())})"
+    return None
 
 
 def _short(key) -> str:
     text = repr(key)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _unreadable_reason(path: Path, error: Exception) -> str:
+    """Why torch could not read `path`, in plain words, told from the file's first bytes."""
+    if isinstance(error, OSError) and error.errno in (errno.EACCES, errno.EPERM, errno.EIO):
+        return error.strerror or str(error)
+    try:
+        with open(path, "rb") as file:
+            head = file.read(9)
+    except OSError as open_error:
+        return open_error.strerror or str(open_error)
+    detail = "" if isinstance(error, OSError) else _first_sentence(str(error).strip("'\""))
+    if not head:
+        return "the file is empty"
+    if head.startswith(_ZIP_MAGIC):
+        reason = "a zip archive that is damaged, cut short or not written by torch.save"
+        return reason + (f": {detail}" if detail else "")
+    if head.startswith(_LEGACY_MAGIC):
+        return "a damaged or cut-short file in PyTorch's older format"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "a damaged or cut-short safetensors file" + (f": {detail}" if detail else "")
+    return "neither a zip archive, as torch.save writes, nor a safetensors file"
+
+
+def _first_sentence(text: str, limit: int = 160) -> str:
+    """The first sentence of a library's message, whole, without its class prefix; '' if too long."""
+    sentence = text.strip().split(". ")[0].splitlines()[0] if text.strip() else ""
+    sentence = re.sub(r"^PytorchStreamReader (failed reading zip archive: )?", "", sentence).rstrip(".")
+    return sentence if len(sentence) <= limit else ""
 
 
 def _unpickle_detail(error: Exception) -> str:
@@ -127,7 +217,7 @@ def split_blocks(sd: dict[str, torch.Tensor]) -> tuple[dict[int, dict[str, torch
     blocks: dict[int, dict[str, torch.Tensor]] = {}
     other = {}
     for key, value in sd.items():
-        m = _BLOCK_KEY.match(key)
+        m = _BLOCK_KEY.fullmatch(key)
         if m:
             blocks.setdefault(int(m[1]), {})[m[2]] = value
         else:
@@ -173,8 +263,9 @@ def read_dims(sd: dict[str, torch.Tensor], version: str, path: Path) -> Dims:
     blocks, _ = split_blocks(sd)
     indices = sorted(blocks)
     if indices != list(range(len(indices))):
-        missing = sorted(set(range(indices[-1] + 1)) - set(indices))
-        raise ModelLoadError(f"{path}: layers {missing[:5]} are missing (found blocks up to {indices[-1]})")
+        missing = list(itertools.islice((i for i in range(indices[-1]) if i not in blocks), 6))
+        listed = ", ".join(map(str, missing[:5])) + (", ..." if len(missing) > 5 else "")
+        raise ModelLoadError(f"{path}: layers [{listed}] are missing (found blocks up to {indices[-1]})")
     emb = _shape(sd, "emb.weight", path)
     if len(emb) != 2:
         raise ModelLoadError(f"{path}: 'emb.weight' has shape {list(emb)}, expected [vocab, n_embd]")
@@ -209,9 +300,9 @@ def _squeezed(shape) -> tuple[int, ...]:
     return tuple(s for s in shape if s != 1)
 
 
-def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) -> None:
-    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there;
-    such entries are reshaped in `sd` to the listed shape)."""
+def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) -> dict[str, torch.Tensor]:
+    """Every key the version needs, with its shape (size-1 axes ignored, as files differ there).
+    Returns those entries, each in the listed shape; other entries are left out, never read."""
     C, V = dims.n_embd, dims.vocab_size
     expected = {"emb.weight": (V, C), "blocks.0.ln0.weight": (C,), "blocks.0.ln0.bias": (C,),
                 "ln_out.weight": (C,), "ln_out.bias": (C,), "head.weight": (V, C)}
@@ -223,14 +314,17 @@ def validate(sd: dict[str, torch.Tensor], version: str, dims: Dims, path: Path) 
             if suffix in optional and f"blocks.{layer}.{suffix}" not in sd:
                 continue
             expected[f"blocks.{layer}.{suffix}"] = shape
+    weights = {}
     for key, shape in expected.items():
         actual = _shape(sd, key, path)
         if _squeezed(actual) != _squeezed(shape):
             raise ModelLoadError(f"{path}: {key!r} has shape {list(actual)}, expected {list(shape)}")
-        if not sd[key].is_floating_point():
-            raise ModelLoadError(f"{path}: {key!r} is {sd[key].dtype}, expected a floating-point tensor")
-        if actual != shape:  # files differ in size-1 axes: from here on every weight has the listed shape
-            sd[key] = sd[key].reshape(shape)
+        problem = dtype_problem(sd[key])
+        if problem:
+            raise ModelLoadError(f"{path}: {key!r} {problem}")
+        # files differ in size-1 axes: from here on every weight has the listed shape
+        weights[key] = sd[key] if actual == shape else sd[key].reshape(shape)
+    return weights
 
 
 def check_finite(key: str, tensor: torch.Tensor, path: Path, chunk: int = 1 << 22) -> None:
@@ -267,8 +361,9 @@ def time_state_layers(sd: dict[str, torch.Tensor], path: Path, *, state_file: bo
         if tuple(tensor.shape) != first:
             raise ModelLoadError(f"{path}: blocks.{i}.att.time_state has shape {list(tensor.shape)}, "
                                  f"blocks.0 has {list(first)}")
-        if not tensor.is_floating_point():
-            raise ModelLoadError(f"{path}: blocks.{i}.att.time_state is {tensor.dtype}, expected floating point")
+        problem = dtype_problem(tensor)
+        if problem:
+            raise ModelLoadError(f"{path}: blocks.{i}.att.time_state {problem}")
     return layers
 
 
@@ -318,7 +413,8 @@ def describe(path: str | os.PathLike) -> dict[str, Any]:
                 "fits": f"RWKV v5.2/v6/v7 models of {len(layers)} layers x {n_head * head_size}", **common}
     version = detect_version(sd, path)
     dims = read_dims(sd, version, path)
-    merged = any(TIME_STATE in b for b in blocks.values())
+    validate(sd, version, dims, path)  # what loading would refuse (bar NaN values, which take a scan)
+    merged = time_state_layers(sd, path, state_file=False) is not None
     return {
         "file": str(path),
         "kind": "RWKV model" + (" (with a merged tuned state)" if merged else ""),

@@ -94,7 +94,7 @@ class RWKV:
         sd = loader.read_tensors(self.path)
         self.version = loader.detect_version(sd, self.path)
         dims = loader.read_dims(sd, self.version, self.path)
-        loader.validate(sd, self.version, dims, self.path)
+        weights = loader.validate(sd, self.version, dims, self.path)  # unused entries are never read
         self.dims = dims
         self.n_layer, self.n_embd, self.vocab_size = dims.n_layer, dims.n_embd, dims.vocab_size
         self.n_head, self.head_size = dims.n_head, dims.head_size
@@ -115,7 +115,7 @@ class RWKV:
         self.rescale = rescale_every(self.strategy, self.version)
         self._module = loader.VERSION_MODULES[self.version]
         merged = loader.time_state_tensors(sd, dims, self.path, self.version)
-        self._load_weights(sd, progress)
+        self._load_weights(weights, progress)
         self._initial_wkv = merged
         self._batch_layers = None  # the layers for forward_batch, made on its first call
         # every layer in one C call per token where they all can (CPU kernels, v6 / v7), else None
@@ -178,7 +178,7 @@ class RWKV:
 
     def load_state(self, path: str | os.PathLike) -> RWKVState:
         """A tuned state file (RWKV-PEFT state tuning) as a fresh starting state for this model."""
-        file = Path(os.path.expanduser(str(path)))
+        file = Path(os.path.expanduser(loader.path_text(path, "state file")))
         wkv = loader.fit_time_state(loader.read_state_file(file), self.dims, file, self.version)
         state = self.zero_state()
         self._install_wkv(state, wkv)

@@ -69,6 +69,8 @@ def check_state_tensors(shape: ModelShape, tensors: dict[str, torch.Tensor]) -> 
             )
         if tensor.dtype not in STATE_DTYPES or tensor.layout != torch.strided:
             raise StateMismatchError(f"saved state {key} is {tensor.dtype} ({tensor.layout}), expected floating point")
+        if tensor.is_meta:
+            raise StateMismatchError(f"saved state {key} is a meta tensor (a shape without data)")
         if not bool(torch.isfinite(tensor).all()):
             raise StateMismatchError(f"saved state {key} contains NaN or infinite values")
 

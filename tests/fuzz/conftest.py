@@ -92,7 +92,7 @@ def _fast_and_single_threaded():
 
 # ------------------------------------------------------------------ tensor-dict mutations
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int8,
-          torch.uint8, torch.bool, torch.complex64]
+          torch.uint8, torch.bool, torch.complex64, torch.float8_e4m3fn]
 POISON = [float("nan"), float("inf"), float("-inf"), 1e38, -1e38, 0.0]
 
 small_shape = st.lists(st.integers(0, 70), min_size=0, max_size=5).map(lambda dims: _capped(dims))
@@ -109,7 +109,8 @@ tensor_op = st.one_of(
     st.tuples(st.just("dtype"), st.integers(0, 999), st.sampled_from(DTYPES)),
     st.tuples(st.just("poison"), st.integers(0, 999), st.sampled_from(POISON), st.integers(0, 10**6)),
     st.tuples(st.just("axes"), st.integers(0, 999), st.sampled_from(["unsqueeze", "flatten", "transpose", "half",
-                                                                       "sparse", "expand", "scalar"])),
+                                                                       "sparse", "expand", "scalar", "huge",
+                                                                       "meta"])),
     st.tuples(st.just("add"), junk_key, small_shape),
 )
 
@@ -150,7 +151,7 @@ def mutate_tensors(base: dict, ops: list) -> dict:
             out[key] = op[2]
         elif kind == "shape":
             out[key] = torch.ones(op[2]).to(op[3])
-        elif not isinstance(value, torch.Tensor) or value.layout != torch.strided:
+        elif not isinstance(value, torch.Tensor) or value.layout != torch.strided or _not_editable(value):
             continue
         elif kind == "dtype":
             out[key] = value.to(op[2])
@@ -161,6 +162,15 @@ def mutate_tensors(base: dict, ops: list) -> dict:
         elif kind == "axes":
             out[key] = _reshaped(value, op[2])
     return out
+
+
+def _not_editable(value: torch.Tensor) -> bool:
+    """A meta or float8 tensor (few torch kernels take them), or one claiming more elements than it
+    stores (`_reshaped` "huge"): editing it further would fail, or allocate all it claims, in the
+    test itself."""
+    if value.is_meta or value.dtype == torch.float8_e4m3fn:
+        return True
+    return value.numel() > value.untyped_storage().nbytes() // value.element_size()
 
 
 def _reshaped(value: torch.Tensor, how: str) -> torch.Tensor:
@@ -176,6 +186,10 @@ def _reshaped(value: torch.Tensor, how: str) -> torch.Tensor:
         return value.to_sparse() if value.dim() else value
     if how == "expand":  # stride-0 view
         return value.reshape(-1)[:1].expand(value.numel()) if value.numel() else value
+    if how == "huge":  # 2^40 elements claimed over the one value the file stores
+        return value.reshape(-1)[:1].clone().as_strided((1 << 40,), (0,)) if value.numel() else value
+    if how == "meta":  # a shape without data
+        return value.to("meta")
     return value.reshape(-1)[0] if value.numel() else value  # scalar
 
 

@@ -5,7 +5,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from rwkv_chat.config import load_config, parse_config
+from rwkv_chat.config import ConfigError, load_config, parse_config
 from rwkv_chat.tui.keys import KEY_BINDINGS
 from rwkv_chat.sampling import SamplingSettings
 
@@ -16,10 +16,11 @@ from .conftest import byte_op, fuzz_settings, loads_or_our_error, mutate_bytes
 BASE = FULL_CONFIG
 NAMES = ["model", "chat", "sampling", "keys", "path", "strategy", "user", "assistant", "preamble", "theme",
          *SamplingSettings.field_names(), *(binding.id for binding in KEY_BINDINGS)]
+DEEPLY_NESTED = {"arrays": "[" * 5000 + "]" * 5000, "inline tables": "{a = " * 3000 + "1" + "}" * 3000}
 LITERALS = ['""', '"x"', '"\\u0000"', '"' + "a" * 20_000 + '"', '"not_a_key+zzz"', '"ctrl+"', '","', '"f99"',
             '"nord"', '"no-such-theme"', "0", "-1", "1e400", "inf", "nan", "-0.0", "true", "[]", "[1, 2]",
             '["a", 1]', "{}", "{a = 1}", "1979-05-27T07:32:00Z", "99999999999999999999", "0x10", "'single'",
-            '"""multi\nline"""', '"ctrl+r,ctrl+r"', '"enter"', '"\\n"']
+            '"""multi\nline"""', '"ctrl+r,ctrl+r"', '"enter"', '"\\n"', *DEEPLY_NESTED.values()]
 
 line_op = st.one_of(
     st.tuples(st.just("set"), st.integers(0, 99), st.sampled_from(NAMES), st.sampled_from(LITERALS)),
@@ -59,6 +60,15 @@ def test_unmutated_base_loads(case_file):
 def test_mutated_config_lines(case_file, ops):
     case_file.write_text(_mutated(ops), encoding="utf-8", errors="surrogatepass")
     loads_or_our_error(lambda: load_config(case_file))
+
+
+@pytest.mark.parametrize("nesting", DEEPLY_NESTED)
+@pytest.mark.parametrize("section", ["", "[sampling]\n"], ids=["top level", "in a section"])
+def test_deeply_nested_values_are_a_config_error_naming_the_file(case_file, section, nesting):
+    case_file.write_text(f"{section}temperature = {DEEPLY_NESTED[nesting]}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(case_file)
+    assert str(error.value) == f"{case_file}: not a usable config file (its arrays or tables are nested too deeply)"
 
 
 @fuzz_settings(400)
