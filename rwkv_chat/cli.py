@@ -564,8 +564,9 @@ def check_utf8(text: str, what: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per file.")
 @click.option("--paths", "show_paths", is_flag=True,
               help="Print the user folders (snapshots, state files, config) instead of describing files.")
+@click.option("--demo", is_flag=True, help="Describe the built-in demo model (with any files given).")
 @debug_option
-def info(paths, as_json, show_paths) -> None:
+def info(paths, as_json, show_paths, demo) -> None:
     """Describe checkpoints, tuned state files and saved conversations without loading a model.
 
     For a model: version, layers, width, heads, vocabulary, parameters, dtype. For a state
@@ -577,6 +578,7 @@ def info(paths, as_json, show_paths) -> None:
       rwkv-chat info ~/models/RWKV-x070-World-1.5B-v3.pth
       rwkv-chat info states/*.pth
       rwkv-chat info --json conversation.rwkvchat
+      rwkv-chat info --demo
       rwkv-chat info --paths
     """
     if show_paths:
@@ -588,8 +590,12 @@ def info(paths, as_json, show_paths) -> None:
             for key, value in folders.items():
                 click.echo(f"{key.replace('_', ' '):<{width}}  {value}")
         return
+    if demo:
+        from .demo import demo_model_path
+
+        paths = (demo_model_path(), *paths)
     if not paths:
-        raise click.UsageError("give one or more files to describe, or --paths")
+        raise click.UsageError("give one or more files to describe, or --demo, or --paths")
     from .engine import loader
     from .errors import SnapshotError
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -92,7 +93,16 @@ def test_info_paths_prints_the_user_folders(runner, user_home):
 
 def test_info_without_files_or_paths_is_a_usage_error(runner):
     result = runner.invoke(cli, ["info"])
-    assert result.exit_code == 2 and "--paths" in result.output
+    assert result.exit_code == 2 and "--paths" in result.output and "--demo" in result.output
+
+
+def test_info_demo_describes_the_demo_model_as_the_readme_says(runner):
+    path, note = cli_module.demo_model()
+    assert json.loads(invoke(runner, "info", "--demo", "--json").output) == json.loads(
+        invoke(runner, "info", "--json", path).output)
+    readme = (Path(cli_module.__file__).resolve().parents[1] / "README.md").read_text()
+    parameters = json.loads(invoke(runner, "info", "--demo", "--json").output)["parameters"].split(" ")[0]
+    assert f"`rwkv-chat info --demo` counts {parameters} parameters" in " ".join(readme.split())
 
 
 def test_an_empty_strategy_is_a_usage_error_and_an_empty_variable_is_unset(runner, model_path, monkeypatch):
