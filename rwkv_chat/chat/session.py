@@ -397,7 +397,8 @@ class ChatSession:
             tensors = {name: state.to_tensors() for name, state in states.items()}
             target = self._copies.get(conversation_id, conversation_id)
             try:
-                if not store.claim(target):
+                # the open conversation stays claimed; one left meanwhile relies on the revision check
+                if target == self.conversation_id and not store.claim(target):
                     raise StoreConflict(f"conversation {target} is open in another rwkv-chat")
                 rev = store.save(target, data, tensors, title=title, created=created,
                                  expect_rev=self._stored_revs.get(target))
@@ -413,10 +414,10 @@ class ChatSession:
         this version goes to a new conversation, which the session goes on in."""
         copy_id, copy_title = new_conversation_id(), _copy_title(title, data.get("messages", []))
         rev = store.save(copy_id, data, tensors, title=copy_title, created=created, expect_rev=None)
-        store.claim(copy_id)
         store.release(original)
         self._copies[conversation_id] = self._copies[original] = copy_id
-        if self.conversation_id in (conversation_id, original):
+        if self.conversation_id in (conversation_id, original):  # still open here: go on in the copy
+            store.claim(copy_id)
             self.conversation_id, self.title = copy_id, copy_title
         notice = (f"This conversation was changed in another rwkv-chat window meanwhile. Both versions are "
                   f"kept: yours goes on as {copy_title!r}.")
@@ -486,8 +487,8 @@ class ChatSession:
         data = {
             "messages": [message.to_dict() for message in self.messages],
             "settings": self.settings.to_dict(),
-            "model": {"path": os.path.abspath(model.path), "name": Path(model.path).name, "version": model.shape.version,
-                      "shape": model.shape.to_dict(), "fingerprint": model.fingerprint},
+            "model": {"path": os.path.abspath(model.path), "name": Path(model.path).name,
+                      "version": model.shape.version, "shape": model.shape.to_dict(), "fingerprint": model.fingerprint},
             "state_file": None if self.state_file is None else str(self.state_file),
             "tokens": self.state.tokens,
             "chat": {"user": self.user, "assistant": self.assistant, "preamble": self.preamble},

@@ -66,7 +66,7 @@ def test_export_markdown_and_snapshot_then_import_and_delete(runner, stored, tmp
     imported = invoke(runner, "history", "import", tmp_path / "chat.rwkvchat").output.strip()
     assert imported not in stored and len(ConversationStore().list()) == 3
 
-    result = runner.invoke(cli, ["history", "delete", newer[:1]], input="n\n")
+    result = runner.invoke(cli, ["history", "delete", newer[:6]], input="n\n")
     assert result.exit_code == 1 and "Delete " + newer[:8] + " 'What is RWKV?' (4 messages)?" in result.stderr
     assert len(ConversationStore().list()) == 3  # asked, kept
     result = runner.invoke(cli, ["history", "delete", newer], input="y\n")
