@@ -47,6 +47,7 @@ def main() -> None:
     check(bool(reply.strip()), f"the demo model replies ({reply.strip()[:40]!r})")
     check(session.wait_stored(60) and session.store_error is None, "the conversation is stored")
 
+    session.close()  # as the app does on quit; a conversation still open elsewhere would reopen as a copy
     store = ConversationStore()
     (info,) = store.list()
     check(info.title == "Hello! How are you?" and info.n_messages == 2, "a second store lists it")
