@@ -22,6 +22,7 @@ import contextlib
 import gc
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -205,8 +206,12 @@ def bench_reference(model_path: str, strategy: str, prompt_tokens: int = 512, de
         # the very file our loader takes (the reference appends ".pth" to a name without it)
         checked = resolve_path(model_path).resolve()
         if checked.suffix != ".pth":
-            os.symlink(checked, os.path.join(folder, "model.pth"))
-            checked = os.path.join(folder, "model.pth")
+            named = os.path.join(folder, "model.pth")
+            try:
+                os.symlink(checked, named)
+            except OSError:  # no symlinks here (Windows without the privilege): a copy
+                shutil.copyfile(checked, named)
+            checked = named
         args = dict(model=str(checked), strategy=strategy, prompt_tokens=prompt_tokens,
                     decode_tokens=decode_tokens, chunk_len=chunk_len, repeats=repeats, threads=threads or 0,
                     package_root=package_root, reference_version=REFERENCE_VERSION)

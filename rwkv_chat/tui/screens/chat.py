@@ -207,7 +207,7 @@ class ChatScreen(Screen):
     def on_resize(self, event) -> None:
         narrow = event.size.width < NARROW_WIDTH
         self.set_class(narrow, "-narrow")
-        self.query_one(Footer).compact = narrow  # so that Quit still fits in 80 columns
+        self.query_one(Footer).compact = narrow  # tighter spacing: more keys fit
 
     @property
     def conversation(self) -> Conversation:
