@@ -32,6 +32,12 @@ _PENALTY_FREE_CHARS = frozenset(" \t0123456789")
 _PENALTY_FREE_BYTES = frozenset(b" \t0123456789")
 
 
+def _shown(value, limit: int = 80) -> str:
+    """repr(value) for a message, cut to `limit` characters (a config value may be huge)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 @dataclass(frozen=True)
 class _Bounds:
     """Allowed range of one numeric setting, and how `nudge` rounds it."""
@@ -60,10 +66,10 @@ class _Bounds:
     def check(self, name: str, value: Any) -> float | int:
         is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not is_number or (self.integer and not isinstance(value, int)):
-            raise SamplingError(f"{name} must be {self.describe()}, got {value!r}")
+            raise SamplingError(f"{name} must be {self.describe()}, got {_shown(value)}")
         value = value if self.integer else float(value)
         if not self.contains(value):  # also refuses NaN
-            raise SamplingError(f"{name} must be {self.describe()}, got {value!r}")
+            raise SamplingError(f"{name} must be {self.describe()}, got {_shown(value)}")
         return value
 
     def lowest(self) -> float:
@@ -90,12 +96,12 @@ def _check_seed(seed: Any) -> int | None:
     if seed is None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= _MAX_SEED:
-        raise SamplingError(f"seed must be None or an integer from 0 to 2**64 - 1, got {seed!r}")
+        raise SamplingError(f"seed must be None or an integer from 0 to 2**64 - 1, got {_shown(seed)}")
     return seed
 
 
 def _check_token_ban(token_ban: Any) -> tuple[int, ...]:
-    message = f"token_ban must be a sequence of token ids (integers >= 0), got {token_ban!r}"
+    message = f"token_ban must be a sequence of token ids (integers >= 0), got {_shown(token_ban)}"
     if not _is_sequence(token_ban):
         raise SamplingError(message)
     ids = tuple(token_ban)
@@ -108,10 +114,10 @@ def _check_stop(stop: Any) -> tuple[str, ...]:
     if isinstance(stop, str):
         raise SamplingError(f"stop must be a sequence of strings, got the single string {stop!r}: wrap it in a list")
     if not _is_sequence(stop):
-        raise SamplingError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+        raise SamplingError(f"stop must be a sequence of non-empty strings, got {_shown(stop)}")
     texts = tuple(stop)
     if not all(isinstance(text, str) and text for text in texts):
-        raise SamplingError(f"stop must be a sequence of non-empty strings, got {stop!r}")
+        raise SamplingError(f"stop must be a sequence of non-empty strings, got {_shown(stop)}")
     return texts
 
 
@@ -179,9 +185,9 @@ class SamplingSettings:
         if bounds is None:
             raise SamplingError(f"{field!r} cannot be nudged; numeric settings: {', '.join(_BOUNDS)}")
         if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not math.isfinite(delta):
-            raise SamplingError(f"nudge delta for {field} must be a finite number, got {delta!r}")
+            raise SamplingError(f"nudge delta for {field} must be a finite number, got {_shown(delta)}")
         if bounds.integer and not isinstance(delta, int):
-            raise SamplingError(f"nudge delta for {field} must be an integer, got {delta!r}")
+            raise SamplingError(f"nudge delta for {field} must be an integer, got {_shown(delta)}")
         old = getattr(self, field)
         new = old + delta if bounds.integer else round(old + delta, bounds.decimals)
         new = max(new, bounds.lowest())
@@ -321,7 +327,7 @@ class Sampler:
         """Book a sampled token: decay every count by `penalty_decay`, then add `weight` to this
         token's count. The token is "present" from now on even with weight 0 (as in ChatRWKV)."""
         if isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0:
-            raise SamplingError(f"token_id must be an integer >= 0, got {token_id!r}")
+            raise SamplingError(f"token_id must be an integer >= 0, got {_shown(token_id)}")
         _BOUNDS["penalty_decay"].check("penalty_decay", penalty_decay)
         self._fit_vocab(token_id + 1)
         if penalty_decay != 1.0:

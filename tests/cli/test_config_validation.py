@@ -59,3 +59,11 @@ def test_valid_key_names_and_themes_still_load(tmp_path):
                                       ("nonsense_name", False), ("", False)])
 def test_key_names_follow_textual(name, ok):
     assert is_key_name(name) is ok
+
+
+def test_a_huge_wrong_value_is_named_in_a_short_message(tmp_path):
+    config = tmp_path / "config.toml"
+    config.write_text("[sampling]\ntemperature = " + "[" * 300 + "1" + "]" * 300 + "\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(config)
+    assert "temperature must be a number" in str(error.value) and len(str(error.value)) < 300
