@@ -596,17 +596,8 @@ def info(paths, as_json, show_paths, demo) -> None:
         paths = (demo_model_path(), *paths)
     if not paths:
         raise click.UsageError("give one or more files to describe, or --demo, or --paths")
-    from .engine import loader
-    from .errors import SnapshotError
-
     for index, path in enumerate(paths):
-        try:
-            facts = describe_file(path)
-        except SnapshotError:
-            if path.suffix == SNAPSHOT_SUFFIX:
-                raise
-            facts = loader.describe(path)  # safetensors weights, which generate -m loads as a model too
-            facts.update(parameters=_count(facts["parameters"]), size=_size(facts["size"]))
+        facts = describe_file(path)
         if as_json:
             click.echo(json.dumps(facts, default=str))
             continue
@@ -636,9 +627,15 @@ def describe_file(path: Path) -> dict[str, Any]:
     counts and sizes written for people."""
     from .chat import snapshot
     from .engine import loader
+    from .errors import SnapshotError
 
-    if path.suffix == SNAPSHOT_SUFFIX or _is_safetensors(path):
+    if path.suffix == SNAPSHOT_SUFFIX:
         facts = snapshot.describe(path)
+    elif _is_safetensors(path):
+        try:
+            facts = snapshot.describe(path)
+        except SnapshotError:  # safetensors weights, which `generate -m` loads as a model too
+            facts = loader.describe(path)
     else:
         facts = loader.describe(path)
     if "parameters" in facts:

@@ -40,7 +40,7 @@ from ..errors import SnapshotError
 from ..pipeline import Generation, GenerationStats, Pipeline
 from ..sampling import END_OF_TEXT, SamplingSettings
 from . import snapshot as snapshots
-from .store import StoreConflict, new_conversation_id, title_from
+from .store import StoreConflict, new_conversation_id, one_line, title_from
 from .template import TURN_END, clean_user_message, normalise_preamble, turn_prompt
 
 ROLES = ("user", "assistant")
@@ -366,7 +366,7 @@ class ChatSession:
 
     def rename(self, title: str) -> None:
         """Give the conversation a title (instead of its first message) and store it."""
-        title = " ".join(str(title).split())
+        title = one_line(title)
         if not title:
             raise ValueError("the title cannot be empty")
         with self._lock:

@@ -99,10 +99,15 @@ class ConversationInfo:
                 "model": self.model_name, "messages": self.n_messages, "problem": self.problem}
 
 
+def one_line(text) -> str:
+    """`text` on one line, its runs of whitespace made single spaces (titles)."""
+    return " ".join(str(text).split())
+
+
 def title_from(messages: list) -> str:
     """The automatic title: the first user message on one line, cut to TITLE_LENGTH characters."""
     first = next((m.get("text", "") for m in messages if isinstance(m, dict) and m.get("role") == "user"), "")
-    first = " ".join(str(first).split())
+    first = one_line(first)
     if not first:
         return "(empty conversation)"
     return first if len(first) <= TITLE_LENGTH else first[:TITLE_LENGTH - 1] + "…"
@@ -481,7 +486,7 @@ class ConversationStore:
 
     # ------------------------------------------------------------------ changing
     def rename(self, conversation_id: str, title: str) -> None:
-        title = " ".join(str(title).split())
+        title = one_line(title)
         if not title:
             raise StoreError("the title cannot be empty")
         self._require_writable()
@@ -562,7 +567,7 @@ class ConversationStore:
         data = {key: value for key, value in file.data.items() if key not in ("format", "format_version", "saved_at",
                                                                                "conversation")}
         meta = file.data.get("conversation") if isinstance(file.data.get("conversation"), dict) else {}
-        title = " ".join(meta["title"].split()) if meta.get("custom_title") and isinstance(meta.get("title"), str) else None
+        title = one_line(meta["title"]) if meta.get("custom_title") and isinstance(meta.get("title"), str) else None
         conversation_id = new_conversation_id()
         self.save(conversation_id, data, file.states, title=title or None)
         return conversation_id
